@@ -1,0 +1,1 @@
+"""FreiHAND v2 TFDS builder (`freihand_dataset_builder.Builder`) and fake data."""

@@ -1,0 +1,1 @@
+"""In-the-wild hand crops for pre-training (`tfds new` layout)."""

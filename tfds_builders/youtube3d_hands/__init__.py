@@ -1,0 +1,1 @@
+"""YouTube3DHands hand crops (`tfds new` layout)."""
