@@ -1,0 +1,174 @@
+"""Heads on top of the pooled backbone features.
+
+* ``ProjectionHead``: the PeCLR/SimCLR projection MLP (PAPER.md step 4).
+* ``KeypointHead``: one Linear to the 2.5D representation (u, v, z_rel) x 21.
+* ``ZRootRefiner``: closed-form scale-normalised root depth from the
+  reference bone (Iqbal et al. 2018, eq. 6-7), gradient stopped, clamped to
+  [4, 50], then refined by a small MLP (PAPER.md "Fine-tuning").
+
+Linear layers use torch's default ``nn.Linear`` initialisation, so training
+from scratch behaves like the public PyTorch code. BatchNorm layers start in
+train mode; ``model.eval()`` / ``model.train()`` switch them (see resnet.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from peclr_jax import geometry
+from peclr_jax.models.resnet import BN_EPSILON, BN_MOMENTUM
+
+NUM_JOINTS = 21
+# Clamp range of the closed-form root depth (bone units), as the public code.
+ZROOT_MIN, ZROOT_MAX = 4.0, 50.0
+
+# torch nn.Linear: weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+# variance_scaling(1/3, fan_in, uniform) has bound sqrt(3 * (1/3) / fan_in).
+_torch_linear_kernel_init = nnx.initializers.variance_scaling(
+    1.0 / 3.0, 'fan_in', 'uniform')
+
+
+@dataclasses.dataclass(frozen=True)
+class _UniformInit:
+  """U(-bound, bound) initialiser; a value-comparable object (not a closure)
+  so that two identically built models have equal graphdefs (jit cache hits).
+  """
+  bound: float
+
+  def __call__(self, key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -self.bound, self.bound)
+
+
+def _linear(in_features: int, out_features: int, *, use_bias: bool = True,
+            rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.Linear:
+  return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype,
+                    param_dtype=jnp.float32,
+                    kernel_init=_torch_linear_kernel_init,
+                    bias_init=_UniformInit(1.0 / in_features**0.5), rngs=rngs)
+
+
+def _bn1d(num_features: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+  """torch ``BatchNorm1d`` defaults: statistics over the batch axis."""
+  return nnx.BatchNorm(
+      num_features, use_running_average=False, momentum=BN_MOMENTUM,
+      epsilon=BN_EPSILON, dtype=dtype, param_dtype=jnp.float32,
+      use_fast_variance=False, rngs=rngs)
+
+
+class ProjectionHead(nnx.Module):
+  """Linear(in->hidden, bias) -> BatchNorm -> ReLU -> Linear(hidden->out, no bias)."""
+
+  def __init__(self, in_features: int, hidden: int = 512, out: int = 128, *,
+               rngs: nnx.Rngs, dtype=jnp.float32):
+    """Builds the head.
+
+    Args:
+      in_features: width of the pooled backbone features.
+      hidden: hidden width (512 in the paper).
+      out: projection width (128 in the paper).
+      rngs: parameter RNGs.
+      dtype: compute dtype; parameters stay float32.
+    """
+    self.linear1 = _linear(in_features, hidden, rngs=rngs, dtype=dtype)
+    self.bn = _bn1d(hidden, rngs=rngs, dtype=dtype)
+    self.linear2 = _linear(hidden, out, use_bias=False, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """[N, in_features] -> [N, out] float32."""
+    x = jax.nn.relu(self.bn(self.linear1(x)))
+    return self.linear2(x).astype(jnp.float32)
+
+
+class KeypointHead(nnx.Module):
+  """Linear -> 21 x (u, v, z_rel).
+
+  The released PyTorch weights have 64 outputs (the last unused); a converter
+  keeps the first 63 rows.
+  """
+
+  def __init__(self, in_features: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    """Builds the head.
+
+    Args:
+      in_features: width of the pooled backbone features.
+      rngs: parameter RNGs.
+      dtype: compute dtype. float32 by default: pixel coordinates up to a few
+        hundred need more than bfloat16's 8 mantissa bits.
+    """
+    self.linear = _linear(in_features, 3 * NUM_JOINTS, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """[N, in_features] -> [N, 21, 3] float32, last axis (u, v, z_rel)."""
+    y = self.linear(x).astype(jnp.float32)
+    # Row-major view: output 3j + k is joint j, component k (torch .view).
+    return y.reshape(y.shape[:-1] + (NUM_JOINTS, 3))
+
+
+class ZRootRefiner(nnx.Module):
+  """Scale-normalised root depth: closed form, then an additive MLP refinement.
+
+  MLP input is ``concat([z_rel (21), rays xy (42, joint-major x, y),
+  z_root (1)])`` -> 128 (BN, LeakyReLU) -> 128 (BN, LeakyReLU) -> 1.
+  Always computed in float32: the closed form subtracts nearly equal numbers.
+  """
+
+  def __init__(self, *, rngs: nnx.Rngs, bone: tuple[int, int] = (3, 8)):
+    """Builds the MLP.
+
+    Args:
+      rngs: parameter RNGs.
+      bone: reference bone (AIT joint indices) whose length is the unit.
+    """
+    self.bone = tuple(bone)
+    din = NUM_JOINTS + 2 * NUM_JOINTS + 1
+    self.linear1 = _linear(din, 128, rngs=rngs)
+    self.bn1 = _bn1d(128, rngs=rngs)
+    self.linear2 = _linear(128, 128, rngs=rngs)
+    self.bn2 = _bn1d(128, rngs=rngs)
+    self.linear3 = _linear(128, 1, rngs=rngs)
+
+  def initial_zroot(self, uv: jax.Array, zrel: jax.Array,
+                    K: jax.Array) -> jax.Array:
+    """Closed-form root depth, gradient stopped and clamped to [4, 50].
+
+    Args:
+      uv: [N, 21, 2] pixels.
+      zrel: [N, 21] relative depths in bone units.
+      K: [N, 3, 3] intrinsics.
+
+    Returns:
+      [N] scale-normalised root depth (no gradient flows through it).
+    """
+    z = geometry.solve_zroot(uv, zrel, K, bone=self.bone)
+    z = jax.lax.stop_gradient(z)
+    return jnp.clip(z, ZROOT_MIN, ZROOT_MAX)
+
+  def __call__(self, uv: jax.Array, zrel: jax.Array,
+               K: jax.Array) -> jax.Array:
+    """Refined root depth: ``initial_zroot + MLP(...)``.
+
+    Args:
+      uv: [N, 21, 2] pixels.
+      zrel: [N, 21] relative depths in bone units (root already 0).
+      K: [N, 3, 3] intrinsics.
+
+    Returns:
+      [N] refined scale-normalised root depth, float32.
+    """
+    uv = uv.astype(jnp.float32)
+    zrel = zrel.astype(jnp.float32)
+    K = K.astype(jnp.float32)
+    zroot = self.initial_zroot(uv, zrel, K)
+    rays = geometry.unproject(uv, jnp.ones_like(zrel), K)
+    n = zrel.shape[0]
+    h = jnp.concatenate(
+        [zrel.reshape(n, NUM_JOINTS), rays[..., :2].reshape(n, 2 * NUM_JOINTS),
+         zroot.reshape(n, 1)], axis=-1)
+    # jax.nn.leaky_relu's default slope 0.01 equals torch's nn.LeakyReLU.
+    h = jax.nn.leaky_relu(self.bn1(self.linear1(h)))
+    h = jax.nn.leaky_relu(self.bn2(self.linear2(h)))
+    return zroot + self.linear3(h)[:, 0]
