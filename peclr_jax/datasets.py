@@ -1,0 +1,51 @@
+"""Opens the datasets a config names, building the embedded ones on first use."""
+
+import os
+
+from peclr_jax import data
+from peclr_jax import input_pipeline
+
+# Built from nothing but code; every other dataset needs the user's files.
+EMBEDDED = ("synthetic_hands",)
+
+
+def _builder(data_cfg, source: str):
+  """The builder of `source`: a dataset name, optionally '/<builder config>'."""
+  name, _, builder_config = source.partition("/")
+  builder_config = builder_config or None
+  if name in EMBEDDED and data_cfg.build_if_missing:
+    return data.build_dataset(name, data_cfg.data_dir, config=builder_config)
+  builder = data.make_builder(name, data_cfg.data_dir, builder_config)
+  if not builder.is_prepared():
+    raise FileNotFoundError(
+        f"dataset {source} is not built in "
+        f"{os.path.abspath(data_cfg.data_dir)} (config.data.data_dir). Build "
+        f"it with: python -m peclr_jax.data build {name} --manual_dir <dir> "
+        f"--data_dir {data_cfg.data_dir}")
+  return builder
+
+
+def open_sources(data_cfg, split: str, *, missing_ok: bool = False):
+  """[(name, random-access source)] for every dataset in data_cfg.sources.
+
+  Args:
+    data_cfg: config.data (sources, data_dir, build_if_missing).
+    split: split name.
+    missing_ok: skip datasets without that split instead of failing (some
+      datasets have no validation split).
+  """
+  out = []
+  for source in data_cfg.sources:
+    builder = _builder(data_cfg, source)
+    if split not in builder.info.splits:
+      if missing_ok:
+        continue
+      raise ValueError(
+          f"dataset {source} has no split {split!r}; it has "
+          f"{sorted(builder.info.splits)}")
+    name = builder.name
+    if builder.builder_config:
+      name = f"{name}/{builder.builder_config.name}"
+    out.append((name, input_pipeline.open_source(name, split,
+                                                 data_cfg.data_dir)))
+  return out

@@ -1,0 +1,207 @@
+"""Complete default configurations; the files in configs/ start from these.
+
+Every key a run can read exists here, and the returned ConfigDicts are locked,
+so a misspelt override (`--config.optim.bsae_lr=...`) fails naming the key
+instead of being silently ignored.
+"""
+
+import ml_collections
+
+MODES = ("pretrain", "finetune", "evaluate", "demo")
+
+
+def _data() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      data_dir="data/tfds",
+      # TFDS names, optionally with a builder config ('synthetic_hands/demo'),
+      # mixed with `weights` (None: every source contributes equally).
+      sources=("freihand",),
+      weights=ml_collections.FieldReference(None, field_type=tuple),
+      train_split="train",
+      eval_split="validation",
+      # Side of the hand-centred square cut on the host; the views are cut
+      # from it on the device.
+      source_size=224,
+      num_workers=0,
+      # Build an embedded dataset (synthetic_hands) when it is missing.
+      build_if_missing=False,
+  ))
+
+
+def _augment() -> ml_collections.ConfigDict:
+  # PAPER.md step 2; names match peclr_jax.augment.AugmentConfig.
+  return ml_collections.ConfigDict(dict(
+      out_size=128,
+      rotation_range=45.0,
+      margin_range=(0.9, 1.5),
+      jitter_max=15.0,
+      rotate=True,
+      crop=True,
+      color_jitter=True,
+      blur=False,
+      color_drop=False,
+      cutout=False,
+      noise=False,
+  ))
+
+
+def _optim(base_lr: float) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      base_lr=base_lr,
+      # lr = base_lr * sqrt(effective batch), as the public code.
+      scale_lr_by_sqrt_batch=True,
+      weight_decay=1e-6,
+      # Layer-wise trust ratio (LARS) applied to the gradient fed to Adam.
+      lars=True,
+      trust_coefficient=1e-3,
+      warmup_epochs=10.0,
+  ))
+
+
+def pretrain_config() -> ml_collections.ConfigDict:
+  """PeCLR pre-training as the paper's best run (PAPER.md steps 1-9)."""
+  config = ml_collections.ConfigDict()
+  config.mode = "pretrain"
+  config.seed = 5
+  config.data = _data()
+  config.data.sources = ("freihand", "youtube3d_hands")
+  config.model = ml_collections.ConfigDict(dict(
+      backbone="resnet50", proj_hidden=512, proj_dim=128, dtype="float32"))
+  config.augment = _augment()
+  config.loss = ml_collections.ConfigDict(dict(
+      # 'peclr' undoes the listed transforms in latent space; 'simclr' is the
+      # invariant baseline (plain NT-Xent).
+      kind="peclr",
+      temperature=0.5,
+      invert=("translate", "rotate", "scale"),
+      translation_mode="extent",
+  ))
+  config.optim = _optim(base_lr=1e-4)
+  config.batch_size = 128  # images per step (each gives two views)
+  config.grad_accum_steps = 16  # effective batch 2048
+  config.num_epochs = 100.0
+  config.num_train_steps = -1  # > 0 overrides num_epochs
+  config.log_every_steps = 50
+  config.eval_every_steps = 1000  # validation loss; <= 0 disables
+  config.eval_batches = 20
+  config.checkpoint_every_steps = 1000
+  config.keep_checkpoints = 3
+  return config
+
+
+def finetune_config() -> ml_collections.ConfigDict:
+  """2.5D keypoint head + z-root refinement on a labelled dataset."""
+  config = ml_collections.ConfigDict()
+  config.mode = "finetune"
+  config.seed = 5
+  config.data = _data()
+  # The best checkpoint is chosen on held-out training samples, never on the
+  # split the final numbers are reported on.
+  config.data.eval_split = "validation"
+  # Fraction of the labelled training examples used (semi-supervised runs).
+  config.data.labels_fraction = 1.0
+  config.model = ml_collections.ConfigDict(dict(
+      backbone="resnet50", dtype="float32", uv_units="normalized"))
+  # Checkpoint directory to take the backbone from: a pre-training workdir
+  # or a converted PyTorch checkpoint. Empty: train from scratch.
+  config.init = ""
+  config.augment = _augment()
+  config.augment.out_size = 224
+  # Appearance augmentation is kept mild for regression.
+  config.augment.color_jitter = False
+  config.loss = ml_collections.ConfigDict(dict(
+      uv_weight=1.0, zrel_weight=1.0, kp3d_weight=1.0))
+  config.optim = _optim(base_lr=5e-4)
+  config.optim.scale_lr_by_sqrt_batch = False
+  config.optim.lars = False
+  config.optim.warmup_epochs = 1.0
+  config.batch_size = 64
+  config.grad_accum_steps = 1
+  config.num_epochs = 100.0
+  config.num_train_steps = -1
+  config.log_every_steps = 50
+  config.eval_every_steps = 2000
+  config.eval_batches = -1  # -1: the whole evaluation split
+  config.checkpoint_every_steps = 2000
+  config.keep_checkpoints = 3
+  return config
+
+
+def evaluate_config() -> ml_collections.ConfigDict:
+  """FreiHAND-protocol evaluation of a keypoint checkpoint."""
+  config = ml_collections.ConfigDict()
+  config.mode = "evaluate"
+  config.seed = 0
+  config.data = _data()
+  config.data.eval_split = "evaluation"
+  config.model = ml_collections.ConfigDict(dict(
+      backbone="resnet50", dtype="float32", uv_units="normalized"))
+  # Keypoint checkpoint directory (a fine-tuning workdir or converted weights).
+  config.checkpoint = ""
+  # 'two_pass': the public evaluation's test-time cropping from the image
+  # centre; 'ground_truth': crop around the labelled hand (an upper bound).
+  config.crop = "two_pass"
+  config.crop_size = 224
+  config.batch_size = 32
+  config.write_submission = True
+  return config
+
+
+def check_mode(config: ml_collections.ConfigDict):
+  if config.get("mode") not in MODES:
+    raise ValueError(
+        f"config.mode={config.get('mode')!r}; expected one of {MODES}")
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses a config file's `:arg` string, e.g. 'backbone=rn152,paper_code'.
+
+  Values take the type of their default (a bare key sets a bool to True);
+  unknown keys are errors naming the key and the accepted ones.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(
+          f"unknown config argument {key!r}; accepted: {sorted(defaults)}")
+    kind = type(defaults[key])
+    if kind is bool:
+      out[key] = value.lower() in ("", "1", "true", "yes") if sep else True
+    else:
+      out[key] = kind(value)
+  return out
+
+
+BACKBONES = {"rn18": "resnet18", "rn34": "resnet34", "rn50": "resnet50",
+             "rn101": "resnet101", "rn152": "resnet152", "tiny": "resnet_tiny"}
+
+
+def backbone_name(short: str) -> str:
+  if short in BACKBONES.values():
+    return short
+  if short not in BACKBONES:
+    raise ValueError(f"backbone={short!r}; expected one of {sorted(BACKBONES)}")
+  return BACKBONES[short]
+
+
+def use_synthetic(config: ml_collections.ConfigDict, builder_config: str):
+  """Points a config at the embedded synthetic hands, built on first use."""
+  config.data.sources = (f"synthetic_hands/{builder_config}",)
+  config.data.build_if_missing = True
+
+
+def make_runlocal(config: ml_collections.ConfigDict):
+  """A few tiny steps on the small synthetic set: checks a set-up on a CPU."""
+  use_synthetic(config, "small")
+  config.model.backbone = "resnet_tiny"
+  config.data.source_size = 64
+  config.augment.out_size = 32
+  config.batch_size = 8
+  config.grad_accum_steps = 1
+  config.num_train_steps = 4
+  config.log_every_steps = 1
+  config.eval_every_steps = 4
+  config.checkpoint_every_steps = 2
+  if "eval_batches" in config:
+    config.eval_batches = 2

@@ -1,0 +1,143 @@
+"""`mode='evaluate'`: a keypoint checkpoint over an evaluation split.
+
+Writes to the workdir: metrics.json, per_keypoint.csv, pck.png,
+predictions.png (predictions against ground truth) and, when asked, the
+leaderboard's pred.zip; prints a table.
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from peclr_jax import checkpoints
+from peclr_jax import datasets
+from peclr_jax import evaluate
+from peclr_jax import geometry
+from peclr_jax import input_pipeline
+from peclr_jax import models
+from peclr_jax import training
+from peclr_jax import visualize
+
+KEYPOINT_KINDS = ("finetune", "keypoint")
+_SUMMARY_KEYS = ("epe_cm", "auc", "pa_epe_cm", "pa_auc")
+
+
+def checkpoint_path(path: str) -> str:
+  """A fine-tuning workdir's best checkpoint when it has one, else `path`."""
+  if not path:
+    raise ValueError("config.checkpoint is empty: name a fine-tuning workdir "
+                     "or converted weights")
+  best = os.path.join(path, "best")
+  return best if os.path.isdir(os.path.join(best, "checkpoints")) else path
+
+
+def load_keypoint_model(path: str, backbone: str | None = None, dtype="float32"):
+  """(eval-mode KeypointModel, meta) from a fine-tuning or converted checkpoint."""
+  meta = checkpoints.read_meta(path)
+  expect = {"kind": KEYPOINT_KINDS}
+  if backbone:
+    expect["backbone"] = backbone
+  checkpoints.check_meta(meta, expect, path)
+  model = models.KeypointModel(
+      meta["backbone"], rngs=nnx.Rngs(0), dtype=training.compute_dtype(dtype),
+      uv_units=meta.get("uv_units", "normalized"))
+  checkpoints.restore_module(path, model, subtree=("model",))
+  model.eval()
+  return model, meta
+
+
+def _predict_fn(model):
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def predict(images, K):
+    out = nnx.merge(graphdef, state)(images, K)
+    return {"kp2d": out["kp2d"], "kp3d": out["kp3d"]}
+
+  return lambda images, K: jax.device_get(predict(images, np.float32(K)))
+
+
+def _ground_truth_crop(predict_fn, batch, crop_size):
+  """One pass from the labelled hand's box (an upper bound for the protocol)."""
+  box = evaluate.keypoint_box(batch["keypoints_2d"])
+  matrix = evaluate.box_affine(box, crop_size)
+  out = predict_fn(evaluate.crop_and_normalise(batch["image"], matrix, crop_size),
+                   matrix @ batch["K"])
+  kp3d = geometry.palm_to_wrist(np.asarray(out["kp3d"], np.float64))
+  kp2d = geometry.palm_to_wrist(np.asarray(out["kp2d"], np.float64))
+  kp2d = np.asarray(geometry.apply_affine(np.linalg.inv(matrix), kp2d))
+  return {"kp3d_ait_metres": kp3d * batch["scale"][:, None, None],
+          "kp2d_ait": kp2d}
+
+
+def run(config, workdir: str) -> dict:
+  """Evaluates config.checkpoint; returns the metrics dict."""
+  path = checkpoint_path(config.checkpoint)
+  model, meta = load_keypoint_model(path, config.model.backbone,
+                                    config.model.dtype)
+  crop_size = int(meta.get("input_size", config.crop_size))
+  predict_fn = _predict_fn(model)
+  sources = datasets.open_sources(config.data, config.data.eval_split)
+
+  acc = evaluate.KeypointMetricsAccumulator()
+  predictions, shown = [], None
+  for name, source in sources:
+    it = input_pipeline.make_eval_iterator(
+        source, global_batch=config.batch_size,
+        source_size=config.data.source_size, crop="none",
+        process_index=0, process_count=1)
+    total = input_pipeline.num_eval_batches(len(source), config.batch_size)
+    for batch in tqdm(it, total=total, desc=f"evaluate {name}", unit="batch"):
+      if config.crop == "two_pass":
+        out = evaluate.two_pass_predict(predict_fn, batch["image"], batch["K"],
+                                        batch["scale"], crop_size)
+      elif config.crop == "ground_truth":
+        out = _ground_truth_crop(predict_fn, batch, crop_size)
+      else:
+        raise ValueError(f"config.crop={config.crop!r}; expected 'two_pass' "
+                         "or 'ground_truth'")
+      keep = batch["mask"]
+      labelled = keep & batch["valid"].all(-1)
+      # FreiHAND order, as the official evaluation and its per-keypoint table.
+      pred = geometry.ait_to_freihand(out["kp3d_ait_metres"])
+      acc.update(pred, geometry.ait_to_freihand(batch["keypoints_3d"]),
+                 mask=labelled)
+      predictions.append(pred[keep])
+      if shown is None:
+        shown = (batch["image"][:8], out["kp2d_ait"][:8],
+                 batch["keypoints_2d"][:8])
+
+  os.makedirs(workdir, exist_ok=True)
+  if config.write_submission:
+    zip_path = evaluate.write_submission(np.concatenate(predictions), workdir)
+    print(f"Leaderboard submission: {zip_path}")
+  visualize.plot_keypoints_grid(*shown[:2], os.path.join(workdir, "predictions.png"),
+                                gt=shown[2])
+  if acc.count == 0:
+    print("The split has no 3D labels: predictions written, no metrics.")
+    return {}
+  metrics = acc.result()
+  _write_metrics(metrics, workdir, meta, path)
+  print(format_metrics(metrics))
+  return metrics
+
+
+def _write_metrics(metrics, workdir, meta, path):
+  as_json = {k: (v.tolist() if isinstance(v, np.ndarray) else v)
+             for k, v in metrics.items()}
+  as_json["checkpoint"] = path
+  as_json["checkpoint_meta"] = meta
+  with open(os.path.join(workdir, "metrics.json"), "w") as f:
+    json.dump(as_json, f, indent=1)
+  visualize.write_metrics_csv(metrics, os.path.join(workdir, "per_keypoint.csv"))
+  visualize.plot_pck_curve(metrics, os.path.join(workdir, "pck.png"))
+
+
+def format_metrics(metrics) -> str:
+  head = " ".join(f"{k:>10}" for k in _SUMMARY_KEYS)
+  row = " ".join(f"{float(metrics[k]):>10.3f}" for k in _SUMMARY_KEYS)
+  return f"{head}\n{row}   ({int(metrics['num_samples'])} samples)"

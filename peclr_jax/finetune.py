@@ -1,0 +1,186 @@
+"""Fine-tuning of the 2.5D keypoint head and z-root refiner.
+
+The backbone starts from a pre-training checkpoint (or converted PyTorch
+weights) by a partial orbax restore of `state/model/backbone`, or from
+scratch. Each step makes one geometric view per image on the device and
+maps the labels with the same affine: 2D keypoints and K move with the image,
+the 3D keypoints in the camera frame stay (the rays K_view^-1 [u, v, 1] still
+point at them), so the 2.5D targets are recomputed from K_view.
+"""
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from peclr_jax import augment
+from peclr_jax import checkpoints
+from peclr_jax import datasets
+from peclr_jax import evaluate as evaluate_lib
+from peclr_jax import geometry
+from peclr_jax import input_pipeline
+from peclr_jax import losses
+from peclr_jax import models
+from peclr_jax import training
+from peclr_jax.pretrain import augment_config
+
+# Margin of the deterministic evaluation crop around the labelled hand: the
+# middle of the training range (0.9-1.5), as the public default crop margin.
+EVAL_MARGIN = 1.25
+
+
+class LossWeights(NamedTuple):
+  uv: float
+  zrel: float
+  kp3d: float
+
+
+def make_model(config, rngs: nnx.Rngs) -> models.KeypointModel:
+  return models.KeypointModel(
+      config.model.backbone, rngs=rngs,
+      dtype=training.compute_dtype(config.model.dtype),
+      uv_units=config.model.uv_units)
+
+
+def keypoint_targets(keypoints_3d, K):
+  """2.5D targets with the palm as root.
+
+  Args:
+    keypoints_3d: [B, 21, 3] metres, AIT order, wrist root.
+    K: [B, 3, 3] intrinsics of the network's input.
+
+  Returns:
+    {'kp2d' [B, 21, 2] px, 'zrel' [B, 21], 'kp3d' [B, 21, 3] bone units}.
+  """
+  palm = geometry.wrist_to_palm(keypoints_3d)
+  uv, zrel, bone = geometry.xyz_to_uvd(palm, K)
+  return {"kp2d": uv, "zrel": zrel, "kp3d": palm / bone[:, None, None]}
+
+
+def keypoint_loss(model, batch, key, *, aug_cfg, weights: LossWeights):
+  view, _, matrix = augment.augment_view(
+      key, batch["image"], batch["keypoints_2d"], aug_cfg)
+  k_view = matrix @ batch["K"]
+  target = keypoint_targets(batch["keypoints_3d"], k_view)
+  pred = model(view, k_view)
+  terms = losses.keypoint_losses(pred, target, batch["valid"],
+                                 crop_size=aug_cfg.out_size,
+                                 weights=weights._asdict())
+  return terms["loss"], {"train_loss": terms["loss"],
+                         "train_loss_uv": terms["loss_uv"],
+                         "train_loss_zrel": terms["loss_zrel"],
+                         "train_loss_kp3d": terms["loss_kp3d"]}
+
+
+def centred_view(batch, out_size: int, margin: float = EVAL_MARGIN):
+  """Deterministic view around the labelled hand: (image, K_view, matrix)."""
+  center, half = augment.hand_box(batch["keypoints_2d"],
+                                  batch["image"].shape[1:3])
+  matrix = augment.crop_matrix(center, margin * half, out_size)
+  fill = augment.AugmentConfig().fill_value
+  images = augment.normalise(
+      augment.warp(batch["image"], matrix, out_size, fill) / 255.0)
+  return images, matrix @ batch["K"], matrix
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _predict_centred(graphdef, state, batch, out_size):
+  model = nnx.merge(graphdef, state)
+  model.eval()
+  images, k_view, _ = centred_view(batch, out_size)
+  pred = model(images, k_view)
+  # Bone units, palm root -> metres, wrist root (the labels' frame).
+  kp3d = geometry.palm_to_wrist(pred["kp3d"]) * batch["scale"][:, None, None]
+  return kp3d
+
+
+def make_evaluator(config, mesh, sources, out_size: int, *, max_batches=-1):
+  """evaluate(model, step) -> eval_* FreiHAND metrics over the split, with a
+  crop around the labelled hand (the two-pass protocol is `evaluate` mode)."""
+
+  def evaluate(model, step):
+    del step
+    graphdef, state = nnx.split(model)
+    acc = evaluate_lib.KeypointMetricsAccumulator()
+    for _, source in sources:
+      it = input_pipeline.make_eval_iterator(
+          source, global_batch=config.batch_size,
+          source_size=config.data.source_size)
+      with jax.set_mesh(mesh):
+        for i, host_batch in enumerate(it):
+          if 0 <= max_batches <= i:
+            break
+          batch = training.shard_batch(
+              {k: host_batch[k] for k in ("image", "keypoints_2d", "K",
+                                          "scale")}, mesh)
+          kp3d = np.asarray(_predict_centred(graphdef, state, batch,
+                                             out_size))
+          acc.update(kp3d, host_batch["keypoints_3d"],
+                     mask=host_batch["mask"] & host_batch["valid"].all(-1))
+    result = acc.result()
+    return {f"eval_{k}": float(result[k])
+            for k in ("epe_cm", "auc", "pa_epe_cm", "pa_auc")}
+
+  return evaluate
+
+
+def load_backbone(model: models.KeypointModel, path: str, backbone: str):
+  """Partial restore of state/model/backbone from a pre-training checkpoint
+  or converted PyTorch weights; nothing else in the checkpoint is read."""
+  meta = checkpoints.read_meta(path)
+  checkpoints.check_meta(meta, {"backbone": backbone}, path)
+  checkpoints.restore_module(path, model.backbone,
+                             subtree=("model", "backbone"))
+  print(f"Initialised the backbone from {path} ({meta.get('kind')}).",
+        flush=True)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
+  """Fine-tunes (or resumes) in `workdir`; returns (model, last metrics)."""
+  mesh = training.make_mesh()
+  training.check_batch_divisible(config.batch_size, mesh)
+  sources = datasets.open_sources(config.data, config.data.train_split)
+  train_iter = input_pipeline.make_finetune_iterator(
+      sources, global_batch=config.batch_size,
+      source_size=config.data.source_size, seed=config.seed,
+      weights=config.data.weights,
+      labels_fraction=config.data.labels_fraction,
+      num_workers=config.data.num_workers)
+  num_examples = sum(len(s) for _, s in sources)
+  num_examples = max(int(num_examples * config.data.labels_fraction), 1)
+  steps, updates, warmup = training.schedule_lengths(config, num_examples)
+  tx = training.make_optimizer(
+      config.optim,
+      effective_batch=config.batch_size * max(config.grad_accum_steps, 1),
+      total_updates=updates, warmup_updates=warmup,
+      grad_accum_steps=config.grad_accum_steps)
+
+  model = make_model(config, nnx.Rngs(config.seed))
+  if config.init:
+    load_backbone(model, config.init, config.model.backbone)
+
+  aug_cfg = augment_config(config)
+  weights = LossWeights(config.loss.uv_weight, config.loss.zrel_weight,
+                        config.loss.kp3d_weight)
+  loss_fn = functools.partial(keypoint_loss, aug_cfg=aug_cfg, weights=weights)
+  eval_sources = datasets.open_sources(config.data, config.data.eval_split,
+                                       missing_ok=True)
+  evaluator = None
+  if eval_sources:
+    evaluator = make_evaluator(config, mesh, eval_sources, aug_cfg.out_size,
+                               max_batches=config.eval_batches)
+  meta = {"kind": "finetune", "backbone": config.model.backbone,
+          "uv_units": config.model.uv_units,
+          "input_size": aug_cfg.out_size}
+  print(f"Fine-tuning {config.model.backbone} "
+        f"({'from ' + config.init if config.init else 'from scratch'}) on "
+        f"{[n for n, _ in sources]} ({num_examples} labelled images): "
+        f"{steps} steps of {config.batch_size}.", flush=True)
+  return training.fit(
+      config, workdir, mesh=mesh, model=model, tx=tx, train_iter=train_iter,
+      loss_fn=loss_fn, num_steps=steps, meta=meta, evaluate=evaluator,
+      best_metric=("eval_pa_epe_cm", "min"), desc="finetune")

@@ -1,0 +1,136 @@
+"""Contrastive pre-training: PeCLR (equivariant) or SimCLR (invariant).
+
+One jitted step: two augmented views per image made on the device ->
+backbone + projection head on all 2B views at once (BatchNorm sees both) ->
+`peclr_loss` (latent inversion + NT-Xent) or plain `nt_xent` -> update.
+"""
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from peclr_jax import augment
+from peclr_jax import datasets
+from peclr_jax import input_pipeline
+from peclr_jax import losses
+from peclr_jax import models
+from peclr_jax import training
+
+
+def augment_config(config: ml_collections.ConfigDict) -> augment.AugmentConfig:
+  return augment.AugmentConfig(**{
+      k: tuple(v) if isinstance(v, list) else v
+      for k, v in config.augment.to_dict().items()})
+
+
+class LossSettings(NamedTuple):
+  """The loss part of the config, hashable so jit can treat it as static."""
+  kind: str
+  temperature: float
+  invert: tuple[str, ...]
+  translation_mode: str
+
+  @classmethod
+  def from_config(cls, loss: ml_collections.ConfigDict) -> "LossSettings":
+    if loss.kind not in ("peclr", "simclr"):
+      raise ValueError(
+          f"config.loss.kind={loss.kind!r}; expected 'peclr' or 'simclr'")
+    return cls(loss.kind, float(loss.temperature), tuple(loss.invert),
+               loss.translation_mode)
+
+
+def make_model(config, rngs: nnx.Rngs) -> models.PeCLRModel:
+  return models.PeCLRModel(
+      config.model.backbone, rngs=rngs,
+      dtype=training.compute_dtype(config.model.dtype),
+      proj_hidden=config.model.proj_hidden, proj_dim=config.model.proj_dim)
+
+
+def contrastive_loss(model, batch, key, *, aug_cfg, loss_cfg):
+  """Augment on the device, embed both views, compare. Returns (loss, aux)."""
+  (v1, v2), (t1, t2), _ = augment.augment_pair(
+      key, batch["image"], batch["keypoints_2d"], aug_cfg)
+  z = model(jnp.concatenate([v1, v2], axis=0)).astype(jnp.float32)
+  z1, z2 = jnp.split(z, 2, axis=0)
+  if loss_cfg.kind == "peclr":
+    loss = losses.peclr_loss(
+        z1, z2, t1, t2, temperature=loss_cfg.temperature,
+        invert=loss_cfg.invert, translation_mode=loss_cfg.translation_mode)
+  else:  # SimCLR: invariant, nothing undone.
+    normalise = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+    loss = losses.nt_xent(normalise(z1), normalise(z2),
+                          temperature=loss_cfg.temperature)
+  return loss, {"train_loss": loss}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _eval_loss(graphdef, state, batch, key, aug_cfg, loss_cfg):
+  model = nnx.merge(graphdef, state)
+  model.eval()
+  return contrastive_loss(model, batch, key, aug_cfg=aug_cfg,
+                          loss_cfg=loss_cfg)[0]
+
+
+def _validation(config, mesh, aug_cfg, loss_cfg):
+  """Returns evaluate(model, step) -> {'eval_loss'}: the contrastive loss in
+  eval mode over fixed batches of the validation split, with fixed views."""
+  sources = datasets.open_sources(config.data, config.data.eval_split,
+                                  missing_ok=True)
+  if not sources or config.eval_every_steps <= 0:
+    return None
+
+  def evaluate(model, step):
+    del step
+    graphdef, state = nnx.split(model)
+    it = input_pipeline.make_pretrain_iterator(
+        sources, global_batch=config.batch_size,
+        source_size=config.data.source_size, seed=config.seed,
+        weights=config.data.weights, num_workers=0)
+    values = []
+    with jax.set_mesh(mesh):
+      for i in range(config.eval_batches):
+        batch = training.shard_batch(next(it), mesh)
+        values.append(float(_eval_loss(graphdef, state, batch, jax.random.key(i),
+                                       aug_cfg, loss_cfg)))
+    return {"eval_loss": float(np.mean(values))}
+
+  return evaluate
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
+  """Pre-trains (or resumes) in `workdir`; returns (model, last metrics)."""
+  mesh = training.make_mesh()
+  training.check_batch_divisible(config.batch_size, mesh)
+  sources = datasets.open_sources(config.data, config.data.train_split)
+  num_examples = sum(len(s) for _, s in sources)
+  steps, updates, warmup = training.schedule_lengths(config, num_examples)
+  effective_batch = config.batch_size * max(config.grad_accum_steps, 1)
+  tx = training.make_optimizer(
+      config.optim, effective_batch=effective_batch, total_updates=updates,
+      warmup_updates=warmup, grad_accum_steps=config.grad_accum_steps)
+
+  model = make_model(config, nnx.Rngs(config.seed))
+  train_iter = input_pipeline.make_pretrain_iterator(
+      sources, global_batch=config.batch_size,
+      source_size=config.data.source_size, seed=config.seed,
+      weights=config.data.weights, num_workers=config.data.num_workers)
+
+  aug_cfg = augment_config(config)
+  loss_cfg = LossSettings.from_config(config.loss)
+  loss_fn = functools.partial(contrastive_loss, aug_cfg=aug_cfg,
+                              loss_cfg=loss_cfg)
+  meta = {"kind": "pretrain", "backbone": config.model.backbone,
+          "proj_dim": config.model.proj_dim}
+  print(f"Pre-training {config.model.backbone} with {loss_cfg.kind} on "
+        f"{[n for n, _ in sources]} ({num_examples} images): {steps} steps of "
+        f"{config.batch_size} images, {updates} updates, "
+        f"{mesh.devices.size} device(s).", flush=True)
+  return training.fit(
+      config, workdir, mesh=mesh, model=model, tx=tx, train_iter=train_iter,
+      loss_fn=loss_fn, num_steps=steps, meta=meta,
+      evaluate=_validation(config, mesh, aug_cfg, loss_cfg), desc="pretrain")

@@ -1,0 +1,332 @@
+"""What pre-training and fine-tuning share: the mesh, the optimiser, logging.
+
+Data parallelism is `jax.jit` over a one-axis mesh named 'data': the train
+state is replicated and the batch is sharded along its first axis. XLA then
+inserts the gradient all-reduce and computes BatchNorm statistics and the
+NT-Xent similarity matrix over the *global* batch, with no collective written
+by hand. This is what `jax.pmap` now lowers to (pmap is in maintenance mode
+and implemented on jit + shard_map), and the same code runs on one CPU, a
+multi-GPU host or a multi-host TPU pod after `jax.distributed.initialize()`.
+"""
+
+import json
+import math
+import os
+import time
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+# ---------------------------------------------------------------- sharding --
+
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+  """A one-axis mesh over all (or the given) devices.
+
+  The axis is `Auto` (XLA propagates shardings), not JAX 0.10's default
+  `Explicit`: the model and augmentation code stays free of sharding
+  annotations, and only the batch's input sharding is stated.
+  """
+  devices = jax.devices() if devices is None else devices
+  return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,),
+                           axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def replicate(tree, mesh):
+  return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+  """Assembles this process's part of the batch into global sharded arrays."""
+  sharding = NamedSharding(mesh, P(DATA_AXIS))
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+def check_batch_divisible(global_batch: int, mesh, name: str = "batch_size"):
+  n = mesh.devices.size
+  if global_batch % n or global_batch % jax.process_count():
+    raise ValueError(
+        f"config.{name}={global_batch} must be divisible by the {n} devices "
+        f"and {jax.process_count()} processes it is split across.")
+
+
+# --------------------------------------------------------------- optimiser --
+
+def decay_mask(params):
+  """Weight decay and trust ratio apply to kernels only: not to biases or
+  BatchNorm scales/offsets, which are the only 1-D parameters here."""
+  return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
+
+
+def learning_rate(optim: ml_collections.ConfigDict, effective_batch: int):
+  if optim.scale_lr_by_sqrt_batch:
+    return optim.base_lr * math.sqrt(effective_batch)
+  return optim.base_lr
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, *, effective_batch: int,
+                   total_updates: int, warmup_updates: int,
+                   grad_accum_steps: int) -> optax.GradientTransformation:
+  """Adam, optionally with a LARS trust ratio, warm-up then cosine to 0.
+
+  The public code wraps Adam in a LARS wrapper that rescales each layer's
+  (weight-decayed) gradient by its trust ratio before Adam sees it; the chain
+  below does the same in that order.
+  """
+  peak = learning_rate(optim, effective_batch)
+  total_updates = max(total_updates, 1)
+  warmup_updates = int(min(max(warmup_updates, 0), total_updates - 1))
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=peak, warmup_steps=warmup_updates,
+      decay_steps=total_updates, end_value=0.0)
+  parts = [optax.add_decayed_weights(optim.weight_decay, mask=decay_mask)]
+  if optim.lars:
+    parts.append(optax.masked(optax.scale_by_trust_ratio(
+        trust_coefficient=optim.trust_coefficient), decay_mask))
+  parts += [optax.scale_by_adam(), optax.scale_by_learning_rate(schedule)]
+  tx = optax.chain(*parts)
+  if grad_accum_steps > 1:
+    # Accumulates gradients over micro-batches; one update every k steps.
+    tx = optax.MultiSteps(tx, every_k_schedule=grad_accum_steps)
+  return tx
+
+
+def schedule_lengths(config, num_examples: int) -> tuple[int, int, int]:
+  """(train steps, optimiser updates, warm-up updates) from the config."""
+  steps_per_epoch = max(num_examples // config.batch_size, 1)
+  if config.num_train_steps > 0:
+    steps = config.num_train_steps
+  else:
+    steps = max(int(config.num_epochs * steps_per_epoch), 1)
+  accum = max(config.grad_accum_steps, 1)
+  updates = max(steps // accum, 1)
+  warmup = int(config.optim.warmup_epochs * steps_per_epoch / accum)
+  return steps, updates, warmup
+
+
+# ----------------------------------------------------------------- logging --
+
+class MetricWriter:
+  """JSON lines (read by tests and benchmarks) plus TensorBoard events.
+
+  TensorBoard files are written by tensorboardX, which needs no TensorFlow.
+  Only process 0 writes.
+  """
+
+  def __init__(self, workdir: str, enabled: bool | None = None):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self._jsonl = None
+    self._tb = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: Mapping[str, Any]):
+    if not self.enabled:
+      return
+    scalars = {k: float(v) for k, v in metrics.items()}
+    self._jsonl.write(json.dumps({"step": int(step), "time": time.time(),
+                                  **scalars}) + "\n")
+    self._jsonl.flush()
+    for k, v in scalars.items():
+      self._tb.add_scalar(k, v, int(step))
+
+  def close(self):
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The metrics.jsonl rows of a run, in order."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+def check_finite(step: int, metrics: Mapping[str, float], name="train_loss"):
+  value = float(metrics[name])
+  if not math.isfinite(value):
+    raise NonFiniteLossError(
+        f"{name} is {value} at step {step}; stopping. Lower the learning rate "
+        "(config.optim.base_lr) or use float32 (config.model.dtype).")
+
+
+def compute_dtype(name: str):
+  try:
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+            "float16": jnp.float16}[name]
+  except KeyError:
+    raise ValueError(
+        f"config.model.dtype={name!r}; expected float32, bfloat16 or float16"
+    ) from None
+
+
+# -------------------------------------------------------------------- loop --
+
+def make_train_step(graphdef, loss_fn):
+  """The jitted step `(state, batch, rng, step) -> (state, metrics)`.
+
+  `state` is `nnx.state((model, optimizer))` and is donated. The step's
+  randomness is `fold_in(rng, step)`, so a resumed run draws the same views.
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  def train_step(state, batch, rng, step):
+    model, optimizer = nnx.merge(graphdef, state)
+    key = jax.random.fold_in(rng, step)
+    grad_fn = nnx.value_and_grad(
+        lambda m: loss_fn(m, batch, key), has_aux=True)
+    (_, metrics), grads = grad_fn(model)
+    optimizer.update(model, grads)
+    return nnx.state((model, optimizer)), metrics
+
+  return jax.jit(train_step, donate_argnums=0)
+
+
+def _pure(tree):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  return nnx.to_pure_dict(tree)
+
+
+def fit(config: ml_collections.ConfigDict, workdir: str, *, mesh, model, tx,
+        train_iter, loss_fn, num_steps: int, meta: dict, evaluate=None,
+        best_metric: tuple[str, str] | None = None, desc: str = "train"):
+  """Runs, or resumes, a training loop and returns the trained model.
+
+  Args:
+    config: the run's config (seed, batch_size, *_every_steps, keep_checkpoints).
+    workdir: where checkpoints, metrics.jsonl and TensorBoard files go.
+    mesh: the 'data' mesh; the state is replicated and batches sharded on it.
+    model: an NNX module in train mode, freshly initialised.
+    tx: the optax transformation.
+    train_iter: a checkpointable iterator of host batches (dicts of arrays).
+    loss_fn: `loss_fn(model, batch, key) -> (loss, metrics)`; pure, jit-able.
+    num_steps: train steps (micro-batches) to reach.
+    meta: what the checkpoint holds (checked on resume, e.g. the backbone).
+    evaluate: optional `evaluate(model, step) -> metrics` run every
+      config.eval_every_steps and at the end, on the host.
+    best_metric: (name, 'min'|'max'): keep the best evaluated checkpoint in
+      `<workdir>/best` as well.
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  from peclr_jax import checkpoints  # pylint: disable=g-import-not-at-top
+
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  graphdef, state = nnx.split((model, optimizer))
+  rng = jax.random.key(config.seed)
+
+  manager = checkpoints.CheckpointManager(
+      workdir, max_to_keep=config.keep_checkpoints)
+  start = manager.latest_step() or 0
+  if start:
+    template = {"model": _pure(state[0]), "opt": _pure(state[1]),
+                "rng": jax.random.key_data(rng)}
+    restored = manager.restore(start, template, expect_meta=meta,
+                               data_iter=train_iter)
+    nnx.replace_by_pure_dict(state, {0: restored["model"],
+                                     1: restored["opt"]})
+    rng = jax.random.wrap_key_data(jnp.asarray(restored["rng"]))
+    print(f"Resumed from {manager.directory}/{start}.", flush=True)
+  state, rng = replicate((state, rng), mesh)
+
+  train_step = make_train_step(graphdef, loss_fn)
+
+  def save(step):
+    host = jax.device_get(state)
+    manager.save(step, {"model": _pure(host[0]), "opt": _pure(host[1]),
+                        "rng": np.asarray(jax.random.key_data(rng))},
+                 meta=meta, config=config, data_iter=train_iter)
+
+  def current_model():
+    return nnx.merge(graphdef, state)[0]
+
+  writer = MetricWriter(workdir)
+  best_manager = best_value = None
+  if best_metric is not None and evaluate is not None:
+    best_manager = checkpoints.CheckpointManager(
+        os.path.join(workdir, "best"), max_to_keep=1)
+    best_value = _read_best(workdir)
+
+  def run_evaluation(step):
+    nonlocal best_value
+    metrics = evaluate(current_model(), step)
+    writer.write(step, metrics)
+    if best_manager is None:
+      return metrics
+    name, mode = best_metric
+    value = float(metrics[name])
+    better = best_value is None or (
+        value < best_value if mode == "min" else value > best_value)
+    if better:
+      best_value = value
+      host = jax.device_get(state)
+      best_manager.save(step, {"model": _pure(host[0])},
+                        meta={**meta, name: value}, config=config)
+      _write_best(workdir, step, name, value)
+    return metrics
+
+  last_metrics = {}
+  try:
+    with jax.set_mesh(mesh):
+      bar = tqdm(total=num_steps, initial=start, desc=desc, unit="step",
+                 dynamic_ncols=True, disable=jax.process_index() != 0)
+      t0, steps_since = time.perf_counter(), 0
+      for step in range(start + 1, num_steps + 1):
+        batch = shard_batch(next(train_iter), mesh)
+        state, metrics = train_step(state, batch, rng, jnp.int32(step))
+        steps_since += 1
+        bar.update(1)
+        is_last = step == num_steps
+        if step % config.log_every_steps == 0 or is_last:
+          metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          check_finite(step, metrics)
+          elapsed = time.perf_counter() - t0
+          metrics["train_steps_per_sec"] = steps_since / max(elapsed, 1e-9)
+          t0, steps_since = time.perf_counter(), 0
+          writer.write(step, metrics)
+          bar.set_postfix(loss=f"{metrics['train_loss']:.4f}")
+          last_metrics = metrics
+        if evaluate is not None and (is_last or (
+            config.eval_every_steps > 0
+            and step % config.eval_every_steps == 0)):
+          last_metrics = {**last_metrics, **run_evaluation(step)}
+        if is_last or step % config.checkpoint_every_steps == 0:
+          save(step)
+      bar.close()
+  finally:
+    # Also on errors: finish the checkpoints already started, so the latest
+    # one on disk is complete.
+    manager.close()
+    if best_manager is not None:
+      best_manager.close()
+    writer.close()
+  return current_model(), last_metrics
+
+
+def _read_best(workdir):
+  path = os.path.join(workdir, "best", "best.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)["value"]
+  return None
+
+
+def _write_best(workdir, step, name, value):
+  with open(os.path.join(workdir, "best", "best.json"), "w") as f:
+    json.dump({"step": step, "metric": name, "value": value}, f)

@@ -1,0 +1,224 @@
+"""Training runs: resume exactness, backbone hand-off, data parallelism, CLI."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from ml_collections import config_flags
+
+from peclr_jax import checkpoints
+from peclr_jax import finetune
+from peclr_jax import input_pipeline
+from peclr_jax import main as main_lib
+from peclr_jax import pretrain
+from peclr_jax import training
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
+
+
+def load_config(name, arg=None):
+  path = os.path.join(REPO, "configs", name)
+  module = config_flags.config_flags._LoadConfigModule(name, path)
+  config = module.get_config(arg)
+  config.lock()
+  return config
+
+
+def tiny_pretrain_config(data_dir, steps):
+  config = load_config("peclr.py", "runlocal")
+  config.data.data_dir = data_dir
+  config.num_train_steps = steps
+  config.eval_every_steps = -1
+  config.checkpoint_every_steps = 2
+  return config
+
+
+def losses_of(workdir):
+  rows = [r for r in training.read_metrics(workdir) if "train_loss" in r]
+  return [r["train_loss"] for r in rows]
+
+
+class _CrashAfter:
+  """A data iterator that dies after `n` batches, like a crashed job."""
+
+  def __init__(self, iterator, n):
+    self._it, self._left = iterator, n
+
+  def __next__(self):
+    if self._left == 0:
+      raise RuntimeError("simulated crash")
+    self._left -= 1
+    return next(self._it)
+
+  # grain's checkpoint handler exchanges JSON bytes with iterators that are
+  # not its own DatasetIterator.
+  def get_state(self):
+    return json.dumps(self._it.get_state()).encode()
+
+  def set_state(self, state):
+    self._it.set_state(json.loads(state))
+
+  def start_prefetch(self):
+    pass
+
+
+def test_resume_continues_exactly(synthetic_data_dir, tmp_path, monkeypatch):
+  config = tiny_pretrain_config(synthetic_data_dir, 4)
+  interrupted = str(tmp_path / "interrupted")
+  real = input_pipeline.make_pretrain_iterator
+  with monkeypatch.context() as m:
+    m.setattr(input_pipeline, "make_pretrain_iterator",
+              lambda *a, **k: _CrashAfter(real(*a, **k), 2))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+      pretrain.train_and_evaluate(config, interrupted)
+  manager = checkpoints.CheckpointManager(interrupted, read_only=True)
+  assert manager.latest_step() == 2
+
+  # Re-running the same command continues from step 2.
+  model_a, _ = pretrain.train_and_evaluate(config, interrupted)
+  rows = training.read_metrics(interrupted)
+  assert [r["step"] for r in rows if "train_loss" in r] == [1, 2, 3, 4]
+
+  straight = str(tmp_path / "straight")
+  model_b, _ = pretrain.train_and_evaluate(config, straight)
+  np.testing.assert_allclose(losses_of(interrupted), losses_of(straight),
+                             rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(nnx.state(model_a)),
+                  jax.tree.leaves(nnx.state(model_b))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6,
+                               atol=1e-7)
+
+
+def test_finetune_starts_from_pretrained_backbone(synthetic_data_dir, tmp_path):
+  pre_dir = str(tmp_path / "pre")
+  pre_model, _ = pretrain.train_and_evaluate(
+      tiny_pretrain_config(synthetic_data_dir, 2), pre_dir)
+
+  config = load_config("finetune_freihand.py", f"runlocal,init={pre_dir}")
+  config.data.data_dir = synthetic_data_dir
+  model = finetune.make_model(config, nnx.Rngs(123))
+  before = jax.tree.leaves(nnx.state(model.backbone))
+  finetune.load_backbone(model, pre_dir, config.model.backbone)
+  after = jax.tree.leaves(nnx.state(model.backbone))
+  expected = jax.tree.leaves(nnx.state(pre_model.backbone))
+  assert len(after) == len(expected)
+  for got, want in zip(after, expected):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert any(not np.array_equal(b, a) for b, a in zip(before, after))
+
+
+def test_finetune_rejects_backbone_of_other_architecture(synthetic_data_dir,
+                                                         tmp_path):
+  pre_dir = str(tmp_path / "pre")
+  pretrain.train_and_evaluate(tiny_pretrain_config(synthetic_data_dir, 1),
+                              pre_dir)
+  config = load_config("finetune_freihand.py", "runlocal")
+  config.model.backbone = "resnet18"
+  model = finetune.make_model(config, nnx.Rngs(0))
+  with pytest.raises(checkpoints.CheckpointError, match="backbone"):
+    finetune.load_backbone(model, pre_dir, config.model.backbone)
+
+
+def test_data_parallel_step_equals_single_device(synthetic_data_dir):
+  if jax.device_count() < 4:
+    pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=4")
+  config = tiny_pretrain_config(synthetic_data_dir, 1)
+  sources = [("synthetic_hands", input_pipeline.open_source(
+      "synthetic_hands/small", "train", synthetic_data_dir))]
+  batch = next(input_pipeline.make_pretrain_iterator(
+      sources, global_batch=8, source_size=config.data.source_size, seed=0))
+  loss_fn = pretrain.functools.partial(
+      pretrain.contrastive_loss, aug_cfg=pretrain.augment_config(config),
+      loss_cfg=pretrain.LossSettings.from_config(config.loss))
+  # Plain SGD with lr 1 makes the parameter change the gradient itself; Adam's
+  # first step, g / (|g| + eps), would magnify float noise in tiny gradients.
+  tx = optax.sgd(1.0)
+
+  def one_step(devices):
+    mesh = training.make_mesh(devices)
+    model = pretrain.make_model(config, nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    graphdef, state = nnx.split((model, optimizer))
+    step = training.make_train_step(graphdef, loss_fn)
+    with jax.set_mesh(mesh):
+      state, metrics = step(training.replicate(state, mesh),
+                            training.shard_batch(batch, mesh),
+                            jax.random.key(0), jnp.int32(1))
+    return jax.device_get(state), float(metrics["train_loss"])
+
+  state1, loss1 = one_step(jax.devices()[:1])
+  state4, loss4 = one_step(jax.devices()[:4])
+  np.testing.assert_allclose(loss4, loss1, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(state4), jax.tree.leaves(state1)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_every_config_builds(path):
+  config = load_config(os.path.basename(path))
+  assert config.mode in main_lib.defaults.MODES
+
+
+def test_config_argument_typo_names_the_key():
+  with pytest.raises(ValueError, match="bakcbone"):
+    load_config("peclr.py", "bakcbone=rn152")
+
+
+def run_cli(*args, cwd=REPO):
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  return subprocess.run([sys.executable, "-m", "peclr_jax.main", *args],
+                        cwd=cwd, env=env, capture_output=True, text=True,
+                        timeout=600)
+
+
+def test_cli_pretrains_end_to_end(synthetic_data_dir, tmp_path):
+  workdir = str(tmp_path / "cli")
+  result = run_cli("--config=configs/peclr.py:runlocal",
+                   f"--workdir={workdir}",
+                   f"--config.data.data_dir={synthetic_data_dir}",
+                   "--config.num_train_steps=2")
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = training.read_metrics(workdir)
+  assert [r["step"] for r in rows if "train_loss" in r] == [1, 2]
+  assert all(np.isfinite(r["train_loss"]) for r in rows if "train_loss" in r)
+  assert checkpoints.read_meta(workdir)["backbone"] == "resnet_tiny"
+  assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.*"))
+
+
+def test_cli_config_typo_fails_naming_the_key(tmp_path):
+  result = run_cli("--config=configs/peclr.py:runlocal",
+                   f"--workdir={tmp_path}", "--config.optim.bsae_lr=1.0")
+  assert result.returncode != 0
+  assert "bsae_lr" in result.stderr
+
+
+def test_cli_refuses_workdir_of_another_model(synthetic_data_dir, tmp_path):
+  workdir = str(tmp_path / "w")
+  common = [f"--workdir={workdir}",
+            f"--config.data.data_dir={synthetic_data_dir}",
+            "--config.num_train_steps=1"]
+  assert run_cli("--config=configs/peclr.py:runlocal", *common).returncode == 0
+  result = run_cli("--config=configs/peclr.py:runlocal", *common,
+                   "--config.model.backbone=resnet18")
+  assert result.returncode == 1
+  assert "backbone='resnet_tiny'" in result.stderr, result.stderr[-2000:]
+  # Nothing already written is lost.
+  assert checkpoints.read_meta(workdir)["backbone"] == "resnet_tiny"
+
+
+def test_non_finite_loss_stops_with_a_message(synthetic_data_dir, tmp_path):
+  config = tiny_pretrain_config(synthetic_data_dir, 3)
+  config.optim.base_lr = 1e30
+  config.optim.lars = False
+  config.optim.warmup_epochs = 0.0
+  with pytest.raises(training.NonFiniteLossError, match="train_loss"):
+    pretrain.train_and_evaluate(config, str(tmp_path / "nan"))
