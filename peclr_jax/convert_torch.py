@@ -1,0 +1,853 @@
+"""Released PyTorch PeCLR weights -> Flax NNX models and orbax checkpoints.
+
+No torch needed: ``.pth`` files are read by a restricted unpickler.
+
+Files the public release offers (see the original repository's README):
+
+* Pre-trained backbones ``peclr_rn50_yt3dh_fh.pth`` and
+  ``peclr_rn152_yt3dh_fh.pth``: ``{'state_dict': <torchvision ResNet state
+  dict>}``, keys without a prefix (``conv1.weight``,
+  ``layer1.0.bn1.running_mean``, ...). They load into a plain
+  ``torchvision.models.resnet50()``, so they include ``fc.*`` (the
+  classifier), which a backbone has no use for: it is dropped (reported).
+* FreiHAND fine-tuned models ``rn50_peclr_yt3d-fh_pt_fh_ft.pth`` /
+  ``rn152_...``: ``{'state_dict': <RN_25D_wMLPref state dict>}`` with keys
+  ``backend_model.*`` (a torchvision ResNet whose ``fc`` has 3 * 21 + 1 = 64
+  outputs) and ``zroot_ref.zroot_ref.{0,1,3,4,6}.*`` (the z-root refinement
+  MLP: Linear, BatchNorm1d, -, Linear, BatchNorm1d, -, Linear).
+
+Key prefixes. After the container (``state_dict``, ``model``,
+``model_state_dict`` or ``net`` entry, else the file's top-level dict) the
+keys are normalised:
+
+* a leading ``module.`` (DataParallel / DistributedDataParallel) is stripped
+  (repeatedly);
+* keypoint files are recognised by ``zroot_ref.zroot_ref.*``; their ResNet
+  lives under ``backend_model.``;
+* otherwise the ResNet is found under whatever prefix ``P`` has both
+  ``P + 'conv1.weight'`` and ``P + 'layer1.0.conv1.weight'``: ``''`` for the
+  released files, ``encoder.`` / ``backbone.`` / ``backend_model.`` / ... for
+  wrappers. The original training code's own Lightning checkpoints store the
+  encoder as ``encoder.features.{0,1,4,5,6,7}`` (an ``nn.Sequential`` of
+  conv1, bn1, relu, maxpool, layer1..layer4); that layout is recognised too
+  (``features.N`` -> conv1, bn1, layer1..layer4; such a checkpoint is
+  refused when it also pickles Python objects, e.g. Lightning's
+  hyper-parameter dict: re-save its ``state_dict`` alone). Keys outside the
+  ResNet (a projection head, a keypoint file's ``zroot_ref`` when only the
+  backbone is wanted, ``final_layer``) are dropped and reported.
+
+Layouts: conv ``[O, I, kh, kw]`` -> HWIO ``[kh, kw, I, O]``; Linear
+``[out, in]`` -> ``[in, out]``; BatchNorm ``weight/bias/running_mean/
+running_var`` -> ``scale/bias/mean/var``; ``num_batches_tracked`` ignored.
+Every ResNet / head key must be consumed and every parameter of the target
+model filled with the right shape, or :class:`ConversionError` lists the
+missing, unexpected and mismatched keys (a ResNet-152 file converted as a
+ResNet-50 fails that way).
+
+The keypoint head: the released ``fc`` has 64 outputs; the original model uses
+``out[:, :-1].view(-1, 21, 3)`` and its comment says the last output is no
+longer used, so the first 63 rows (joint-major ``u, v, z_rel``) become
+``keypoint_head.linear`` and row 63 is dropped. The released head predicts
+pixels of the 224 x 224 input, hence ``uv_units='pixels'``.
+
+Public API: :func:`load_pth` (the safe reader), :func:`load_backbone`,
+:func:`load_keypoint_model`, :func:`convert` (writes the orbax checkpoint read
+by fine-tuning, evaluation and the Predictor).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import os
+import pickle
+import tarfile
+import zipfile
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from peclr_jax import models
+
+__all__ = [
+    'TorchFileError', 'ConversionError', 'load_pth', 'state_dict_from',
+    'infer_kind', 'infer_arch', 'convert_state_dict', 'load_backbone',
+    'load_keypoint_model', 'convert', 'ConversionReport',
+    'KEYPOINT_INPUT_SIZE',
+]
+
+# The released keypoint models were trained and evaluated on 224 x 224 crops.
+KEYPOINT_INPUT_SIZE = 224
+
+_NUM_KP_OUTPUTS = 3 * models.NUM_JOINTS  # 63 used outputs of the released fc
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+
+class TorchFileError(ValueError):
+  """The file is not a readable, safe torch (>= 1.6 zip) checkpoint."""
+
+
+class ConversionError(ValueError):
+  """The state dict does not fit the requested model.
+
+  Attributes:
+    missing: target parameters (torch-style key names) no key provided.
+    unexpected: torch keys that map to nothing in the target model.
+    mismatched: ``(key, torch shape, expected torch shape)`` triples.
+  """
+
+  def __init__(self, message: str, missing=(), unexpected=(), mismatched=()):
+    super().__init__(message)
+    self.missing = list(missing)
+    self.unexpected = list(unexpected)
+    self.mismatched = list(mismatched)
+
+
+# ---------------------------------------------------------------------------
+# Reading .pth files without torch
+# ---------------------------------------------------------------------------
+
+try:  # ml_dtypes ships with jax; only needed for bfloat16 storages.
+  import ml_dtypes
+  _BF16 = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover
+  _BF16 = None
+
+_STORAGE_DTYPES = {
+    'FloatStorage': np.dtype(np.float32),
+    'DoubleStorage': np.dtype(np.float64),
+    'HalfStorage': np.dtype(np.float16),
+    'BFloat16Storage': _BF16,
+    'LongStorage': np.dtype(np.int64),
+    'IntStorage': np.dtype(np.int32),
+    'ShortStorage': np.dtype(np.int16),
+    'CharStorage': np.dtype(np.int8),
+    'ByteStorage': np.dtype(np.uint8),
+    'BoolStorage': np.dtype(np.bool_),
+    'UntypedStorage': np.dtype(np.uint8),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _StorageType:
+  """Stands in for a ``torch.*Storage`` class named in the pickle."""
+  name: str
+  dtype: np.dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class _Storage:
+  """A storage record of the archive: a flat array of ``dtype``."""
+  key: str
+  data: np.ndarray  # 1-D
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride,
+                       requires_grad=False, backward_hooks=None,
+                       metadata=None):
+  """torch._utils._rebuild_tensor_v2 -> a numpy copy of the strided view.
+
+  Bounds are checked before ``as_strided`` so a crafted file cannot read
+  memory outside the storage.
+  """
+  del requires_grad, backward_hooks, metadata
+  if not isinstance(storage, _Storage):
+    raise TorchFileError('tensor without a storage record')
+  size, stride = tuple(size), tuple(stride)
+  if (not _is_int(storage_offset) or storage_offset < 0
+      or len(size) != len(stride)
+      or not all(_is_int(s) and s >= 0 for s in size + stride)):
+    raise TorchFileError(f'invalid tensor geometry: offset={storage_offset!r} '
+                         f'size={size!r} stride={stride!r}')
+  data = storage.data
+  if 0 in size:
+    return np.zeros(size, data.dtype)
+  last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
+  if last >= data.size:
+    raise TorchFileError(
+        f'tensor of size {size}, stride {stride}, offset {storage_offset} '
+        f'reads past its storage {storage.key!r} ({data.size} elements)')
+  item = data.dtype.itemsize
+  view = np.lib.stride_tricks.as_strided(
+      data[storage_offset:], shape=size,
+      strides=tuple(s * item for s in stride), writeable=False)
+  return np.array(view, copy=True)
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None,
+                       state=None):
+  """torch._utils._rebuild_parameter[_with_state]: the parameter's data."""
+  del requires_grad, backward_hooks, state
+  if not isinstance(data, np.ndarray):
+    raise TorchFileError('parameter without tensor data')
+  return data
+
+
+# Every global the pickle may name. Anything else is refused before it is
+# imported, so a crafted file cannot run code (os.system, eval, ...).
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor_v2,
+    ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
+    ('torch._utils', '_rebuild_parameter_with_state'): _rebuild_parameter,
+    ('collections', 'OrderedDict'): collections.OrderedDict,
+    ('torch', 'Size'): tuple,
+    # Plain containers that harmlessly appear in metadata of checkpoints.
+    ('builtins', 'set'): set,
+    ('builtins', 'frozenset'): frozenset,
+    ('builtins', 'slice'): slice,
+    ('builtins', 'complex'): complex,
+}
+_ALLOWED_GLOBALS.update({('torch', name): _StorageType(name, dtype)
+                         for name, dtype in _STORAGE_DTYPES.items()
+                         if dtype is not None})
+
+
+class _SafeUnpickler(pickle.Unpickler):
+  """Unpickles ``data.pkl`` of a torch zip archive with an allow-list."""
+
+  def __init__(self, data: bytes, archive: zipfile.ZipFile, root: str,
+               big_endian: bool):
+    super().__init__(io.BytesIO(data))
+    self._archive = archive
+    self._root = root
+    self._big_endian = big_endian
+    self._storages: dict[str, _Storage] = {}
+
+  def find_class(self, module: str, name: str):
+    try:
+      return _ALLOWED_GLOBALS[(module, name)]
+    except KeyError:
+      raise TorchFileError(
+          f'refusing to load: the file references the Python global '
+          f'{module}.{name}, which is not a tensor or plain container. Files '
+          f'holding pickled Python objects can run code when loaded; only '
+          f'tensors, dicts, lists and numbers are accepted. Save just the '
+          f'state dict (torch.save({{"state_dict": model.state_dict()}}, '
+          f'path)) to convert it.') from None
+
+  def persistent_load(self, pid):
+    if (not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != 'storage'
+        or not isinstance(pid[1], _StorageType) or not isinstance(pid[2], str)
+        or not _is_int(pid[4])):
+      raise TorchFileError(f'unsupported persistent id {pid!r:.200}')
+    _, storage_type, key, _location, numel = pid
+    if key in self._storages:
+      storage = self._storages[key]
+      if storage.data.dtype != storage_type.dtype:
+        # One storage viewed with two dtypes: not written by torch.save for
+        # state dicts; refuse rather than guess.
+        raise TorchFileError(f'storage {key!r} used with two dtypes')
+      return storage
+    name = f'{self._root}data/{key}'
+    try:
+      raw = self._archive.read(name)
+    except KeyError:
+      raise TorchFileError(f'missing storage record {name!r}') from None
+    dtype = storage_type.dtype
+    if numel < 0 or len(raw) < numel * dtype.itemsize:
+      raise TorchFileError(f'storage record {name!r} holds {len(raw)} bytes, '
+                           f'fewer than {numel} x {dtype}')
+    data = np.frombuffer(raw, dtype.newbyteorder('>' if self._big_endian
+                                                 else '<'), count=numel)
+    data = data.astype(dtype)  # native byte order, writable copy
+    storage = _Storage(key, data)
+    self._storages[key] = storage
+    return storage
+
+
+_LEGACY_HINT = (
+    'Re-save it in the zip format with torch >= 1.6, e.g. python -c "import '
+    'torch; torch.save(torch.load(\'OLD.pth\', weights_only=True), '
+    '\'NEW.pth\')", and convert NEW.pth.')
+
+
+def load_pth(path: str | os.PathLike) -> Any:
+  """Reads a torch >= 1.6 ``.pth`` (zip) file without torch.
+
+  Tensors come back as numpy arrays (contiguous copies in the stored dtype:
+  float32, float16, bfloat16, int64, ...); dicts, lists and numbers as Python
+  objects.
+
+  Args:
+    path: the file.
+
+  Returns:
+    The unpickled object.
+
+  Raises:
+    TorchFileError: the legacy (pre-1.6, non-zip) format, a file that is not a
+      torch archive, a malformed archive, or a pickle naming any global
+      outside the allow-list (the global is never imported or called).
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise TorchFileError(f'{path}: no such file')
+  if not zipfile.is_zipfile(path):
+    if tarfile.is_tarfile(path):
+      raise TorchFileError(
+          f'{path} is in the oldest (tar) torch serialization format, which '
+          f'is not supported. {_LEGACY_HINT}')
+    with open(path, 'rb') as f:
+      head = f.read(2)
+    if head[:1] == b'\x80':  # a pickle protocol marker: legacy torch.save
+      raise TorchFileError(
+          f'{path} is in the legacy (pre-1.6, non-zip) torch serialization '
+          f'format, which this reader refuses (it interleaves pickles and raw '
+          f'storages). {_LEGACY_HINT}')
+    raise TorchFileError(f'{path} is not a torch checkpoint (not a zip '
+                         f'archive)')
+  with zipfile.ZipFile(path) as archive:
+    pkl = [n for n in archive.namelist()
+           if n.endswith('/data.pkl') and n.count('/') == 1]
+    if len(pkl) != 1:
+      raise TorchFileError(f'{path}: expected one <archive>/data.pkl record, '
+                           f'found {pkl}')
+    root = pkl[0][:-len('data.pkl')]
+    byteorder = 'little'
+    if f'{root}byteorder' in archive.namelist():
+      byteorder = archive.read(f'{root}byteorder').decode().strip()
+    if byteorder not in ('little', 'big'):
+      raise TorchFileError(f'{path}: unknown byte order {byteorder!r}')
+    unpickler = _SafeUnpickler(archive.read(pkl[0]), archive, root,
+                               big_endian=byteorder == 'big')
+    try:
+      return unpickler.load()
+    except TorchFileError as e:
+      raise TorchFileError(f'{path}: {e}') from None
+    except Exception as e:  # any parser failure on untrusted bytes
+      raise TorchFileError(f'{path}: malformed pickle: '
+                           f'{type(e).__name__}: {e}') from e
+
+
+def state_dict_from(obj: Any) -> dict[str, np.ndarray]:
+  """The state dict inside a loaded checkpoint.
+
+  Args:
+    obj: what :func:`load_pth` returned: a dict with a ``state_dict`` (the
+      released files, Lightning), ``model``, ``model_state_dict`` or ``net``
+      entry, or a state dict itself.
+
+  Returns:
+    ``{key: array}``.
+
+  Raises:
+    ConversionError: no mapping of string keys to tensors is found.
+  """
+  if isinstance(obj, Mapping):
+    for name in ('state_dict', 'model_state_dict', 'model', 'net'):
+      if isinstance(obj.get(name), Mapping):
+        obj = obj[name]
+        break
+  if not isinstance(obj, Mapping) or not obj:
+    raise ConversionError('the file holds no state dict (expected a dict of '
+                          'tensors, or one under "state_dict")')
+  bad = [k for k, v in obj.items()
+         if not isinstance(k, str) or not isinstance(v, np.ndarray)]
+  if bad:
+    raise ConversionError(f'the state dict has non-tensor entries: '
+                          f'{_clip(map(str, bad))}')
+  return dict(obj)
+
+
+# ---------------------------------------------------------------------------
+# Key layouts
+# ---------------------------------------------------------------------------
+
+# Known torchvision-layout ResNets: (bottleneck?, blocks per stage, stem width).
+_ARCH_SIGNATURES = {
+    (False, (2, 2, 2, 2), 64): 'resnet18',
+    (False, (3, 4, 6, 3), 64): 'resnet34',
+    (True, (3, 4, 6, 3), 64): 'resnet50',
+    (True, (3, 4, 23, 3), 64): 'resnet101',
+    (True, (3, 8, 36, 3), 64): 'resnet152',
+    (False, (1, 1, 1, 1), 8): 'resnet_tiny',
+}
+_ALIASES = {'rn18': 'resnet18', 'rn34': 'resnet34', 'rn50': 'resnet50',
+            'rn101': 'resnet101', 'rn152': 'resnet152'}
+# The original training code's nn.Sequential encoder ("features").
+_SEQUENTIAL_NAMES = {'0': 'conv1', '1': 'bn1', '4': 'layer1', '5': 'layer2',
+                     '6': 'layer3', '7': 'layer4'}
+# zroot_ref.zroot_ref.<i>: Sequential(Linear, BN1d, LeakyReLU, Linear, BN1d,
+# LeakyReLU, Linear); the activations have no parameters.
+_ZROOT_NAMES = {'0': 'linear1', '1': 'bn1', '3': 'linear2', '4': 'bn2',
+                '6': 'linear3'}
+_ZROOT_PREFIX = 'zroot_ref.zroot_ref.'
+_KEYPOINT_RESNET_PREFIX = 'backend_model.'
+
+
+def _clip(items, limit: int = 40) -> str:
+  items = list(items)
+  text = ', '.join(items[:limit])
+  if len(items) > limit:
+    text += f', ... ({len(items) - limit} more)'
+  return text or '-'
+
+
+def _strip_module(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  while sd and all(k.startswith('module.') for k in sd):
+    sd = {k[len('module.'):]: v for k, v in sd.items()}
+  return sd
+
+
+def infer_kind(sd: Mapping[str, np.ndarray]) -> str:
+  """'keypoint' if the keys hold the z-root refiner, else 'backbone'."""
+  keys = _strip_module(dict(sd))
+  return ('keypoint' if any(k.startswith(_ZROOT_PREFIX) for k in keys)
+          else 'backbone')
+
+
+@dataclasses.dataclass
+class _Split:
+  """A state dict split into its ResNet (torchvision keys) and the rest."""
+  resnet: dict[str, np.ndarray]
+  rest: dict[str, np.ndarray]
+  prefix: str
+  sequential: bool
+
+
+def _split_resnet(sd: dict[str, np.ndarray]) -> _Split:
+  """Finds the torchvision ResNet in ``sd`` (see the module docstring)."""
+  if any(k.startswith(_ZROOT_PREFIX) for k in sd):
+    prefixes = [_KEYPOINT_RESNET_PREFIX]
+    seq = []
+  else:
+    prefixes = sorted({k[:-len('conv1.weight')] for k in sd
+                       if k.endswith('conv1.weight')
+                       and k[:-len('conv1.weight')] + 'layer1.0.conv1.weight'
+                       in sd}, key=len)
+    stem = 'features.0.weight'
+    seq = sorted({k[:-len(stem)] for k in sd if k.endswith(stem)
+                  and k[:-len(stem)] + 'features.4.0.conv1.weight' in sd},
+                 key=len)
+  if len(prefixes) + len(seq) != 1:
+    found = [repr(p) for p in prefixes] + [repr(p + 'features.') for p in seq]
+    what = 'several ResNets' if found else 'no torchvision ResNet'
+    raise ConversionError(
+        f'found {what} in the state dict (prefixes: {_clip(found)}; first '
+        f'keys: {_clip(list(sd)[:8])}). Expected keys like conv1.weight, '
+        f'layer1.0.conv1.weight (optionally under one prefix such as '
+        f'"encoder." or "backend_model.").')
+  sequential = bool(seq)
+  prefix = seq[0] if sequential else prefixes[0]
+  resnet, rest = {}, {}
+  for key, value in sd.items():
+    if not key.startswith(prefix):
+      rest[key] = value
+      continue
+    name = key[len(prefix):]
+    if sequential:
+      head, _, tail = name.partition('.')
+      idx, _, tail2 = tail.partition('.')
+      if head != 'features' or idx not in _SEQUENTIAL_NAMES:
+        rest[key] = value
+        continue
+      name = f'{_SEQUENTIAL_NAMES[idx]}.{tail2}'
+    resnet[name] = value
+  return _Split(resnet, rest, prefix + ('features.' if sequential else ''),
+                sequential)
+
+
+def _resnet_signature(resnet: Mapping[str, np.ndarray]):
+  bottleneck = any(k.startswith('layer1.0.conv3.') for k in resnet)
+  counts = tuple(
+      len({k.split('.')[1] for k in resnet if k.startswith(f'layer{i}.')})
+      for i in range(1, 5))
+  stem = resnet.get('conv1.weight')
+  width = int(stem.shape[0]) if stem is not None and stem.ndim == 4 else None
+  return bottleneck, counts, width
+
+
+def _describe(signature) -> str:
+  bottleneck, counts, width = signature
+  return (f'{"Bottleneck" if bottleneck else "BasicBlock"} blocks {counts}, '
+          f'stem width {width}')
+
+
+def infer_arch(sd: Mapping[str, np.ndarray]) -> str:
+  """The backbone name (resnet18 ... resnet152, resnet_tiny) from the keys.
+
+  Args:
+    sd: a state dict (any supported prefix).
+
+  Returns:
+    A name accepted by ``models.get_backbone``.
+
+  Raises:
+    ConversionError: no known ResNet has these stages.
+  """
+  split = _split_resnet(_strip_module(dict(sd)))
+  signature = _resnet_signature(split.resnet)
+  try:
+    return _ARCH_SIGNATURES[signature]
+  except KeyError:
+    raise ConversionError(
+        f'cannot tell the ResNet from its keys ({_describe(signature)}); '
+        f'pass --arch') from None
+
+
+def _canonical_arch(arch: str) -> str:
+  arch = _ALIASES.get(arch, arch)
+  if arch not in models.BACKBONES:
+    raise ValueError(f'arch={arch!r}; expected one of {models.BACKBONES} '
+                     f'(or {sorted(_ALIASES)})')
+  return arch
+
+
+# ---------------------------------------------------------------------------
+# Mapping torch keys onto the NNX state
+# ---------------------------------------------------------------------------
+
+# torch leaf -> NNX leaf; 'weight' is 'kernel' (conv/linear) or 'scale' (BN).
+_LEAVES = {'bias': 'bias', 'running_mean': 'mean', 'running_var': 'var'}
+
+
+def _module_path(dotted: str) -> tuple:
+  """'layer1.0.downsample.1' -> ('layer1', 0, 'downsample', 1)."""
+  return tuple(int(p) if p.isdigit() else p for p in dotted.split('.'))
+
+
+def _torch_shape(leaf: str, shape: tuple) -> tuple:
+  """The torch shape an NNX leaf of ``shape`` corresponds to."""
+  if leaf == 'kernel' and len(shape) == 4:
+    kh, kw, cin, cout = shape
+    return (cout, cin, kh, kw)
+  if leaf == 'kernel' and len(shape) == 2:
+    return (shape[1], shape[0])
+  return tuple(shape)
+
+
+def _to_nnx(leaf: str, value: np.ndarray) -> np.ndarray:
+  if leaf == 'kernel' and value.ndim == 4:
+    value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+  elif leaf == 'kernel' and value.ndim == 2:
+    value = value.T  # [out, in] -> [in, out]
+  return np.ascontiguousarray(value, np.float32)
+
+
+def _assign(entries: list[tuple[str, tuple, np.ndarray]],
+            template: dict[tuple, Any], *, target_name: str,
+            path_to_key: Callable[[tuple], str], hint: str = ''
+            ) -> dict[tuple, np.ndarray]:
+  """Fills ``template`` (flat NNX paths -> shapes) from torch entries.
+
+  Args:
+    entries: ``(torch key, NNX module path, array)`` per torch tensor.
+    template: flat ``{path: ShapeDtypeStruct}`` of the target model.
+    target_name: for messages.
+    path_to_key: NNX parameter path -> the torch key that should fill it (for
+      the list of missing keys).
+    hint: appended to the error message.
+
+  Returns:
+    Flat ``{path: float32 array}`` covering the whole template.
+
+  Raises:
+    ConversionError: listing missing, unexpected and mismatched keys.
+  """
+  filled: dict[tuple, np.ndarray] = {}
+  unexpected, mismatched = [], []
+  bn_modules = {p[:-1] for p in template if p[-1] == 'mean'}
+  for key, path, value in entries:
+    torch_leaf = key.rsplit('.', 1)[-1]
+    if torch_leaf == 'num_batches_tracked' and path in bn_modules:
+      continue  # a counter for momentum=None; no NNX counterpart
+    if torch_leaf == 'weight':
+      leaf = 'kernel' if path + ('kernel',) in template else 'scale'
+    else:
+      leaf = _LEAVES.get(torch_leaf)
+    target = path + (leaf,)
+    if leaf is None or target not in template:
+      unexpected.append(key)
+      continue
+    want = _torch_shape(leaf, tuple(template[target].shape))
+    if tuple(value.shape) != want:
+      mismatched.append((key, tuple(value.shape), want))
+      continue
+    filled[target] = _to_nnx(leaf, value)
+  missing = [path_to_key(p) for p in template if p not in filled]
+  if missing or unexpected or mismatched:
+    lines = [f'the state dict does not fit {target_name}:']
+    if hint:
+      lines.append(hint)
+    if missing:
+      lines.append(f'  missing keys ({len(missing)}): {_clip(missing)}')
+    if unexpected:
+      lines.append(f'  unexpected keys ({len(unexpected)}): '
+                   f'{_clip(unexpected)}')
+    if mismatched:
+      lines.append(f'  mismatched shapes ({len(mismatched)}): ' + _clip(
+          f'{k} {tuple(s)} (expected {tuple(w)})' for k, s, w in mismatched))
+    raise ConversionError('\n'.join(lines), missing, unexpected, mismatched)
+  return filled
+
+
+def _nnx_to_torch_key(prefix: str, path: tuple) -> str:
+  leaf = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias',
+          'mean': 'running_mean', 'var': 'running_var'}.get(path[-1],
+                                                            path[-1])
+  return prefix + '.'.join(str(p) for p in path[:-1] + (leaf,))
+
+
+def _flatten(tree, prefix=()) -> dict[tuple, Any]:
+  if isinstance(tree, Mapping):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flatten(v, prefix + (k,)))
+    return out
+  return {prefix: tree}
+
+
+def _unflatten(flat: Mapping[tuple, Any]) -> dict:
+  out: dict = {}
+  for path, value in flat.items():
+    node = out
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = value
+  return out
+
+
+@dataclasses.dataclass
+class ConversionReport:
+  """What a conversion did.
+
+  Attributes:
+    kind: 'backbone' or 'keypoint'.
+    arch: backbone name, e.g. 'resnet50'.
+    prefix: the prefix the ResNet's keys had ('' for the released backbones,
+      'backend_model.' for keypoint files).
+    ignored: torch keys deliberately dropped (classifier ``fc`` of a backbone,
+      keys outside the ResNet, the keypoint file's refiner when only its
+      backbone is converted).
+    dropped_outputs: rows of the released 64-output ``fc`` not used (1).
+  """
+  kind: str
+  arch: str
+  prefix: str
+  ignored: list[str]
+  dropped_outputs: int = 0
+
+
+def _build(kind: str, arch: str) -> nnx.Module:
+  rngs = nnx.Rngs(0)
+  if kind == 'backbone':
+    return models.get_backbone(arch, rngs=rngs)
+  return models.KeypointModel(arch, rngs=rngs, uv_units='pixels')
+
+
+def _convert(sd: Mapping[str, np.ndarray], kind: str | None,
+             arch: str | None) -> tuple[nnx.Module, dict, ConversionReport]:
+  """(abstract module, pure state dict of numpy arrays, report)."""
+  sd = _strip_module(dict(sd))
+  detected = infer_kind(sd)
+  kind = kind or detected
+  if kind not in ('backbone', 'keypoint'):
+    raise ValueError(f'kind={kind!r}; expected "backbone" or "keypoint"')
+  if kind == 'keypoint' and detected != 'keypoint':
+    raise ConversionError(
+        'kind="keypoint" needs a fine-tuned RN_25D_wMLPref state dict '
+        f'(backend_model.*, {_ZROOT_PREFIX}*), but this file has no '
+        f'{_ZROOT_PREFIX}* keys: it is a backbone; use kind="backbone".')
+  split = _split_resnet(sd)
+  signature = _resnet_signature(split.resnet)
+  inferred = _ARCH_SIGNATURES.get(signature)
+  if arch is None:
+    if inferred is None:
+      raise ConversionError(f'cannot tell the ResNet from its keys '
+                            f'({_describe(signature)}); pass arch')
+    arch = inferred
+  arch = _canonical_arch(arch)
+  hint = ''
+  if inferred != arch:
+    hint = (f'  (the keys look like {inferred or _describe(signature)}, not '
+            f'{arch}: check --arch)')
+
+  ignored = []
+  entries = []
+  head_rows_dropped = 0
+  backbone_path = () if kind == 'backbone' else ('backbone',)
+  for key, value in split.resnet.items():
+    if key.startswith('fc.'):
+      if kind == 'backbone':
+        ignored.append(split.prefix + key)  # the classifier / keypoint head
+        continue
+      if (key == 'fc.weight' and value.ndim == 2
+          and value.shape[0] == _NUM_KP_OUTPUTS + 1) or (
+              key == 'fc.bias' and value.ndim == 1
+              and value.shape[0] == _NUM_KP_OUTPUTS + 1):
+        # Output 64 is unused by the original model (out[:, :-1]).
+        value = value[:_NUM_KP_OUTPUTS]
+        head_rows_dropped = 1
+      path = ('keypoint_head', 'linear')
+    else:
+      path = backbone_path + _module_path(key.rsplit('.', 1)[0])
+    entries.append((split.prefix + key, path, value))
+  for key, value in split.rest.items():
+    if kind == 'keypoint' and key.startswith(_ZROOT_PREFIX):
+      idx, _, leaf = key[len(_ZROOT_PREFIX):].partition('.')
+      if idx in _ZROOT_NAMES:
+        entries.append((key, ('zroot_refiner', _ZROOT_NAMES[idx]), value))
+        continue
+    if kind == 'keypoint':
+      entries.append((key, ('<unmapped>',), value))  # reported unexpected
+    else:
+      ignored.append(key)
+
+  module = nnx.eval_shape(lambda: _build(kind, arch))
+  template = _flatten(nnx.to_pure_dict(nnx.state(module)))
+
+  def path_to_key(path):
+    if path[0] == 'zroot_refiner':
+      inverse = {v: k for k, v in _ZROOT_NAMES.items()}
+      return _nnx_to_torch_key(_ZROOT_PREFIX + inverse[path[1]] + '.',
+                               path[2:])
+    if path[0] == 'keypoint_head':
+      return _nnx_to_torch_key(split.prefix + 'fc.', path[2:])
+    return _nnx_to_torch_key(split.prefix, path[len(backbone_path):])
+
+  name = (f'{arch} backbone' if kind == 'backbone'
+          else f'KeypointModel({arch})')
+  filled = _assign(entries, template, target_name=name,
+                   path_to_key=path_to_key, hint=hint)
+  report = ConversionReport(kind, arch, split.prefix, ignored,
+                            head_rows_dropped)
+  return module, _unflatten(filled), report
+
+
+def convert_state_dict(sd: Mapping[str, np.ndarray], kind: str | None = None,
+                       arch: str | None = None) -> tuple[dict,
+                                                         ConversionReport]:
+  """Maps a torch state dict onto the NNX state of a backbone or KeypointModel.
+
+  Args:
+    sd: ``{key: array}`` (torch layouts).
+    kind: 'backbone' (a ``models.get_backbone(arch)``) or 'keypoint'
+      (``models.KeypointModel(arch, uv_units='pixels')``); None: 'keypoint'
+      when the keys hold the z-root refiner, else 'backbone'.
+    arch: backbone name or alias (rn50); None: inferred from the keys.
+
+  Returns:
+    (pure state dict for ``nnx.replace_by_pure_dict`` of the target module,
+    float32 numpy arrays; report).
+
+  Raises:
+    ConversionError: keys or shapes do not fit (lists them).
+  """
+  _, pure, report = _convert(sd, kind, arch)
+  return pure, report
+
+
+def _materialise(module: nnx.Module, pure: dict) -> nnx.Module:
+  """Loads ``pure`` into the abstract ``module`` and switches it to eval."""
+  state = nnx.state(module)
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
+  nnx.update(module, state)
+  module.eval()  # BatchNorm uses the converted running statistics
+  return module
+
+
+def load_backbone(path: str | os.PathLike, arch: str | None = None
+                  ) -> models.ResNet:
+  """A backbone with converted weights, in eval mode.
+
+  Args:
+    path: a ``.pth`` with a torchvision ResNet state dict (released PeCLR
+      backbones, any supported prefix) or a fine-tuned keypoint model (its
+      ``backend_model`` is taken).
+    arch: backbone name or alias; None: inferred from the keys.
+
+  Returns:
+    ``models.ResNet``: ``backbone(x [N, H, W, 3] float, ImageNet-normalised)
+    -> [N, num_features]`` pooled features.
+  """
+  module, pure, _ = _convert(state_dict_from(load_pth(path)), 'backbone',
+                             arch)
+  return _materialise(module, pure)
+
+
+def load_keypoint_model(path: str | os.PathLike, arch: str | None = None
+                        ) -> models.KeypointModel:
+  """A released fine-tuned model as a ``KeypointModel``, in eval mode.
+
+  Args:
+    path: ``rn50_peclr_yt3d-fh_pt_fh_ft.pth`` or ``rn152_...`` (an
+      RN_25D_wMLPref state dict).
+    arch: backbone name or alias; None: inferred from the keys.
+
+  Returns:
+    ``models.KeypointModel(arch, uv_units='pixels')``; call it on
+    ``[N, 224, 224, 3]`` ImageNet-normalised crops (and their K).
+  """
+  module, pure, _ = _convert(state_dict_from(load_pth(path)), 'keypoint',
+                             arch)
+  return _materialise(module, pure)
+
+
+def convert(path: str | os.PathLike, out_dir: str | os.PathLike,
+            kind: str | None = None, arch: str | None = None) -> dict:
+  """Converts a ``.pth`` into an orbax checkpoint under ``out_dir``.
+
+  Writes ``<out_dir>/checkpoints/0`` with the layout of
+  ``peclr_jax.checkpoints``: ``state = {'model': pure NNX state}``, ``meta``
+  and ``config``. For kind 'backbone' the model state is
+  ``{'backbone': ...}`` (fine-tuning's ``init=``); for 'keypoint' it is the
+  whole ``KeypointModel`` (evaluation, the Predictor; its backbone can also
+  initialise fine-tuning).
+
+  Args:
+    path: the ``.pth`` file.
+    out_dir: output directory (must not hold a checkpoint yet).
+    kind: 'backbone' | 'keypoint' | None (inferred from the keys).
+    arch: backbone name or alias | None (inferred from the keys).
+
+  Returns:
+    The meta dict written: ``kind``, ``backbone`` (e.g. 'resnet50'),
+    ``source`` (file name), ``key_prefix``, ``ignored_keys``, and for keypoint
+    models ``uv_units='pixels'``, ``input_size=224`` and
+    ``dropped_head_outputs`` (1 for the released 64-output head).
+
+  Raises:
+    TorchFileError: unreadable or unsafe file.
+    ConversionError: keys or shapes do not fit (lists them).
+    FileExistsError: ``out_dir`` already holds a checkpoint.
+  """
+  from peclr_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  path = os.fspath(path)
+  _, pure, report = _convert(state_dict_from(load_pth(path)), kind, arch)
+  meta = {'kind': report.kind, 'backbone': report.arch,
+          'source': os.path.basename(path), 'key_prefix': report.prefix,
+          'ignored_keys': list(report.ignored)}
+  if report.kind == 'keypoint':
+    meta.update(uv_units='pixels', input_size=KEYPOINT_INPUT_SIZE,
+                dropped_head_outputs=report.dropped_outputs)
+    model_state = pure
+  else:
+    model_state = {'backbone': pure}
+  manager = checkpoints.CheckpointManager(os.fspath(out_dir), max_to_keep=None,
+                                          async_save=False)
+  try:
+    if manager.latest_step() is not None:
+      raise FileExistsError(
+          f'{manager.directory} already holds a checkpoint; choose another '
+          f'output directory or delete it')
+    config = ml_collections.ConfigDict({
+        'converted_from': os.path.abspath(path), 'kind': report.kind,
+        'model': {'backbone': report.arch,
+                  'uv_units': meta.get('uv_units', '')}})
+    manager.save(0, {'model': model_state}, meta=meta, config=config)
+  finally:
+    manager.close()
+  return meta
