@@ -205,3 +205,110 @@ def make_runlocal(config: ml_collections.ConfigDict):
   config.checkpoint_every_steps = 2
   if "eval_batches" in config:
     config.eval_batches = 2
+
+
+#: Notebook sizes. Each is also the name of the synthetic_hands builder config
+#: it trains on (small: 64 px, 32/8/8 images; demo: 128 px, 4000/500/500;
+#: full: 224 px, 50000/2000/4000).
+SIZES = ("small", "demo", "full")
+
+
+def _synthetic_stage(config, size: str, data_dir: str, backbone: str, source_size: int):
+  use_synthetic(config, size)
+  config.data.data_dir = data_dir
+  config.data.source_size = source_size
+  config.model.backbone = backbone
+
+
+def demo_config(size: str = "demo", data_dir: str = "data/tfds",
+                labels: float = 0.1) -> ml_collections.ConfigDict:
+  """The demo: pre-train, fine-tune (pre-trained and from scratch), evaluate.
+
+  configs/demo.py is the "demo" size; the notebooks in colabs/ pick one (the
+  configs/ folder is not installed with the package, so they use this).
+
+  Sizes (runtimes on 2 CPU cores unless said otherwise):
+    small: resnet_tiny, 32 px views, 16 + 16 steps of 8 images: about a
+      minute, mostly compilation. Checks the whole pipeline, learns little.
+    demo: the settings of configs/demo.py (resnet_tiny, 64 px views, 300 +
+      300 steps): the `make demo` run.
+    full: ResNet-50, 128 px pre-training views and 224 px fine-tuning crops
+      as the paper, 5000 + 5000 steps: for a GPU or TPU runtime; not timed.
+
+  Args:
+    size: one of SIZES.
+    data_dir: TFDS data directory (the dataset is built there if missing).
+    labels: fraction of the training labels used for fine-tuning.
+
+  Returns:
+    A mode='demo' ConfigDict (so `main.run(config, workdir)` runs the whole
+    demo) whose `pretrain`, `finetune` and `evaluate` entries are complete
+    configs for `main.run`; `finetune.init` and `evaluate.checkpoint` are
+    left empty for the caller to point at the previous stage's workdir.
+  """
+  if size not in SIZES:
+    raise ValueError(f"size={size!r}; expected one of {SIZES}")
+  pre = pretrain_config()
+  ft = finetune_config()
+  ev = evaluate_config()
+  ev.write_submission = False
+
+  if size == "small":
+    for c in (pre, ft):
+      make_runlocal(c)  # resnet_tiny, 32 px views, batch 8
+      c.data.data_dir = data_dir
+      c.num_train_steps = 16
+      c.log_every_steps = 4
+      c.checkpoint_every_steps = 16
+    # The pre-training validation loss would compile a second program for
+    # a number nobody reads at this size.
+    pre.eval_every_steps = -1
+    ft.eval_every_steps = 16
+    ft.eval_batches = 1
+    ft.optim.base_lr = 1e-3
+    _synthetic_stage(ev, size, data_dir, "resnet_tiny", 64)
+    ev.crop_size = 32
+    ev.batch_size = 8
+  elif size == "demo":
+    for c in (pre, ft, ev):
+      _synthetic_stage(c, size, data_dir, "resnet_tiny", 96)
+    pre.augment.out_size = 64
+    pre.batch_size = 64
+    pre.grad_accum_steps = 1
+    pre.num_train_steps = 300
+    pre.optim.base_lr = 2e-4
+    pre.optim.warmup_epochs = 1.0
+    pre.log_every_steps = 25
+    pre.eval_every_steps = -1
+    pre.checkpoint_every_steps = 100
+    ft.augment.out_size = 64
+    ft.batch_size = 32
+    ft.num_train_steps = 300
+    ft.optim.base_lr = 1e-3
+    ft.log_every_steps = 25
+    ft.eval_every_steps = 100
+    ft.eval_batches = 4
+    ft.checkpoint_every_steps = 100
+    ev.crop_size = 64
+    ev.batch_size = 64
+  else:  # full
+    for c in (pre, ft, ev):
+      _synthetic_stage(c, size, data_dir, "resnet50", 224)
+    pre.batch_size = 128
+    pre.grad_accum_steps = 1
+    pre.num_train_steps = 5000
+    pre.optim.warmup_epochs = 1.0
+    pre.eval_every_steps = -1
+    ft.num_train_steps = 5000
+    ft.eval_every_steps = 1000
+    ft.eval_batches = 10
+    ft.checkpoint_every_steps = 1000
+    ev.batch_size = 64
+
+  ft.data.labels_fraction = labels
+  config = ml_collections.ConfigDict()
+  config.mode = "demo"
+  config.pretrain = pre
+  config.finetune = ft
+  config.evaluate = ev
+  return config
