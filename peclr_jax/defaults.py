@@ -173,16 +173,10 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return out
 
 
-BACKBONES = {"rn18": "resnet18", "rn34": "resnet34", "rn50": "resnet50",
-             "rn101": "resnet101", "rn152": "resnet152", "tiny": "resnet_tiny"}
-
-
 def backbone_name(short: str) -> str:
-  if short in BACKBONES.values():
-    return short
-  if short not in BACKBONES:
-    raise ValueError(f"backbone={short!r}; expected one of {sorted(BACKBONES)}")
-  return BACKBONES[short]
+  """'rn50' -> 'resnet50' (configs store the full name checkpoints record)."""
+  from peclr_jax.models import resnet  # pylint: disable=g-import-not-at-top
+  return resnet.canonical_name(short)
 
 
 def use_synthetic(config: ml_collections.ConfigDict, builder_config: str):
@@ -203,8 +197,7 @@ def make_runlocal(config: ml_collections.ConfigDict):
   config.log_every_steps = 1
   config.eval_every_steps = 4
   config.checkpoint_every_steps = 2
-  if "eval_batches" in config:
-    config.eval_batches = 2
+  config.eval_batches = 2
 
 
 #: Notebook sizes. Each is also the name of the synthetic_hands builder config

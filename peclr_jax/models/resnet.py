@@ -203,7 +203,16 @@ BACKBONES: tuple[str, ...] = tuple(_SPECS)
 
 # Short aliases used in configs of the public code ("rn50", "rn152").
 _ALIASES = {'rn18': 'resnet18', 'rn34': 'resnet34', 'rn50': 'resnet50',
-            'rn101': 'resnet101', 'rn152': 'resnet152'}
+            'rn101': 'resnet101', 'rn152': 'resnet152', 'tiny': 'resnet_tiny'}
+
+
+def canonical_name(name: str) -> str:
+  """'rn50' -> 'resnet50'; a full name is returned as is; else ValueError."""
+  name = _ALIASES.get(name, name)
+  if name not in _SPECS:
+    raise ValueError(f'Unknown backbone {name!r}; choose from {BACKBONES} '
+                     f'or the aliases {tuple(_ALIASES)}.')
+  return name
 
 
 def get_backbone(name: str, *, rngs: nnx.Rngs, dtype=jnp.float32) -> ResNet:
@@ -211,18 +220,15 @@ def get_backbone(name: str, *, rngs: nnx.Rngs, dtype=jnp.float32) -> ResNet:
 
   Args:
     name: one of ``BACKBONES`` (resnet18, resnet34, resnet50, resnet101,
-      resnet152, resnet_tiny) or an alias rn18..rn152.
+      resnet152, resnet_tiny) or an alias (rn18..rn152, tiny).
     rngs: parameter RNGs.
     dtype: compute dtype.
 
   Returns:
     A ``ResNet``; ``backbone(x [N, H, W, 3]) -> [N, backbone.num_features]``.
   """
-  name = _ALIASES.get(name, name)
+  block, layers, width = _SPECS[canonical_name(name)]
   dtype = jnp.dtype(dtype)
-  if name not in _SPECS:
-    raise ValueError(f'Unknown backbone {name!r}; choose from {BACKBONES}.')
-  block, layers, width = _SPECS[name]
   return ResNet(block, layers, width=width, rngs=rngs, dtype=dtype)
 
 
