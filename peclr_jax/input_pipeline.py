@@ -10,9 +10,12 @@ Pipelines (grain dataset API, every step deterministic for a seed):
   pre-training / fine-tuning, per source i:
     source -> [labels_fraction subset] -> tag (index, source id)
       -> shuffle (a new permutation every epoch) -> repeat
-      -> [process_index::process_count]        (disjoint per epoch)
     then: mix(sources, weights) -> decode + crop -> batch(global // processes)
+      -> [process_index::process_count] of the batches
       -> threads (ReadOptions) -> [processes (mp_prefetch)]
+    Process p takes local batch p of every group of process_count, so the
+    global batch is the same examples in the same order whatever the number
+    of processes (and each image gets the same on-device augmentation).
   evaluation:
     source -> padded, process-sharded index layout -> decode + crop -> batch
 
@@ -426,16 +429,15 @@ def _train_dataset(sources, *, global_batch, source_size, seed, weights,
                labelled_subset(len(src), labels_fraction, seed=labels_seed))
     ds = grain.MapDataset.source(_Tagged(src, i, indices))
     # Shuffle before repeat: a new permutation of the whole source per epoch.
-    # Then a stride over the endless stream: within every epoch window of N
-    # positions the processes read disjoint examples that together cover it.
     ds = ds.shuffle(seed=_source_seed(seed, i)).repeat()
-    parts.append(ds[p::n_proc])
+    parts.append(ds)
   ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
   ds = ds.map(_DecodeAndCrop(source_size, 'hand', crop_margin, fill))
   # Batch before going to threads/processes: each mp worker then makes whole
   # batches of the mixed stream (mp_prefetch slices the dataset right before
   # to_iter_dataset; slicing elements would give single-source batches).
-  return ds.batch(local_batch, drop_remainder=True), local_batch
+  ds = ds.batch(local_batch, drop_remainder=True)
+  return ds[p::n_proc], local_batch
 
 
 def _to_iter(ds: grain.MapDataset, num_threads: int, num_workers: int,
