@@ -10,10 +10,12 @@ Converted PyTorch weights use the same layout with only state['model'], so
 fine-tuning, evaluation and the Predictor read both the same way.
 """
 
+import contextlib
 import json
 import os
 from typing import Any
 
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -24,6 +26,15 @@ CHECKPOINT_SUBDIR = "checkpoints"
 
 class CheckpointError(ValueError):
   pass
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint step could not be written (disk full, I/O error, ...).
+
+  An OSError, as its cause. Orbax writes each step into a temporary
+  directory renamed into place only when complete, so the steps before the
+  failed one stay restorable.
+  """
 
 
 def checkpoint_dir(path: str) -> str:
@@ -44,7 +55,12 @@ def _abstract(tree):
 
 
 class CheckpointManager:
-  """Saves and restores whole training runs in `<workdir>/checkpoints`."""
+  """Saves and restores whole training runs in `<workdir>/checkpoints`.
+
+  Saves are asynchronous: a write that fails in the background (disk full)
+  is raised by the next `save`, `wait` or `close` as CheckpointWriteError
+  naming the step and the last complete one.
+  """
 
   def __init__(self, workdir: str, *, max_to_keep: int | None = 3,
                async_save: bool = True, read_only: bool = False):
@@ -54,10 +70,36 @@ class CheckpointManager:
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=not read_only,
             read_only=read_only,
+            # Temporary directories of saves cut short by a kill are never
+            # read; remove them (process 0 only) so they do not pile up.
+            cleanup_tmp_directories=not read_only,
             enable_async_checkpointing=async_save))
+    self._pending = None  # the step being written in the background
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  @contextlib.contextmanager
+  def _writing(self, step):
+    """Turns an OSError of the write of `step` into CheckpointWriteError."""
+    try:
+      yield
+    except OSError as e:
+      if isinstance(e, CheckpointWriteError):
+        raise
+      self._pending = None
+      where = self.directory if step is None else f"{self.directory}/{step}"
+      # What is on disk, not orbax's list, which may name the failed step.
+      done = _finished_steps(self.directory)
+      kept = (f"step {done[-1]} is intact" if done
+              else "no earlier step was written")
+      raise CheckpointWriteError(
+          e.errno, f"writing checkpoint {where} failed: {e.strerror or e}; "
+          f"{kept}. Fix the disk (space, permissions) and re-run the same "
+          "command to continue from there.") from e
 
   def save(self, step: int, state: dict, *, meta: dict, config=None,
            data_iter=None):
@@ -67,7 +109,11 @@ class CheckpointManager:
       items["config"] = ocp.args.JsonSave(json.loads(config.to_json_best_effort()))
     if data_iter is not None:
       items["data_iter"] = _grain_save(data_iter)
-    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    # Orbax first waits for the previous save: its failure surfaces here.
+    self.wait()
+    with self._writing(step):
+      self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self._pending = step
 
   def restore(self, step: int, state_template: dict, *, expect_meta: dict,
               data_iter=None) -> dict:
@@ -88,20 +134,22 @@ class CheckpointManager:
     return restored.state
 
   def wait(self):
-    self._manager.wait_until_finished()
+    with self._writing(self._pending):
+      self._manager.wait_until_finished()
+    self._pending = None
 
   def close(self):
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
 
 
 def _grain_save(it):
-  import grain  # pylint: disable=g-import-not-at-top
   return grain.checkpoint.CheckpointSave(it)
 
 
 def _grain_restore(it):
-  import grain  # pylint: disable=g-import-not-at-top
   return grain.checkpoint.CheckpointRestore(it)
 
 
@@ -118,6 +166,14 @@ def check_meta(meta: dict, expect: dict, where: str):
           f"{key}={want!r}. Use another --workdir, or set the config to match.")
 
 
+def _finished_steps(directory: str) -> list[int]:
+  """Steps renamed into place (orbax's temporary directories excluded)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory)
+                if _is_step_dir(os.path.join(directory, d)))
+
+
 def find_step(path: str) -> tuple[str, int]:
   """(steps directory, step) of the latest step under `path` (a workdir, its
   checkpoints directory, or one step directory)."""
@@ -127,8 +183,7 @@ def find_step(path: str) -> tuple[str, int]:
   directory = checkpoint_dir(path)
   if not os.path.isdir(directory):
     raise CheckpointError(f"No checkpoint directory at {path}")
-  steps = sorted(int(d) for d in os.listdir(directory)
-                 if _is_step_dir(os.path.join(directory, d)))
+  steps = _finished_steps(directory)
   if not steps:
     raise CheckpointError(f"{directory} holds no finished checkpoint step")
   return directory, steps[-1]

@@ -2,6 +2,17 @@
 
 Parses flags and hands the config to the mode's `train_and_evaluate` (or
 `run`); everything else lives in the modules named below.
+
+Exit status: 0 when done, and also when preempted (SIGTERM: the checkpoint
+is saved, re-running the same command continues); 1 with one `error: ...`
+line for a bad config, missing data, a workdir of another model, a failed
+checkpoint write or a diverged loss.
+
+Several processes (one per host, or several on one machine): run the same
+command in each with JAX_COORDINATOR_ADDRESS=<host of process 0>:<port>,
+JAX_NUM_PROCESSES=<n> and JAX_PROCESS_ID=<i> set (or PECLR_DISTRIBUTED=1 on a
+cluster JAX detects by itself: SLURM, Open MPI, Cloud TPU). On CPUs the
+cross-process collectives use gloo, JAX's default.
 """
 
 import os
@@ -14,6 +25,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from peclr_jax import defaults
+from peclr_jax import training
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -40,21 +52,48 @@ def run(config, workdir: str):
   return demo.run(config, workdir)
 
 
+def initialize_distributed():
+  """`jax.distributed.initialize`, with explicit settings from the environment.
+
+  JAX reads JAX_COORDINATOR_ADDRESS itself but not the number of processes
+  or this process's id; without them it can only auto-detect a cluster
+  (SLURM, Open MPI, Cloud TPU, ...) and fails on a plain set of machines. So
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID are passed when set, else left to JAX.
+  """
+  def env_int(name):
+    value = os.environ.get(name)
+    if value in (None, ""):
+      return None
+    try:
+      return int(value)
+    except ValueError:
+      raise ValueError(f"{name}={value!r} is not an integer") from None
+
+  jax.distributed.initialize(num_processes=env_int("JAX_NUM_PROCESSES"),
+                             process_id=env_int("JAX_PROCESS_ID"))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   # TFDS and orbax log every file they touch at INFO; keep the console for
   # progress bars and summaries (orbax also warns at every read-only open).
   logging.set_verbosity(logging.ERROR)
-  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get(
-      "PECLR_DISTRIBUTED"):
-    # Multi-host: every process runs this same command.
-    jax.distributed.initialize()
   try:
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get(
+        "PECLR_DISTRIBUTED"):
+      # Multi-host: every process runs this same command.
+      initialize_distributed()
     run(FLAGS.config, FLAGS.workdir)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
-    # Bad config, missing data, a foreign checkpoint, a diverged loss: one
-    # clear message rather than a traceback through the libraries.
+  except training.Preempted as e:
+    # SIGTERM: the checkpoint is saved; a scheduler that re-runs the same
+    # command continues, so this is a success, not a failure.
+    print(e, flush=True)
+    sys.exit(0)
+  except (ValueError, OSError, FloatingPointError) as e:
+    # Bad config, missing data, a foreign checkpoint (CheckpointError), a
+    # failed checkpoint write (CheckpointWriteError, an OSError), a diverged
+    # loss: one clear message rather than a traceback through the libraries.
     if os.environ.get("PECLR_TRACEBACK"):
       raise
     print(f"error: {e}\n(set PECLR_TRACEBACK=1 for the traceback)",

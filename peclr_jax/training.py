@@ -9,9 +9,12 @@ and implemented on jit + shard_map), and the same code runs on one CPU, a
 multi-GPU host or a multi-host TPU pod after `jax.distributed.initialize()`.
 """
 
+import contextlib
 import json
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any, Mapping
 
@@ -20,7 +23,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
+from peclr_jax import checkpoints
 
 DATA_AXIS = "data"
 
@@ -40,7 +49,24 @@ def make_mesh(devices=None) -> jax.sharding.Mesh:
 
 
 def replicate(tree, mesh):
-  return jax.device_put(tree, NamedSharding(mesh, P()))
+  """Puts identical host (or single-device) values on every device of mesh.
+
+  With several processes, `device_put` refuses a sharding that spans other
+  processes' devices; each process then builds the global array from its
+  own copy (all copies are equal: same seed, or the same checkpoint).
+  """
+  sharding = NamedSharding(mesh, P())
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def put(x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      data = put(jax.random.key_data(x))
+      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
+
+  return jax.tree.map(put, tree)
 
 
 def shard_batch(batch: Mapping[str, np.ndarray], mesh) -> dict[str, jax.Array]:
@@ -119,17 +145,29 @@ class MetricWriter:
 
   TensorBoard files are written by tensorboardX, which needs no TensorFlow.
   Only process 0 writes.
+
+  Args:
+    workdir: where metrics.jsonl and tensorboard/ go.
+    enabled: write at all (default: on process 0 only).
+    resume_step: the step a resumed run restarts after. Rows logged after it
+      by an interrupted run are about to be redone, so they are dropped (and
+      TensorBoard is told to purge them) and the log reads as one run.
   """
 
-  def __init__(self, workdir: str, enabled: bool | None = None):
+  def __init__(self, workdir: str, enabled: bool | None = None,
+               resume_step: int | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._jsonl = None
     self._tb = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      path = os.path.join(workdir, "metrics.jsonl")
+      if resume_step is not None:
+        truncate_metrics(path, resume_step)
+      self._jsonl = open(path, "a")
+      self._tb = SummaryWriter(
+          os.path.join(workdir, "tensorboard"),
+          purge_step=None if resume_step is None else resume_step + 1)
 
   def write(self, step: int, metrics: Mapping[str, Any]):
     if not self.enabled:
@@ -147,15 +185,118 @@ class MetricWriter:
       self._tb.close()
 
 
+def _parse_rows(lines):
+  """Parsed JSON rows; a torn last line (the process was killed while
+  writing it) is skipped, a bad line elsewhere is an error."""
+  rows = []
+  lines = [line for line in lines if line.strip()]
+  for i, line in enumerate(lines):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i != len(lines) - 1:
+        raise
+  return rows
+
+
+def truncate_metrics(path: str, step: int):
+  """Keeps the rows of metrics.jsonl with row['step'] <= step.
+
+  Rewritten through a temporary file and an atomic rename, so a kill during
+  the rewrite leaves the old log, never a half one.
+  """
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  rows = _parse_rows(lines)
+  kept = [r for r in rows if r.get("step", 0) <= step]
+  if len(kept) == len(lines):
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in kept)
+  os.replace(tmp, path)
+
+
 def read_metrics(workdir: str) -> list[dict]:
   """The metrics.jsonl rows of a run, in order."""
   path = os.path.join(workdir, "metrics.jsonl")
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    return _parse_rows(f.readlines())
 
 
 class NonFiniteLossError(FloatingPointError):
   pass
+
+
+class Preempted(Exception):
+  """Training stopped on SIGTERM after saving a checkpoint of `step`.
+
+  An exception rather than a normal return, so that callers running several
+  phases (the demo: pre-train, then fine-tune) stop too instead of starting
+  the next phase on a machine that is going away; main exits 0 on it.
+  """
+
+  def __init__(self, step: int, directory: str):
+    super().__init__(
+        f"Preempted at step {step}: checkpoint saved in {directory}; re-run "
+        "the same command to continue.")
+    self.step = step
+    self.directory = directory
+
+
+class _PreemptionWatch:
+  """Whether a SIGTERM (the usual preemption notice) has arrived.
+
+  One process: a SIGTERM handler that only sets a flag (the loop saves at the
+  end of the step; dying mid-step would lose the steps since the last
+  checkpoint). Several processes: they must all stop after the same step, or
+  the ones still training wait forever in the next step's collectives, so
+  JAX's preemption sync manager is asked instead: `jax.distributed.initialize`
+  installs its own SIGTERM listener, which agrees on a step across processes.
+  """
+
+  def __init__(self):
+    self._signalled = False
+    self._previous = None
+    self._installed = False
+    self._distributed = jax.distributed.is_initialized()
+
+  def __enter__(self):
+    # signal.signal only works in the main thread (fit may run in another,
+    # e.g. under a notebook kernel); there, preemption is not handled.
+    if (not self._distributed
+        and threading.current_thread() is threading.main_thread()):
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+      self._installed = True
+    return self
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    self._signalled = True
+
+  @property
+  def signalled(self) -> bool:
+    """One process: a SIGTERM has arrived (any time, e.g. after the loop)."""
+    return self._signalled
+
+  def reached(self, step: int) -> bool:
+    """Must be called after every step, on every process."""
+    if self._distributed:
+      try:
+        return multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError:  # jax_enable_preemption_service is off
+        return False
+    return self._signalled
+
+  def __exit__(self, *exc):
+    if self._installed:
+      # None: the previous handler was not set from Python; the default.
+      signal.signal(signal.SIGTERM,
+                    signal.SIG_DFL if self._previous is None
+                    else self._previous)
+    return False
 
 
 def check_finite(step: int, metrics: Mapping[str, float], name="train_loss"):
@@ -184,7 +325,6 @@ def make_train_step(graphdef, loss_fn):
   `state` is `nnx.state((model, optimizer))` and is donated. The step's
   randomness is `fold_in(rng, step)`, so a resumed run draws the same views.
   """
-  from flax import nnx  # pylint: disable=g-import-not-at-top
 
   def train_step(state, batch, rng, step):
     model, optimizer = nnx.merge(graphdef, state)
@@ -199,7 +339,6 @@ def make_train_step(graphdef, loss_fn):
 
 
 def _pure(tree):
-  from flax import nnx  # pylint: disable=g-import-not-at-top
   return nnx.to_pure_dict(tree)
 
 
@@ -222,10 +361,16 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, mesh, model, tx,
       config.eval_every_steps and at the end, on the host.
     best_metric: (name, 'min'|'max'): keep the best evaluated checkpoint in
       `<workdir>/best` as well.
+
+  Returns:
+    (trained model, last logged metrics).
+
+  Raises:
+    Preempted: on SIGTERM, once the checkpoint of the current step is saved.
+    NonFiniteLossError: on a NaN/inf training loss.
+    checkpoints.CheckpointWriteError: a checkpoint could not be written; the
+      previous one is left intact.
   """
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  from peclr_jax import checkpoints  # pylint: disable=g-import-not-at-top
 
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   graphdef, state = nnx.split((model, optimizer))
@@ -246,22 +391,26 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, mesh, model, tx,
   state, rng = replicate((state, rng), mesh)
 
   train_step = make_train_step(graphdef, loss_fn)
+  last_saved = start
 
   def save(step):
+    nonlocal last_saved
     host = jax.device_get(state)
     manager.save(step, {"model": _pure(host[0]), "opt": _pure(host[1]),
                         "rng": np.asarray(jax.random.key_data(rng))},
                  meta=meta, config=config, data_iter=train_iter)
+    last_saved = step
 
   def current_model():
     return nnx.merge(graphdef, state)[0]
 
-  writer = MetricWriter(workdir)
+  # Steps after `start` logged by an interrupted run are about to be redone.
+  writer = MetricWriter(workdir, resume_step=start)
+  best_dir = os.path.join(workdir, "best")
   best_manager = best_value = None
   if best_metric is not None and evaluate is not None:
-    best_manager = checkpoints.CheckpointManager(
-        os.path.join(workdir, "best"), max_to_keep=1)
-    best_value = _read_best(workdir)
+    best_manager = checkpoints.CheckpointManager(best_dir, max_to_keep=1)
+    best_value = _read_best(best_dir, best_metric[0])
 
   def run_evaluation(step):
     nonlocal best_value
@@ -273,60 +422,81 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, mesh, model, tx,
     value = float(metrics[name])
     better = best_value is None or (
         value < best_value if mode == "min" else value > best_value)
-    if better:
+    # A resumed run re-evaluates steps whose best checkpoint the interrupted
+    # run already saved (orbax refuses to save a step twice).
+    if better and step not in best_manager.all_steps():
       best_value = value
       host = jax.device_get(state)
       best_manager.save(step, {"model": _pure(host[0])},
                         meta={**meta, name: value}, config=config)
-      _write_best(workdir, step, name, value)
+      # best.json only names a checkpoint that is complete on disk.
+      best_manager.wait()
+      if jax.process_index() == 0:
+        _write_best(best_dir, step, name, value)
     return metrics
 
   last_metrics = {}
-  try:
-    with jax.set_mesh(mesh):
-      bar = tqdm(total=num_steps, initial=start, desc=desc, unit="step",
-                 dynamic_ncols=True, disable=jax.process_index() != 0)
-      t0, steps_since = time.perf_counter(), 0
-      for step in range(start + 1, num_steps + 1):
-        batch = shard_batch(next(train_iter), mesh)
-        state, metrics = train_step(state, batch, rng, jnp.int32(step))
-        steps_since += 1
-        bar.update(1)
-        is_last = step == num_steps
-        if step % config.log_every_steps == 0 or is_last:
-          metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          check_finite(step, metrics)
-          elapsed = time.perf_counter() - t0
-          metrics["train_steps_per_sec"] = steps_since / max(elapsed, 1e-9)
-          t0, steps_since = time.perf_counter(), 0
-          writer.write(step, metrics)
-          bar.set_postfix(loss=f"{metrics['train_loss']:.4f}")
-          last_metrics = metrics
-        if evaluate is not None and (is_last or (
-            config.eval_every_steps > 0
-            and step % config.eval_every_steps == 0)):
-          last_metrics = {**last_metrics, **run_evaluation(step)}
-        if is_last or step % config.checkpoint_every_steps == 0:
-          save(step)
-      bar.close()
-  finally:
-    # Also on errors: finish the checkpoints already started, so the latest
-    # one on disk is complete.
-    manager.close()
+  with contextlib.ExitStack() as cleanup:
+    # Unwound in reverse order, also on errors, each step even if another
+    # fails: the checkpoint saves already started are finished (so the latest
+    # one on disk is complete) while the SIGTERM handler is still ours, then
+    # the previous handler is put back.
+    cleanup.callback(writer.close)
+    preemption = cleanup.enter_context(_PreemptionWatch())
     if best_manager is not None:
-      best_manager.close()
-    writer.close()
+      cleanup.callback(best_manager.close)
+    cleanup.callback(manager.close)
+    cleanup.enter_context(jax.set_mesh(mesh))
+    bar = tqdm(total=num_steps, initial=start, desc=desc, unit="step",
+               dynamic_ncols=True, disable=jax.process_index() != 0)
+    # Closed first, also on errors: an open bar is redrawn at exit, after
+    # the error message.
+    cleanup.callback(bar.close)
+    t0, steps_since = time.perf_counter(), 0
+    for step in range(start + 1, num_steps + 1):
+      batch = shard_batch(next(train_iter), mesh)
+      state, metrics = train_step(state, batch, rng, jnp.int32(step))
+      steps_since += 1
+      bar.update(1)
+      is_last = step == num_steps
+      if step % config.log_every_steps == 0 or is_last:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        check_finite(step, metrics)
+        elapsed = time.perf_counter() - t0
+        metrics["train_steps_per_sec"] = steps_since / max(elapsed, 1e-9)
+        t0, steps_since = time.perf_counter(), 0
+        writer.write(step, metrics)
+        bar.set_postfix(loss=f"{metrics['train_loss']:.4f}")
+        last_metrics = metrics
+      if evaluate is not None and (is_last or (
+          config.eval_every_steps > 0
+          and step % config.eval_every_steps == 0)):
+        last_metrics = {**last_metrics, **run_evaluation(step)}
+      if is_last or step % config.checkpoint_every_steps == 0:
+        save(step)
+      # Every step on every process (the multi-process sync point needs it).
+      # Also at the last step: the run is complete, but a caller with more
+      # phases must still stop.
+      if preemption.reached(step):
+        if last_saved != step:
+          save(step)
+        manager.wait()
+        raise Preempted(step, manager.directory)
+    manager.wait()
+    if preemption.signalled:  # while the last checkpoint was being written
+      raise Preempted(num_steps, manager.directory)
   return current_model(), last_metrics
 
 
-def _read_best(workdir):
-  path = os.path.join(workdir, "best", "best.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)["value"]
-  return None
+def _read_best(best_dir, name):
+  """The best value so far: from the best checkpoint itself (its meta), which
+  is the truth even if the process died before best.json was written."""
+  try:
+    return float(checkpoints.read_meta(best_dir)[name])
+  except (checkpoints.CheckpointError, KeyError):
+    return None
 
 
-def _write_best(workdir, step, name, value):
-  with open(os.path.join(workdir, "best", "best.json"), "w") as f:
+def _write_best(best_dir, step, name, value):
+  with open(os.path.join(best_dir, "best.json"), "w") as f:
     json.dump({"step": step, "metric": name, "value": value}, f)

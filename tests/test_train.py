@@ -1,7 +1,6 @@
 """Training runs: resume exactness, backbone hand-off, data parallelism, CLI."""
 
 import glob
-import json
 import os
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from peclr_jax import input_pipeline
 from peclr_jax import main as main_lib
 from peclr_jax import pretrain
 from peclr_jax import training
+from iterator_hooks import HookedIterator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
@@ -47,28 +47,15 @@ def losses_of(workdir):
   return [r["train_loss"] for r in rows]
 
 
-class _CrashAfter:
-  """A data iterator that dies after `n` batches, like a crashed job."""
+def crash_after(n):
+  """on_batch hook: the job dies when batch n+1 is requested."""
 
-  def __init__(self, iterator, n):
-    self._it, self._left = iterator, n
-
-  def __next__(self):
-    if self._left == 0:
+  def on_batch(count, batch):
+    del batch
+    if count > n:
       raise RuntimeError("simulated crash")
-    self._left -= 1
-    return next(self._it)
 
-  # grain's checkpoint handler exchanges JSON bytes with iterators that are
-  # not its own DatasetIterator.
-  def get_state(self):
-    return json.dumps(self._it.get_state()).encode()
-
-  def set_state(self, state):
-    self._it.set_state(json.loads(state))
-
-  def start_prefetch(self):
-    pass
+  return on_batch
 
 
 def test_resume_continues_exactly(synthetic_data_dir, tmp_path, monkeypatch):
@@ -77,7 +64,7 @@ def test_resume_continues_exactly(synthetic_data_dir, tmp_path, monkeypatch):
   real = input_pipeline.make_pretrain_iterator
   with monkeypatch.context() as m:
     m.setattr(input_pipeline, "make_pretrain_iterator",
-              lambda *a, **k: _CrashAfter(real(*a, **k), 2))
+              lambda *a, **k: HookedIterator(real(*a, **k), crash_after(2)))
     with pytest.raises(RuntimeError, match="simulated crash"):
       pretrain.train_and_evaluate(config, interrupted)
   manager = checkpoints.CheckpointManager(interrupted, read_only=True)

@@ -1,0 +1,631 @@
+"""Faults a long training job meets: kill -9, preemption, several processes,
+bad input, a failing disk. Each test states the behaviour RELIABILITY.md
+promises and would fail without it.
+
+Real processes are killed here (the command users run, `python -m
+peclr_jax.main`); the uninterrupted reference runs in this process, first.
+Subprocesses inherit this process's XLA_FLAGS (the suite runs with 4 CPU
+devices), so they run the same compiled program, taken from the session's
+compilation cache, and parameters must agree bitwise. (A 1-device mesh in a
+4-device process was seen to differ from a 1-device process in the last
+bits.) The pre-training runs have the length of tests/test_train.py's, so the
+suite compiles that program once.
+"""
+
+import errno
+import hashlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from ml_collections import config_flags
+
+from peclr_jax import checkpoints
+from peclr_jax import finetune
+from peclr_jax import input_pipeline
+from peclr_jax import main as main_lib
+from peclr_jax import pretrain
+from peclr_jax import training
+from iterator_hooks import HookedIterator
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(REPO, "tests")
+CONFIGS = {"pretrain": "peclr.py", "finetune": "finetune_freihand.py"}
+# Row fields that differ between two runs of the same computation.
+TIMING = ("time", "train_steps_per_sec")
+# Every pre-training run here (and tests/test_train.py's resume test) has
+# this many steps: the schedule is compiled into the step, so one length
+# means one compilation per session, shared through the compilation cache.
+PRETRAIN_STEPS = 4
+
+
+# ------------------------------------------------------------------ helpers --
+
+def make_config(mode, overrides):
+  name = CONFIGS[mode]
+  module = config_flags.config_flags._LoadConfigModule(
+      name, os.path.join(REPO, "configs", name))
+  config = module.get_config("runlocal")
+  config.update_from_flattened_dict(overrides)
+  config.lock()
+  return config
+
+
+def cli_args(mode, workdir, overrides):
+  return [f"--config=configs/{CONFIGS[mode]}:runlocal", f"--workdir={workdir}",
+          *(f"--config.{k}={v}" for k, v in overrides.items())]
+
+
+def subprocess_env(**extra):
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  # Reuse the session's compiled programs; also the small ones (model init),
+  # which dominate a subprocess's start-up otherwise.
+  env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+  env.update(extra)
+  return env
+
+
+def launch(args, log_path, *, entry="main", entry_args=(), env=None):
+  """Starts `python -m peclr_jax.main args` (entry='main') or the same behind
+  one of this module's test entries (`_entry`); output goes to log_path."""
+  if entry == "main":
+    cmd = [sys.executable, "-m", "peclr_jax.main", *args]
+  else:
+    code = (f"import sys; sys.path.insert(0, {TESTS!r}); "
+            "import test_reliability; test_reliability._entry()")
+    cmd = [sys.executable, "-c", code, entry, *entry_args, *args]
+  log = open(log_path, "w")
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env or subprocess_env(),
+                          stdout=log, stderr=subprocess.STDOUT)
+  log.close()
+  return proc
+
+
+def finish(proc, log_path, timeout=600):
+  try:
+    rc = proc.wait(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    raise
+  with open(log_path) as f:
+    return rc, f.read()
+
+
+def logged_steps(workdir):
+  try:
+    return [r["step"] for r in training.read_metrics(workdir)
+            if "train_loss" in r]
+  except (FileNotFoundError, json.JSONDecodeError):
+    return []
+
+
+def wait_for_step(workdir, step, procs, timeout=300):
+  """Returns once metrics.jsonl has a training row of `step` or later."""
+  end = time.monotonic() + timeout
+  while time.monotonic() < end:
+    if any(s >= step for s in logged_steps(workdir)):
+      return
+    if any(p.poll() is not None for p in procs):
+      raise AssertionError(f"a process ended before step {step}")
+    time.sleep(0.02)
+  raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def load_state(workdir):
+  """(step, everything in state: model, opt, rng) of the latest finished step,
+  read with no template: every array on disk is read back."""
+  directory, step = checkpoints.find_step(workdir)
+  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      read_only=True, create=False)) as mgr:
+    restored = mgr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))
+  return step, restored.state
+
+
+def assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a),
+                          jax.tree.leaves(b)):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and np.array_equal(x, y), (
+        f"{jax.tree_util.keystr(path)} differs")
+
+
+def rows(workdir):
+  return [{k: v for k, v in r.items() if k not in TIMING}
+          for r in training.read_metrics(workdir)]
+
+
+def tmp_dirs(workdir):
+  directory = os.path.join(workdir, "checkpoints")
+  return [d for d in os.listdir(directory) if "orbax-checkpoint-tmp" in d]
+
+
+def image_hashes(batch):
+  return [hashlib.sha1(np.ascontiguousarray(im).tobytes()).hexdigest()
+          for im in batch["image"]]
+
+
+# ------------------------------------------- entries run in subprocesses --
+
+def _entry():
+  """`python -c ... <entry> <entry arg> <main flags>`: main with a fault or a
+  probe added (the functions below)."""
+  entry, arg = sys.argv.pop(1), sys.argv.pop(1)
+  {"kill_in_save": _kill_while_saving, "sigterm_at": _sigterm_at,
+   "record_batches": _record_batches}[entry](arg)
+  from absl import app  # pylint: disable=g-import-not-at-top
+  sys.argv[0] = "peclr_jax.main"
+  app.run(main_lib.main)
+
+
+def _kill_while_saving(step):
+  """SIGKILLs this process while checkpoint `step` is being saved: its
+  temporary directory is complete (even commit_success.txt is in it) but not
+  yet renamed into place, the last moment a kill can cut a save."""
+  # Private orbax module: if it moves, the process is not killed and the
+  # test fails on the exit status rather than passing vacuously.
+  from orbax.checkpoint._src.path import atomicity  # pylint: disable=g-import-not-at-top
+  original = atomicity.AtomicRenameTemporaryPath.finalize
+
+  async def finalize(self):
+    final = self.get_final()
+    if final.parent.name == "checkpoints" and final.name == step:
+      os.kill(os.getpid(), signal.SIGKILL)
+    return await original(self)
+
+  atomicity.AtomicRenameTemporaryPath.finalize = finalize
+
+
+def _wrap_iterator(on_batch):
+  real = input_pipeline.make_pretrain_iterator
+  input_pipeline.make_pretrain_iterator = (
+      lambda *a, **k: HookedIterator(real(*a, **k), on_batch))
+
+
+def _sigterm_at(step):
+  """Sends this process SIGTERM while it trains step `step` (the n-th batch
+  of this run counts from the restored step)."""
+  def on_batch(count, batch):
+    start = int(os.environ.get("RESTORED_STEP", "0"))
+    if start + count == int(step):
+      os.kill(os.getpid(), signal.SIGTERM)
+  _wrap_iterator(on_batch)
+
+
+def _record_batches(prefix):
+  """Appends each local batch's image hashes to <prefix>.p<process>.jsonl;
+  waits $PACE_SECONDS a batch (so that a SIGTERM lands before the end)."""
+  pace = float(os.environ.get("PACE_SECONDS", "0"))
+  def on_batch(count, batch):
+    with open(f"{prefix}.p{jax.process_index()}.jsonl", "a") as f:
+      f.write(json.dumps(image_hashes(batch)) + "\n")
+    time.sleep(pace)
+  _wrap_iterator(on_batch)
+
+
+# ----------------------------------------------- kill -9 and preemption --
+
+def test_pretrain_killed_then_preempted_resumes_exactly(synthetic_data_dir,
+                                                        tmp_path, capsys):
+  """kill -9 while a checkpoint is being saved; the re-run is preempted
+  (SIGTERM); the next re-run finishes. Same parameters, bit for bit, and the
+  same metrics log as an uninterrupted run."""
+  if threading.current_thread() is not threading.main_thread():
+    pytest.skip("signal handlers are set in the main thread only")
+  steps = PRETRAIN_STEPS
+  rng = random.Random(20261120)
+  kill_step = rng.randint(1, steps - 2)  # 1: before any checkpoint exists
+  term_step = rng.randint(kill_step + 1, steps - 1)
+  overrides = {"data.data_dir": synthetic_data_dir, "num_train_steps": steps,
+               "checkpoint_every_steps": 1, "eval_every_steps": -1}
+  config = make_config("pretrain", overrides)
+  work, straight = tmp_path / "work", tmp_path / "straight"
+  # The uninterrupted reference first: it compiles what the others reuse.
+  pretrain.train_and_evaluate(config, str(straight))
+  args = cli_args("pretrain", work, overrides)
+
+  rc, log = finish(launch(args, tmp_path / "a.log", entry="kill_in_save",
+                          entry_args=[str(kill_step)]), tmp_path / "a.log")
+  assert rc == -signal.SIGKILL, log[-3000:]
+  # The cut save is a temporary directory that nothing reads; the step
+  # before it is complete: every array reads back.
+  assert any(d.startswith(f"{kill_step}.") for d in tmp_dirs(work))
+  restored = kill_step - 1
+  if restored:
+    assert load_state(work)[0] == restored
+    assert checkpoints.read_meta(work)["kind"] == "pretrain"
+  else:
+    with pytest.raises(checkpoints.CheckpointError, match="no finished"):
+      checkpoints.find_step(work)
+  # Saves are asynchronous: the next step may have run (and been logged)
+  # before the kill.
+  assert logged_steps(work)[:kill_step] == list(range(1, kill_step + 1))
+
+  # Re-run the same command: it continues, and stops cleanly on SIGTERM.
+  rc, log = finish(launch(args, tmp_path / "b.log", entry="sigterm_at",
+                          entry_args=[str(term_step)],
+                          env=subprocess_env(RESTORED_STEP=str(restored))),
+                   tmp_path / "b.log")
+  assert rc == 0, log[-3000:]
+  assert (f"Resumed from {work}/checkpoints/{restored}." in log) == bool(
+      restored)
+  assert (f"Preempted at step {term_step}: checkpoint saved in "
+          f"{work}/checkpoints; re-run the same command to continue.") in log
+  assert not tmp_dirs(work)  # the cut save's directory, removed on start
+  assert load_state(work)[0] == term_step
+  assert logged_steps(work) == list(range(1, term_step + 1))
+
+  # Re-run again (in-process: the same code as the command, one interpreter
+  # start less), with a SIGTERM handler of the caller's that fit must put
+  # back when it ends.
+  def callers_handler(*args):
+    del args
+  previous = signal.signal(signal.SIGTERM, callers_handler)
+  try:
+    capsys.readouterr()
+    pretrain.train_and_evaluate(config, str(work))
+    assert signal.getsignal(signal.SIGTERM) is callers_handler
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  assert f"Resumed from {work}/checkpoints/{term_step}." in (
+      capsys.readouterr().out)
+  (step_a, state_a), (step_b, state_b) = load_state(work), load_state(straight)
+  assert step_a == step_b == steps
+  assert_trees_equal(state_a, state_b)
+  # The redone steps are logged once: the log reads as one run.
+  assert logged_steps(work) == list(range(1, steps + 1))
+  assert rows(work) == rows(straight)
+
+
+def test_finetune_killed_at_random_step_resumes_exactly(synthetic_data_dir,
+                                                        tmp_path, capsys):
+  rng = random.Random(7)
+  steps = 6
+  # From step 3 on, a finished checkpoint exists whatever the timing: the
+  # save of step k - 2 completed before the save of k - 1 started.
+  kill_after, delay = rng.randint(3, 4), rng.uniform(0.0, 0.3)
+  overrides = {"data.data_dir": synthetic_data_dir, "num_train_steps": steps,
+               "checkpoint_every_steps": 1, "eval_every_steps": 3}
+  killed, straight = tmp_path / "killed", tmp_path / "straight"
+  config = make_config("finetune", overrides)
+  finetune.train_and_evaluate(config, str(straight))
+  proc = launch(cli_args("finetune", killed, overrides), tmp_path / "a.log")
+  wait_for_step(killed, kill_after, [proc])
+  time.sleep(delay)
+  proc.send_signal(signal.SIGKILL)
+  rc, log = finish(proc, tmp_path / "a.log")
+  assert rc == -signal.SIGKILL, log[-3000:]
+  # Wherever the kill landed, the latest finished step reads back whole.
+  step, _ = load_state(killed)
+  assert kill_after - 2 <= step < steps, (step, kill_after)
+
+  # Re-run (here in-process: the same code as the command, without a
+  # second interpreter start; the pre-training test re-runs the command).
+  capsys.readouterr()
+  finetune.train_and_evaluate(config, str(killed))
+  assert f"Resumed from {killed}/checkpoints/{step}." in capsys.readouterr().out
+  (step_a, state_a), (step_b, state_b) = load_state(killed), load_state(straight)
+  assert step_a == step_b == steps
+  assert_trees_equal(state_a, state_b)
+  assert rows(killed) == rows(straight)
+  # The best checkpoint (chosen on evaluation) is the same one, and
+  # best.json names it.
+  best = [os.path.join(w, "best") for w in (killed, straight)]
+  (_, best_a), (_, best_b) = load_state(best[0]), load_state(best[1])
+  assert_trees_equal(best_a, best_b)
+  with open(os.path.join(best[0], "best.json")) as fa, open(
+      os.path.join(best[1], "best.json")) as fb:
+    assert json.load(fa) == json.load(fb)
+
+
+def test_main_exit_status_and_message(monkeypatch, capsys):
+  """Preemption is a success (exit 0, the message); a failed checkpoint write
+  or a foreign checkpoint is one 'error:' line (exit 1)."""
+  monkeypatch.setattr(main_lib, "FLAGS",
+                      type("F", (), {"config": None, "workdir": "w"}))
+  monkeypatch.delenv("PECLR_TRACEBACK", raising=False)
+  cases = [
+      (training.Preempted(7, "/w/checkpoints"), 0,
+       "Preempted at step 7: checkpoint saved in /w/checkpoints; re-run the "
+       "same command to continue.", "out"),
+      (checkpoints.CheckpointWriteError(
+          errno.ENOSPC, "writing checkpoint /w/checkpoints/3 failed: No space"
+          " left on device; step 2 is intact."), 1,
+       "error: [Errno 28] writing checkpoint /w/checkpoints/3 failed", "err"),
+      (checkpoints.CheckpointError("/w holds a checkpoint with kind="), 1,
+       "error: /w holds a checkpoint with kind=", "err"),
+  ]
+  for exc, code, message, stream in cases:
+    def fail(config, workdir, exc=exc):
+      raise exc
+    monkeypatch.setattr(main_lib, "run", fail)
+    with pytest.raises(SystemExit) as info:
+      main_lib.main(["main"])
+    assert info.value.code == code
+    out = capsys.readouterr()
+    assert message in (out.out if stream == "out" else out.err)
+
+
+# ------------------------------------------------------- two processes --
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_process_with_two_devices(synthetic_data_dir,
+                                                          tmp_path,
+                                                          monkeypatch):
+  """2 processes x 1 CPU device == 1 process x 2 devices: same global batch,
+  mesh and math. Also: each process reads its own half of every batch, a
+  SIGTERM to one process stops both after the same step with one complete
+  checkpoint, and both resume from it."""
+  if jax.device_count() < 2:
+    pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count>=2")
+  steps = 6  # its own program anyway (two devices)
+  overrides = {"data.data_dir": synthetic_data_dir, "num_train_steps": steps,
+               "checkpoint_every_steps": 1, "eval_every_steps": -1}
+  workdir = tmp_path / "two"
+  prefix = str(tmp_path / "batches")
+
+  def run_pair(tag, sigterm_after=None):
+    port = free_port()
+    procs = []
+    for i in range(2):
+      # Explicit settings only (no cluster to detect); CPU collectives are
+      # gloo by default in JAX 0.10.
+      env = subprocess_env(
+          JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+          JAX_PROCESS_ID=str(i),
+          XLA_FLAGS="--xla_force_host_platform_device_count=1",
+          PACE_SECONDS="0.3" if sigterm_after else "0")
+      procs.append(launch(cli_args("pretrain", workdir, overrides),
+                          tmp_path / f"{tag}{i}.log", entry="record_batches",
+                          entry_args=[prefix], env=env))
+    if sigterm_after is not None:
+      wait_for_step(workdir, sigterm_after, procs)
+      procs[1].send_signal(signal.SIGTERM)  # one process only
+    return [finish(p, tmp_path / f"{tag}{i}.log") for i, p in enumerate(procs)]
+
+  first = run_pair("a", sigterm_after=1)
+  for rc, log in first:
+    assert rc == 0, log[-3000:]
+  stopped = [int(log.split("Preempted at step ")[1].split(":")[0])
+             for _, log in first]
+  assert stopped[0] == stopped[1] < steps, stopped
+  stop = stopped[0]
+  # One complete checkpoint: arrays written by process 0 only, each
+  # process's data-iterator position next to them.
+  step_dir = workdir / "checkpoints" / str(stop)
+  assert sorted(os.listdir(step_dir / "data_iter")) == [
+      "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
+  assert not (step_dir / "state" / "ocdbt.process_1").exists()
+  assert not tmp_dirs(workdir)
+
+  second = run_pair("b")
+  for rc, log in second:
+    assert rc == 0, log[-3000:]
+    assert f"Resumed from {workdir}/checkpoints/{stop}." in log
+
+  local = []
+  for i in range(2):
+    with open(f"{prefix}.p{i}.jsonl") as f:
+      local.append([json.loads(line) for line in f])
+  assert len(local[0]) == len(local[1]) == steps
+  two_process_batches = [local[0][t] + local[1][t] for t in range(steps)]
+
+  # The reference: one process, two of this process's devices. It must read
+  # the same global batches in the same order as the two processes together
+  # (then every image also gets the same view), each process a disjoint half.
+  single_process_batches = []
+
+  def as_two_processes(count, batch):
+    hashes = image_hashes(batch)
+    single_process_batches.append(hashes)
+    assert not set(local[0][count - 1]) & set(local[1][count - 1]), (
+        f"step {count}: the processes' shards overlap")
+    assert hashes == two_process_batches[count - 1], (
+        f"step {count}: the processes together read other examples, or in "
+        "another order, than one process does")
+
+  real_mesh, real_iter = training.make_mesh, input_pipeline.make_pretrain_iterator
+  monkeypatch.setattr(training, "make_mesh",
+                      lambda devices=None: real_mesh(jax.devices()[:2]))
+  monkeypatch.setattr(
+      input_pipeline, "make_pretrain_iterator",
+      lambda *a, **k: HookedIterator(real_iter(*a, **k), as_two_processes))
+  reference = str(tmp_path / "one")
+  pretrain.train_and_evaluate(make_config("pretrain", overrides), reference)
+
+  loss = lambda w: [r["train_loss"] for r in training.read_metrics(w)]
+  assert logged_steps(workdir) == list(range(1, steps + 1))
+  np.testing.assert_allclose(loss(workdir), loss(reference), rtol=1e-5,
+                             atol=1e-5)
+  # Parameters only roughly: Adam's g / (|g| + eps) turns the float noise of
+  # a different reduction order in tiny gradients into ~1e-4 differences.
+  _, state_two = load_state(workdir)
+  _, state_one = load_state(reference)
+  for a, b in zip(jax.tree.leaves(state_two), jax.tree.leaves(state_one)):
+    np.testing.assert_allclose(a, b, atol=1e-3)
+
+  assert single_process_batches == two_process_batches
+
+
+# ----------------------------------------------------------- bad input --
+
+def test_cli_bad_config_is_one_line_error(synthetic_data_dir, tmp_path):
+  # A value of the wrong type fails in absl's flag parsing, an unknown mode
+  # in main; both before anything is written.
+  cases = {
+      "--config.batch_size=abc": "flag --config.batch_size=abc: invalid "
+                                 "literal for int()",
+      "--config.mode=train": "error: config.mode='train'; expected one of",
+  }
+  procs = {}
+  for i, flag in enumerate(cases):
+    args = cli_args("pretrain", tmp_path / "w",
+                    {"data.data_dir": synthetic_data_dir}) + [flag]
+    procs[flag] = (launch(args, tmp_path / f"{i}.log"), tmp_path / f"{i}.log")
+  for flag, (proc, log_path) in procs.items():
+    rc, log = finish(proc, log_path)
+    assert rc == 1, (flag, log[-2000:])
+    assert cases[flag] in log, (flag, log[-2000:])
+    assert "Traceback" not in log, (flag, log[-2000:])
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("model.backbone", "resnet51", "Unknown backbone 'resnet51'; choose from"),
+    ("loss.kind", "simclrr",
+     "config.loss.kind='simclrr'; expected 'peclr' or 'simclr'"),
+    ("batch_size", 3, "config.batch_size=3 must be divisible by the 2 "
+                      "devices"),
+])
+def test_bad_config_value_is_a_value_error(synthetic_data_dir, tmp_path,
+                                           monkeypatch, key, value, message):
+  """ValueErrors (main prints them as one 'error:' line, exit 1: see
+  test_main_exit_status_and_message), raised before anything is written."""
+  real = training.make_mesh
+  monkeypatch.setattr(training, "make_mesh",
+                      lambda devices=None: real(jax.devices()[:2]))
+  if jax.device_count() < 2 and key == "batch_size":
+    pytest.skip("needs 2 devices")
+  config = make_config("pretrain", {"data.data_dir": synthetic_data_dir,
+                                    key: value})
+  with pytest.raises(ValueError) as info:
+    main_lib.run(config, str(tmp_path / "w"))
+  assert message in str(info.value)
+  assert os.listdir(tmp_path / "w") == []
+
+
+def test_finetune_refuses_pretrain_workdir_and_keeps_it(synthetic_data_dir,
+                                                        tmp_path):
+  workdir = str(tmp_path / "w")
+  pretrain.train_and_evaluate(make_config("pretrain", {
+      "data.data_dir": synthetic_data_dir, "num_train_steps": PRETRAIN_STEPS,
+      "eval_every_steps": -1}), workdir)
+  with open(os.path.join(workdir, "metrics.jsonl"), "rb") as f:
+    metrics_before = f.read()
+  _, state_before = load_state(workdir)
+
+  config = make_config("finetune", {"data.data_dir": synthetic_data_dir,
+                                    "model.backbone": "resnet_tiny"})
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r"kind='pretrain', but this run needs "
+                           r"kind='finetune'"):
+    finetune.train_and_evaluate(config, workdir)
+  # Nothing already written is lost or changed.
+  with open(os.path.join(workdir, "metrics.jsonl"), "rb") as f:
+    assert f.read() == metrics_before
+  assert checkpoints.read_meta(workdir)["kind"] == "pretrain"
+  assert_trees_equal(load_state(workdir)[1], state_before)
+  assert not os.path.exists(os.path.join(workdir, "best"))
+
+
+# Orbax's background thread reports the failure to an event loop it has
+# already closed; the error itself reaches fit (asserted below).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_failing_disk_keeps_previous_checkpoint(synthetic_data_dir, tmp_path,
+                                                monkeypatch):
+  """The disk fills up in the middle of writing step 2's arrays (after the
+  first array): a clear error naming the step, step 1 intact, and the same
+  command continues once there is space. (Tests run as root, which ignores
+  read-only permissions, so the write itself is made to fail.)"""
+  from orbax.checkpoint._src.serialization import type_handlers  # pylint: disable=g-import-not-at-top
+  original = type_handlers.NumpyHandler._open_and_write
+  written = []
+
+  async def full_disk(self, value, tspec, ts_context):
+    if "/2.orbax-checkpoint-tmp" in json.dumps(tspec):
+      if written:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+      written.append(tspec)
+    return await original(self, value, tspec, ts_context)
+
+  config = make_config("pretrain", {
+      "data.data_dir": synthetic_data_dir, "num_train_steps": PRETRAIN_STEPS,
+      "checkpoint_every_steps": 1, "eval_every_steps": -1})
+  workdir = str(tmp_path / "w")
+  with monkeypatch.context() as m:
+    m.setattr(type_handlers.NumpyHandler, "_open_and_write", full_disk)
+    with pytest.raises(checkpoints.CheckpointWriteError) as info:
+      pretrain.train_and_evaluate(config, workdir)
+  assert written, "the failure was not injected mid-save"
+  message = str(info.value)
+  assert info.value.errno == errno.ENOSPC
+  assert f"writing checkpoint {workdir}/checkpoints/2 failed: No space left " \
+         "on device; step 1 is intact" in message, message
+  assert load_state(workdir)[0] == 1  # every array of step 1 reads back
+
+  pretrain.train_and_evaluate(config, workdir)
+  assert load_state(workdir)[0] == PRETRAIN_STEPS
+  assert logged_steps(workdir) == list(range(1, PRETRAIN_STEPS + 1))
+
+
+def test_convert_cli_rejects_pth_of_other_architecture(tmp_path, capsys):
+  torch = pytest.importorskip("torch")
+  from peclr_jax import convert  # pylint: disable=g-import-not-at-top
+
+  # A ResNet-18 state dict (views of one buffer: a small file).
+  shapes = {"conv1.weight": (64, 3, 7, 7)}
+  def bn(prefix, c):
+    shapes.update({f"{prefix}.{n}": (c,) for n in
+                   ("weight", "bias", "running_mean", "running_var")})
+  bn("bn1", 64)
+  cin = 64
+  for layer, width in enumerate((64, 128, 256, 512), 1):
+    for block in range(2):
+      p = f"layer{layer}.{block}"
+      shapes[f"{p}.conv1.weight"] = (width, cin if block == 0 else width, 3, 3)
+      shapes[f"{p}.conv2.weight"] = (width, width, 3, 3)
+      bn(f"{p}.bn1", width)
+      bn(f"{p}.bn2", width)
+      if block == 0 and cin != width:
+        shapes[f"{p}.downsample.0.weight"] = (width, cin, 1, 1)
+        bn(f"{p}.downsample.1", width)
+    cin = width
+  pool = torch.zeros(max(int(np.prod(s)) for s in shapes.values()))
+  torch.save({"state_dict": {k: pool[:int(np.prod(s))].view(s)
+                             for k, s in shapes.items()}},
+             tmp_path / "rn18.pth")
+  torch.save({"encoder.0.weight": torch.zeros(4, 3)}, tmp_path / "mlp.pth")
+
+  cases = [("rn18.pth", ["--arch", "resnet50"],
+            "the keys look like resnet18, not resnet50"),
+           ("mlp.pth", [], "found no torchvision ResNet in the state dict")]
+  for name, extra, message in cases:
+    out = tmp_path / f"out_{name}"
+    assert convert.main(["--torch", str(tmp_path / name), "--out", str(out),
+                         *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err, err[:2000]
+    assert not os.path.exists(out / "checkpoints" / "0")
+
+
+# ------------------------------------------------------------- metrics --
+
+def test_metrics_log_truncated_on_resume_and_torn_line_tolerated(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  good = [{"step": s, "train_loss": float(s)} for s in (1, 2, 2, 3)]
+  text = "".join(json.dumps(r) + "\n" for r in good)
+  path.write_text(text + '{"step": 4, "train_lo')  # killed mid-write
+  assert training.read_metrics(tmp_path) == good
+  training.truncate_metrics(str(path), 2)
+  assert training.read_metrics(tmp_path) == good[:3]
+  path.write_text('{"step": 1\n' + text)  # not the last line: an error
+  with pytest.raises(json.JSONDecodeError):
+    training.read_metrics(tmp_path)
