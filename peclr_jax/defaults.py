@@ -140,8 +140,8 @@ def evaluate_config() -> ml_collections.ConfigDict:
   config.checkpoint = ""
   # 'two_pass': the public evaluation's test-time cropping from the image
   # centre; 'ground_truth': crop around the labelled hand (an upper bound).
+  # The crop side is the model's input size, recorded in its checkpoint.
   config.crop = "two_pass"
-  config.crop_size = 224
   config.batch_size = 32
   config.write_submission = True
   return config
@@ -260,7 +260,6 @@ def demo_config(size: str = "demo", data_dir: str = "data/tfds",
     ft.eval_batches = 1
     ft.optim.base_lr = 1e-3
     _synthetic_stage(ev, size, data_dir, "resnet_tiny", 64)
-    ev.crop_size = 32
     ev.batch_size = 8
   elif size == "demo":
     for c in (pre, ft, ev):
@@ -282,7 +281,6 @@ def demo_config(size: str = "demo", data_dir: str = "data/tfds",
     ft.eval_every_steps = 100
     ft.eval_batches = 4
     ft.checkpoint_every_steps = 100
-    ev.crop_size = 64
     ev.batch_size = 64
   else:  # full
     for c in (pre, ft, ev):

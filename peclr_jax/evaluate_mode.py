@@ -8,9 +8,7 @@ leaderboard's pred.zip; prints a table.
 import json
 import os
 
-import jax
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
 from peclr_jax import checkpoints
@@ -18,47 +16,11 @@ from peclr_jax import datasets
 from peclr_jax import evaluate
 from peclr_jax import geometry
 from peclr_jax import input_pipeline
-from peclr_jax import models
+from peclr_jax import predict
 from peclr_jax import training
 from peclr_jax import visualize
 
-KEYPOINT_KINDS = ("finetune", "keypoint")
 _SUMMARY_KEYS = ("epe_cm", "auc", "pa_epe_cm", "pa_auc")
-
-
-def checkpoint_path(path: str) -> str:
-  """A fine-tuning workdir's best checkpoint when it has one, else `path`."""
-  if not path:
-    raise ValueError("config.checkpoint is empty: name a fine-tuning workdir "
-                     "or converted weights")
-  best = os.path.join(path, "best")
-  return best if os.path.isdir(os.path.join(best, "checkpoints")) else path
-
-
-def load_keypoint_model(path: str, backbone: str | None = None, dtype="float32"):
-  """(eval-mode KeypointModel, meta) from a fine-tuning or converted checkpoint."""
-  meta = checkpoints.read_meta(path)
-  expect = {"kind": KEYPOINT_KINDS}
-  if backbone:
-    expect["backbone"] = backbone
-  checkpoints.check_meta(meta, expect, path)
-  model = models.KeypointModel(
-      meta["backbone"], rngs=nnx.Rngs(0), dtype=training.compute_dtype(dtype),
-      uv_units=meta.get("uv_units", "normalized"))
-  checkpoints.restore_module(path, model, subtree=("model",))
-  model.eval()
-  return model, meta
-
-
-def _predict_fn(model):
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def predict(images, K):
-    out = nnx.merge(graphdef, state)(images, K)
-    return {"kp2d": out["kp2d"], "kp3d": out["kp3d"]}
-
-  return lambda images, K: jax.device_get(predict(images, np.float32(K)))
 
 
 def _ground_truth_crop(predict_fn, batch, crop_size):
@@ -76,11 +38,16 @@ def _ground_truth_crop(predict_fn, batch, crop_size):
 
 def run(config, workdir: str) -> dict:
   """Evaluates config.checkpoint; returns the metrics dict."""
-  path = checkpoint_path(config.checkpoint)
-  model, meta = load_keypoint_model(path, config.model.backbone,
-                                    config.model.dtype)
-  crop_size = int(meta.get("input_size", config.crop_size))
-  predict_fn = _predict_fn(model)
+  if not config.checkpoint:
+    raise ValueError("config.checkpoint is empty: name a fine-tuning workdir "
+                     "or converted weights")
+  predictor = predict.Predictor.from_checkpoint(
+      config.checkpoint, batch_size=config.batch_size,
+      dtype=training.compute_dtype(config.model.dtype))
+  path, meta = predictor.path, predictor.meta
+  checkpoints.check_meta(meta, {"backbone": config.model.backbone}, path)
+  crop_size = predictor.input_size
+  predict_fn = predictor.predict_crops
   sources = datasets.open_sources(config.data, config.data.eval_split)
 
   acc = evaluate.KeypointMetricsAccumulator()
