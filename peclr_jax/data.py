@@ -32,7 +32,7 @@ Protocol for builder authors (tfds_builders/<name>/<name>_dataset_builder.py):
   are generated, so counting inside the example generators works, and the
   counts are read back later from the prepared dataset (`skipped_counts`).
 * Return a sized iterable per split from `_split_generators` (an object with
-  `__iter__` and `__len__`, e.g. freihand_dataset_builder.SizedExamples):
+  `__iter__` and `__len__`, e.g. tfds_builders.crop_utils.SizedExamples):
   tqdm takes its len(), so the progress bars get a total and an ETA.
 * A split with zero examples makes TFDS fail ("No examples were yielded"):
   leave such a split out of the returned dict instead.

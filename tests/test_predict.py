@@ -8,7 +8,6 @@ FreiHAND order) with a separately jitted model call, not with the code under
 test.
 """
 
-import functools
 import json
 import os
 import subprocess

@@ -348,3 +348,19 @@ def imap_bounded(fn: Callable[[_T], _R], items: Iterable[_T],
 
 def default_num_workers() -> int:
   return max(1, min(8, os.cpu_count() or 1))
+
+
+def hand_features() -> tfds.features.FeaturesDict:
+  """The features every hand builder stores (DESIGN.md batch contract)."""
+  f32 = np.float32
+  return tfds.features.FeaturesDict({
+      'image': tfds.features.Image(shape=(None, None, 3),
+                                   encoding_format='jpeg'),
+      'K': tfds.features.Tensor(shape=(3, 3), dtype=f32),
+      'keypoints_3d': tfds.features.Tensor(shape=(21, 3), dtype=f32),
+      'keypoints_2d': tfds.features.Tensor(shape=(21, 2), dtype=f32),
+      'scale': tfds.features.Tensor(shape=(), dtype=f32),
+      'valid': tfds.features.Tensor(shape=(21,), dtype=np.bool_),
+      'sample_id': tfds.features.Tensor(shape=(), dtype=np.int64),
+      'version': tfds.features.Tensor(shape=(), dtype=np.int32),
+  })

@@ -52,12 +52,14 @@ import io
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
+
+from tfds_builders import crop_utils
 
 # ait[k] = freihand[_FREIHAND_TO_AIT[k]] (DATASETS.md; kept local so building
 # needs no JAX).
@@ -96,30 +98,6 @@ _CITATION = """\
 
 class FreihandError(ValueError):
   """Raised for a manual directory that does not hold a usable FreiHAND copy."""
-
-
-class SizedExamples(Iterable):
-  """An iterable of `(key, example)` pairs that knows its length.
-
-  Returned per split from `_split_generators` instead of a bare generator:
-  TFDS wraps the split's iterable in tqdm, and tqdm takes its `len()`, so the
-  "Generating <split> examples" bar shows a total and an ETA (a bare
-  generator only gets a count). TFDS accepts any Iterable without Beam.
-
-  Args:
-    make_iterator: zero-argument callable returning a fresh iterator.
-    length: the number of pairs it yields.
-  """
-
-  def __init__(self, make_iterator: Callable[[], Iterator[Any]], length: int):
-    self._make_iterator = make_iterator
-    self._length = int(length)
-
-  def __iter__(self) -> Iterator[Any]:
-    return iter(self._make_iterator())
-
-  def __len__(self) -> int:
-    return self._length
 
 
 # ---------------------------------------------------------------------------
@@ -519,20 +497,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         builder=self,
         description=_DESCRIPTION,
         citation=_CITATION,
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(None, None, 3),
-                                         encoding_format='jpeg'),
-            'K': tfds.features.Tensor(shape=(3, 3), dtype=np.float32),
-            'keypoints_3d': tfds.features.Tensor(shape=(NUM_JOINTS, 3),
-                                                 dtype=np.float32),
-            'keypoints_2d': tfds.features.Tensor(shape=(NUM_JOINTS, 2),
-                                                 dtype=np.float32),
-            'scale': tfds.features.Scalar(dtype=np.float32),
-            'valid': tfds.features.Tensor(shape=(NUM_JOINTS,),
-                                          dtype=np.bool_),
-            'sample_id': tfds.features.Scalar(dtype=np.int64),
-            'version': tfds.features.Scalar(dtype=np.int32),
-        }),
+        features=crop_utils.hand_features(),
         homepage=_HOMEPAGE,
         # Filled while generating, saved as metadata.json: see peclr_jax/data.py
         # for the `skipped` protocol.
@@ -619,8 +584,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
           eval_K, eval_xyz, eval_scale)
     return splits
 
-  def _examples(self, rgb_dir, items, K, xyz, scale) -> SizedExamples:
-    return SizedExamples(
+  def _examples(self, rgb_dir, items, K, xyz, scale) -> crop_utils.SizedExamples:
+    return crop_utils.SizedExamples(
         lambda: self._generate_examples(rgb_dir, items, K, xyz, scale),
         len(items))
 

@@ -61,21 +61,6 @@ distance = half the box side); no label is valid.
 """
 
 
-def _features() -> tfds.features.FeaturesDict:
-  f32 = np.float32
-  return tfds.features.FeaturesDict({
-      'image': tfds.features.Image(shape=(None, None, 3),
-                                   encoding_format='jpeg'),
-      'K': tfds.features.Tensor(shape=(3, 3), dtype=f32),
-      'keypoints_3d': tfds.features.Tensor(shape=(21, 3), dtype=f32),
-      'keypoints_2d': tfds.features.Tensor(shape=(21, 2), dtype=f32),
-      'scale': tfds.features.Tensor(shape=(), dtype=f32),
-      'valid': tfds.features.Tensor(shape=(21,), dtype=np.bool_),
-      'sample_id': tfds.features.Tensor(shape=(), dtype=np.int64),
-      'version': tfds.features.Tensor(shape=(), dtype=np.int32),
-  })
-
-
 def list_images(root: epath.Path) -> list[str]:
   """Sorted '/'-separated paths of the image files under root."""
   found = []
@@ -203,7 +188,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=_DESCRIPTION,
-        features=_features(),
+        features=crop_utils.hand_features(),
         supervised_keys=None,
         metadata=tfds.core.MetadataDict(),
     )

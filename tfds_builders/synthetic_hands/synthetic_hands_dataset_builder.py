@@ -31,8 +31,7 @@ import dataclasses
 import io
 import multiprocessing
 import os
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import numpy as np
 import PIL.Image
@@ -40,6 +39,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.core.utils import py_utils
 
+from tfds_builders import crop_utils
 from tfds_builders.synthetic_hands import render
 
 NUM_JOINTS = 21
@@ -64,20 +64,6 @@ class SyntheticHandsConfig(tfds.core.BuilderConfig):
   seed: int = 0
   jpeg_quality: int = 92
   supersample: int = 2
-
-
-class SizedExamples(Iterable):
-  """`(key, example)` pairs with a `len()` (TFDS's tqdm bar gets a total)."""
-
-  def __init__(self, make_iterator: Callable[[], Iterator[Any]], length: int):
-    self._make_iterator = make_iterator
-    self._length = int(length)
-
-  def __iter__(self) -> Iterator[Any]:
-    return iter(self._make_iterator())
-
-  def __len__(self) -> int:
-    return self._length
 
 
 def example_seed(seed: int, split: str, index: int) -> np.random.SeedSequence:
@@ -198,20 +184,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=_DESCRIPTION,
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(None, None, 3),
-                                         encoding_format='jpeg'),
-            'K': tfds.features.Tensor(shape=(3, 3), dtype=np.float32),
-            'keypoints_3d': tfds.features.Tensor(shape=(NUM_JOINTS, 3),
-                                                 dtype=np.float32),
-            'keypoints_2d': tfds.features.Tensor(shape=(NUM_JOINTS, 2),
-                                                 dtype=np.float32),
-            'scale': tfds.features.Scalar(dtype=np.float32),
-            'valid': tfds.features.Tensor(shape=(NUM_JOINTS,),
-                                          dtype=np.bool_),
-            'sample_id': tfds.features.Scalar(dtype=np.int64),
-            'version': tfds.features.Scalar(dtype=np.int32),
-        }),
+        features=crop_utils.hand_features(),
         metadata=tfds.core.MetadataDict(),
     )
 
@@ -224,7 +197,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     # Nothing is ever skipped (protocol of peclr_jax/data.py).
     self.info.metadata['skipped'] = {s: {} for s in sizes if sizes[s] > 0}
     return {
-        split: SizedExamples(
+        split: crop_utils.SizedExamples(
             lambda split=split, num=num: generate(values, split, num), num)
         for split, num in sizes.items() if num > 0
     }

@@ -360,21 +360,6 @@ def _find_frame(root: epath.Path, name: str) -> epath.Path | None:
 # ---------------------------------------------------------------------------
 
 
-def _features() -> tfds.features.FeaturesDict:
-  f32 = np.float32
-  return tfds.features.FeaturesDict({
-      'image': tfds.features.Image(shape=(None, None, 3),
-                                   encoding_format='jpeg'),
-      'K': tfds.features.Tensor(shape=(3, 3), dtype=f32),
-      'keypoints_3d': tfds.features.Tensor(shape=(21, 3), dtype=f32),
-      'keypoints_2d': tfds.features.Tensor(shape=(21, 2), dtype=f32),
-      'scale': tfds.features.Tensor(shape=(), dtype=f32),
-      'valid': tfds.features.Tensor(shape=(21,), dtype=np.bool_),
-      'sample_id': tfds.features.Tensor(shape=(), dtype=np.int64),
-      'version': tfds.features.Tensor(shape=(), dtype=np.int32),
-  })
-
-
 class Builder(tfds.core.GeneratorBasedBuilder):
   """YouTube3DHands hand crops (see module docstring).
 
@@ -430,7 +415,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=_DESCRIPTION,
-        features=_features(),
+        features=crop_utils.hand_features(),
         supervised_keys=None,
         homepage='https://github.com/arielai/youtube_3d_hands',
         citation=_CITATION,
