@@ -151,12 +151,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       num_workers=config.data.num_workers)
   num_examples = sum(len(s) for _, s in sources)
   num_examples = max(int(num_examples * config.data.labels_fraction), 1)
-  steps, updates, warmup = training.schedule_lengths(config, num_examples)
-  tx = training.make_optimizer(
-      config.optim,
-      effective_batch=config.batch_size * max(config.grad_accum_steps, 1),
-      total_updates=updates, warmup_updates=warmup,
-      grad_accum_steps=config.grad_accum_steps)
+  tx, steps, _ = training.optimizer_for(config, num_examples)
 
   model = make_model(config, nnx.Rngs(config.seed))
   if config.init:

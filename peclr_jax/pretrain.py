@@ -108,11 +108,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   training.check_batch_divisible(config.batch_size, mesh)
   sources = datasets.open_sources(config.data, config.data.train_split)
   num_examples = sum(len(s) for _, s in sources)
-  steps, updates, warmup = training.schedule_lengths(config, num_examples)
-  effective_batch = config.batch_size * max(config.grad_accum_steps, 1)
-  tx = training.make_optimizer(
-      config.optim, effective_batch=effective_batch, total_updates=updates,
-      warmup_updates=warmup, grad_accum_steps=config.grad_accum_steps)
+  tx, steps, updates = training.optimizer_for(config, num_examples)
 
   model = make_model(config, nnx.Rngs(config.seed))
   train_iter = input_pipeline.make_pretrain_iterator(

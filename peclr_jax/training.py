@@ -138,6 +138,17 @@ def schedule_lengths(config, num_examples: int) -> tuple[int, int, int]:
   return steps, updates, warmup
 
 
+def optimizer_for(config, num_examples: int):
+  """(tx, train steps, optimiser updates) of a run over `num_examples`."""
+  steps, updates, warmup = schedule_lengths(config, num_examples)
+  tx = make_optimizer(
+      config.optim,
+      effective_batch=config.batch_size * max(config.grad_accum_steps, 1),
+      total_updates=updates, warmup_updates=warmup,
+      grad_accum_steps=config.grad_accum_steps)
+  return tx, steps, updates
+
+
 # ----------------------------------------------------------------- logging --
 
 class MetricWriter:
