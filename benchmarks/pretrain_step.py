@@ -1,0 +1,234 @@
+"""Pre-training step images/s: peclr_jax against the PyTorch reference; JSON.
+
+The JAX side is the real step: `training.make_train_step` with
+`pretrain.contrastive_loss` (on-device two-view augmentation of uint8 224 px
+source crops, ResNet + projection head on both views, latent inversion,
+NT-Xent) and `training.make_optimizer` (Adam + LARS trust ratio, weight decay,
+warm-up/cosine schedule), the state donated, the host batch sharded onto the
+'data' mesh every step as `training.fit` does. The reference is
+`torch_reference.TorchStep` (the public hybrid2 step; its views arrive
+pre-augmented, as from the public data loader's workers). Both update the
+weights every step (no gradient accumulation).
+
+Variants alternate in one process, round by round, in rotating order, after
+warm-up; "images" are views through the network (2 per pair).
+
+  .venv/bin/python benchmarks/pretrain_step.py --pairs 16 --dtype float32
+  .venv/bin/python benchmarks/pretrain_step.py --pairs 16 \
+      --jax_variants package,dot1x1 --xla_flags=--xla_cpu_experimental_ynn_fusion_type=
+
+GLIBC_TUNABLES is set for the whole process (the script re-executes itself).
+"""
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def parse():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--pairs", type=int, default=16, help="images per step (each gives 2 views)")
+  ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  ap.add_argument("--backbone", default="resnet50")
+  ap.add_argument("--out_size", type=int, default=128)
+  ap.add_argument("--source_size", type=int, default=224)
+  ap.add_argument("--rounds", type=int, default=7)
+  ap.add_argument("--warmup", type=int, default=2)
+  ap.add_argument("--jax_variants", default="package",
+                  help="comma list of cpu_conv.IMPLS names (package = the code as is)")
+  ap.add_argument("--xla_flags", default="", help="appended to XLA_FLAGS")
+  ap.add_argument("--no_torch", action="store_true")
+  ap.add_argument("--torch_channels_last", action="store_true")
+  ap.add_argument("--max_load", type=float, default=0.0,
+                  help="wait (<= 5 min) for the 1-min load to drop below this first")
+  ap.add_argument("--wait_idle", action="store_true",
+                  help="wait (<= 10 min) for a quiet 5 s window before timing")
+  ap.add_argument("--one_core", action="store_true",
+                  help="pin to core 0, XLA and torch single-threaded: compares "
+                       "work per image (CPU time), robust to other users' load")
+  ap.add_argument("--clean", type=float, default=0.1,
+                  help="a step is 'clean' when other processes used less than "
+                       "this fraction of the machine's CPU during it")
+  return ap.parse_args()
+
+
+def make_jax_step(args, impl, devices=None, info=None):
+  """(run_one_step() -> loss, XLA flops per step, compile seconds).
+
+  `devices`: the mesh's devices (default all); the global batch is
+  args.pairs. `info`, a dict, receives the compiled memory analysis.
+  """
+  import cpu_conv  # pylint: disable=g-import-not-at-top
+
+  # The variant is installed while the model is built and traced, then
+  # removed, so variants compiled in one process do not see each other's.
+  saved = cpu_conv.saved_state()
+  cpu_conv.install(impl)
+  try:
+    return _build_jax_step(args, devices, info)
+  finally:
+    cpu_conv.restore(saved)
+
+
+def _build_jax_step(args, devices, info):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from peclr_jax import defaults, pretrain, training  # pylint: disable=g-import-not-at-top
+
+  cfg = defaults.pretrain_config()
+  cfg.model.dtype = args.dtype
+  cfg.model.backbone = args.backbone
+  cfg.augment.out_size = args.out_size
+  model = pretrain.make_model(cfg, nnx.Rngs(cfg.seed))
+  tx = training.make_optimizer(
+      cfg.optim, effective_batch=2048, total_updates=100_000,
+      warmup_updates=1000, grad_accum_steps=1)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  graphdef, state = nnx.split((model, optimizer))
+  loss_fn = functools.partial(
+      pretrain.contrastive_loss, aug_cfg=pretrain.augment_config(cfg),
+      loss_cfg=pretrain.LossSettings.from_config(cfg.loss))
+  mesh = training.make_mesh(devices)
+  state = training.replicate(state, mesh)
+  rng = training.replicate(jax.random.key(cfg.seed), mesh)
+  train_step = training.make_train_step(graphdef, loss_fn)
+
+  r = np.random.default_rng(0)
+  b, s = args.pairs, args.source_size
+  host_batch = {
+      "image": r.integers(0, 256, (b, s, s, 3), dtype=np.uint8),
+      # A hand filling about half of the crop, as the input pipeline makes it.
+      "keypoints_2d": (s / 2 + r.uniform(-s / 4, s / 4, (b, 21, 2))).astype(np.float32),
+  }
+  with jax.set_mesh(mesh):
+    batch = training.shard_batch(host_batch, mesh)
+    t = time.perf_counter()
+    compiled = train_step.lower(state, batch, rng, jnp.int32(0)).compile()
+    compile_s = time.perf_counter() - t
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", 0.0))
+  if info is not None:
+    mem = compiled.memory_analysis()
+    for k in ("argument_size_in_bytes", "output_size_in_bytes",
+              "temp_size_in_bytes", "generated_code_size_in_bytes"):
+      if mem is not None and hasattr(mem, k):
+        info[k] = int(getattr(mem, k))
+  holder = {"state": state, "step": 0}
+
+  def run():
+    with jax.set_mesh(mesh):
+      holder["step"] += 1
+      batch = training.shard_batch(host_batch, mesh)
+      # The AOT-compiled executable: calling the jitted function again would
+      # trace anew, after the variant has been uninstalled.
+      holder["state"], metrics = compiled(
+          holder["state"], batch, rng, jnp.int32(holder["step"]))
+      return float(jax.device_get(metrics["train_loss"]))
+
+  return run, flops, compile_s
+
+
+def make_torch_step(args):
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch_reference  # pylint: disable=g-import-not-at-top
+  if args.one_core:
+    torch.set_num_threads(1)
+  step = torch_reference.TorchStep(args.backbone, args.dtype,
+                                   channels_last=args.torch_channels_last)
+  views = torch_reference.random_views(args.pairs, args.out_size)
+  return (lambda: step.step(*views)), torch.get_num_threads()
+
+
+def main():
+  common.ensure_glibc_tunables()
+  args = parse()
+  if args.one_core:
+    common.pin_to_one_core(0)
+  common.set_xla_flags(args.xla_flags, single_thread=args.one_core)
+  if args.max_load:
+    common.wait_for_quiet(args.max_load)
+  out = {"benchmark": "pretrain_step", "one_core": args.one_core,
+         "pairs": args.pairs,
+         "images_per_step": 2 * args.pairs, "dtype": args.dtype,
+         "backbone": args.backbone, "out_size": args.out_size,
+         "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
+  runners, flops = {}, None
+  for impl in args.jax_variants.split(","):
+    run, f, compile_s = make_jax_step(args, impl)
+    runners[f"jax:{impl}"] = run
+    out[f"jax:{impl}:compile_s"] = round(compile_s, 1)
+    out[f"jax:{impl}:xla_flops_per_step"] = f
+    flops = flops or f
+  if not args.no_torch:
+    runners["torch"], out["torch_threads"] = make_torch_step(args)
+  names = list(runners)
+  losses = {n: [] for n in names}
+  for n in names:  # warm-up (and, for JAX, the first call's dispatch caches)
+    for _ in range(args.warmup):
+      losses[n].append(runners[n]())
+  times = {n: [] for n in names}
+  cpu = {n: [] for n in names}
+  others = {n: [] for n in names}
+  loads = [os.getloadavg()[0]]
+  if args.wait_idle:
+    out["idle_before_start"] = common.wait_for_idle()
+  for r in range(args.rounds):
+    order = names[r % len(names):] + names[:r % len(names)]
+    for n in order:
+      with common.Interference() as probe:
+        losses[n].append(runners[n]())
+      times[n].append(probe.wall)
+      cpu[n].append(probe.cpu)
+      others[n].append(probe.others_frac)
+    loads.append(os.getloadavg()[0])
+  out.update(common.machine())
+  out["loadavg_during"] = [round(x, 2) for x in loads]
+  per = 2 * args.pairs
+  for n in names:
+    s = common.summary(times[n], per)
+    out[n] = {"images_per_s": s["rate_at_median"],
+              "images_per_s_min_max": s["rate_min_max"],
+              "step_s": s, "losses_first_last": [losses[n][0], losses[n][-1]],
+              # CPU seconds of this process per step (all threads, spin-waits
+              # included): less sensitive than wall time to other users' load.
+              "cpu_s_per_step_median": round(statistics.median(cpu[n]), 3),
+              "images_per_cpu_s": round(per / statistics.median(cpu[n]), 2),
+              "others_cpu_frac_per_step": [round(v, 2) for v in others[n]]}
+    clean = [t for t, o in zip(times[n], others[n]) if o < args.clean]
+    if clean:
+      out[n]["clean_steps"] = len(clean)
+      out[n]["images_per_s_clean_median"] = round(per / statistics.median(clean), 2)
+    if flops:
+      out[n]["gflops_per_s_at_median"] = round(flops / s["median_s"] / 1e9, 1)
+  if "torch" in runners:
+    for n in names:
+      if n == "torch":
+        continue
+      per_round = [tt / tj for tj, tt in zip(times[n], times["torch"])]
+      out[f"ratio {n} / torch"] = {
+          "at_medians": round(statistics.median(times["torch"])
+                              / statistics.median(times[n]), 3),
+          "median_of_rounds": round(statistics.median(per_round), 3),
+          "min_max_of_rounds": [round(min(per_round), 3), round(max(per_round), 3)],
+          "at_median_cpu_s": round(statistics.median(cpu["torch"])
+                                   / statistics.median(cpu[n]), 3)}
+      both = [tt / tj for tj, tt, oj, ot in zip(times[n], times["torch"], others[n], others["torch"])
+              if oj < args.clean and ot < args.clean]
+      if both:
+        out[f"ratio {n} / torch"]["clean_rounds"] = len(both)
+        out[f"ratio {n} / torch"]["median_of_clean_rounds"] = round(statistics.median(both), 3)
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  main()
