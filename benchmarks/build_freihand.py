@@ -44,11 +44,6 @@ def main():
   ap.add_argument("--config", default="default",
                   help="builder config (default holds out 5%% as validation)")
   ap.add_argument("--keep", action="store_true", help="keep the built files")
-  ap.add_argument("--tfds_mem_buffer_mib", type=int, default=0,
-                  help="raise tensorflow_datasets.core.shuffle.MAX_MEM_BUFFER_SIZE "
-                       "(1000 MiB) in the build process: TFDS 4.9.10 spills a "
-                       "bigger split to temporary files through tf.io.gfile, "
-                       "which fails without TensorFlow")
   args = ap.parse_args()
 
   manual = os.path.join(args.work, f"manual_{args.num_unique}")
@@ -73,12 +68,6 @@ def main():
   cli = ["build", "freihand", "--data_dir", data_dir, "--manual_dir", manual,
          "--config", args.config]
   cmd = [sys.executable, "-m", "peclr_jax.data"] + cli
-  if args.tfds_mem_buffer_mib:
-    cmd = [sys.executable, "-c",
-           "import sys; import tensorflow_datasets.core.shuffle as s; "
-           f"s.MAX_MEM_BUFFER_SIZE = {args.tfds_mem_buffer_mib} << 20; "
-           "from peclr_jax.data import main; sys.exit(main(sys.argv[1:]))"] + cli
-    out["tfds_mem_buffer_mib"] = args.tfds_mem_buffer_mib
   load0 = os.getloadavg()[0]
   t = time.perf_counter()
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False)

@@ -153,6 +153,7 @@ def make_builder(name: str, data_dir: str | os.PathLike,
 
 def _prepare(builder, name: str, manual_dir: str | os.PathLike | None) -> None:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from peclr_jax import tfds_shuffle  # pylint: disable=g-import-not-at-top
 
   instructions = getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None)
   if instructions:
@@ -166,8 +167,9 @@ def _prepare(builder, name: str, manual_dir: str | os.PathLike | None) -> None:
           f'{instructions}')
   download_config = tfds.download.DownloadConfig(
       manual_dir=os.fspath(manual_dir) if manual_dir is not None else None)
-  builder.download_and_prepare(download_config=download_config,
-                               file_format='array_record')
+  with tfds_shuffle.spill_without_tensorflow():
+    builder.download_and_prepare(download_config=download_config,
+                                 file_format='array_record')
 
 
 def skipped_counts(builder) -> dict[str, dict[str, int]]:

@@ -160,3 +160,37 @@ def test_cli_passes_regressor_and_prints_skipped(tmp_path, monkeypatch,
   assert 'train: 3 x missing frame' in out and 'train: 1 x bad label' in out
   assert data.skipped_counts(builder) == {
       'train': {'missing frame': 3, 'bad label': 1}, 'test': {}}
+
+
+def _records(builder, split):
+  """Every stored example of a split, as raw bytes, in stored order."""
+  import array_record.python.array_record_data_source as ards  # pylint: disable=g-import-not-at-top
+  files = sorted(str(f) for f in builder.data_path.glob(f'*-{split}.array_record*'))
+  source = ards.ArrayRecordDataSource(files)
+  return [source[i] for i in range(len(source))]
+
+
+def test_large_split_spills_to_disk_without_tensorflow(tmp_path, fake,
+                                                       monkeypatch):
+  """A split above TFDS's in-memory shuffle limit builds, identically.
+
+  TFDS moves a split larger than MAX_MEM_BUFFER_SIZE into temporary bucket
+  files through tf.io.gfile; without TensorFlow (as here) that failed
+  part-way through full-size FreiHAND. A tiny limit forces the spill.
+  """
+  pytest.importorskip('array_record')
+  with pytest.raises(ImportError):
+    import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  reference = data.build_dataset('freihand', tmp_path / 'in_memory',
+                                 manual_dir=fake['manual_dir'])
+  from tensorflow_datasets.core import shuffle  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(shuffle, 'MAX_MEM_BUFFER_SIZE', 1000)
+  spilled = data.build_dataset('freihand', tmp_path / 'spilled',
+                               manual_dir=fake['manual_dir'])
+  assert list(spilled.info.splits.keys()) == list(reference.info.splits.keys())
+  for split in reference.info.splits.keys():
+    expected = _records(reference, split)
+    assert len(expected) == reference.info.splits[split].num_examples > 0
+    assert _records(spilled, split) == expected, split
+  # The temporary bucket files are gone.
+  assert not [p for p in (tmp_path / 'spilled').rglob('*') if 'tmp' in p.name]
