@@ -320,6 +320,32 @@ class SizedExamples(Iterable):
     return self._length
 
 
+class CropBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """What the builders that decode and crop images share (YT3D, hand crops).
+
+  array_record by default (TFDS's default, tfrecord, needs TensorFlow),
+  a thread count for decoding and cropping, and a `SkipLog`. A subclass takes
+  its own keywords, calls `super().__init__(num_workers=..., **kwargs)` and
+  records them with `_remember(...)`.
+  """
+
+  def __init__(self, *, num_workers: int | None = None, **kwargs: Any):
+    kwargs['file_format'] = kwargs.get('file_format') or 'array_record'
+    super().__init__(**kwargs)
+    self._num_workers = num_workers or default_num_workers()
+    self._skips = SkipLog()
+    self._remember(num_workers=num_workers, file_format=kwargs['file_format'])
+
+  def _remember(self, **constructor_kwargs: Any) -> None:
+    # Pickling (TFDS's Beam and multiprocessing paths) re-runs __init__ with
+    # _original_state, so our keywords must be in it.
+    self._original_state.update(constructor_kwargs)
+
+  def skipped_summary(self) -> dict[str, dict[str, int]]:
+    """{split: {reason: count}} skipped in the last build."""
+    return dict(self.info.metadata.get('skipped', {}))
+
+
 def imap_bounded(fn: Callable[[_T], _R], items: Iterable[_T],
                  num_workers: int, max_in_flight: int | None = None
                  ) -> Iterator[_R]:

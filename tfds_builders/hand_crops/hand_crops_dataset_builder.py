@@ -144,7 +144,7 @@ def centre_square_box(width: int, height: int) -> tuple[float, ...]:
   return (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(crop_utils.CropBuilder):
   """In-the-wild hand crops (see module docstring).
 
   Example:
@@ -171,15 +171,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     """Args: boxes_path: boxes file (default: boxes.csv/boxes.json in the
     manual dir, if any); num_workers: decode/crop threads; **kwargs:
     `tfds.core.GeneratorBasedBuilder` arguments."""
-    # TFDS defaults to tfrecord, which needs TensorFlow.
-    kwargs['file_format'] = kwargs.get('file_format') or 'array_record'
-    super().__init__(**kwargs)
+    super().__init__(num_workers=num_workers, **kwargs)
     self._boxes_path = boxes_path
-    self._num_workers = num_workers or crop_utils.default_num_workers()
-    self._skips = crop_utils.SkipLog()
-    self._original_state.update(boxes_path=boxes_path,
-                                num_workers=num_workers,
-                                file_format=kwargs['file_format'])
+    self._remember(boxes_path=boxes_path)
 
   def _info(self) -> tfds.core.DatasetInfo:
     # DatasetInfo directly, as the other builders: dataset_info_from_configs
@@ -192,10 +186,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         supervised_keys=None,
         metadata=tfds.core.MetadataDict(),
     )
-
-  def skipped_summary(self) -> dict[str, dict[str, int]]:
-    """{split: {reason: count}} of skipped images of the last build."""
-    return dict(self.info.metadata.get('skipped', {}))
 
   def _boxes_file(self, manual: epath.Path) -> epath.Path | None:
     if self._boxes_path is not None:

@@ -360,7 +360,7 @@ def _find_frame(root: epath.Path, name: str) -> epath.Path | None:
 # ---------------------------------------------------------------------------
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(crop_utils.CropBuilder):
   """YouTube3DHands hand crops (see module docstring).
 
   Example:
@@ -397,16 +397,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     """Args: regressor_path: MANO_RIGHT.pkl or a [16, 778] .npy (default:
     looked up in the manual dir); num_workers: decode/crop threads;
     **kwargs: `tfds.core.GeneratorBasedBuilder` arguments."""
-    # TFDS defaults to tfrecord, which needs TensorFlow.
-    kwargs['file_format'] = kwargs.get('file_format') or 'array_record'
-    super().__init__(**kwargs)
+    super().__init__(num_workers=num_workers, **kwargs)
     self._regressor_path = regressor_path
-    self._num_workers = num_workers or crop_utils.default_num_workers()
-    self._skips = crop_utils.SkipLog()
-    # Pickling re-runs __init__ with _original_state; keep our kwargs there.
-    self._original_state.update(regressor_path=regressor_path,
-                                num_workers=num_workers,
-                                file_format=kwargs['file_format'])
+    self._remember(regressor_path=regressor_path)
 
   def _info(self) -> tfds.core.DatasetInfo:
     # DatasetInfo directly, as the other builders: dataset_info_from_configs
@@ -421,10 +414,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         citation=_CITATION,
         metadata=tfds.core.MetadataDict(),
     )
-
-  def skipped_summary(self) -> dict[str, dict[str, int]]:
-    """{split: {reason: count}} of skipped annotations of the last build."""
-    return dict(self.info.metadata.get('skipped', {}))
 
   # -- locating inputs ------------------------------------------------------
 
