@@ -49,16 +49,16 @@ NUM_VERTICES = 778
 
 
 def _host_f64(fn, *args):
-    """Runs a jnp function of :mod:`geometry` in float64 and returns NumPy.
+  """Runs a jnp function of :mod:`geometry` in float64 and returns NumPy.
 
-    Host-side evaluation maths must not lose precision to float32 (pixel
-    coordinates of a few hundred and millimetre-level metrics), and the
-    geometry functions are written in jnp; enabling x64 locally keeps one
-    implementation of each formula.
-    """
-    with jax.enable_x64(True):
-        out = fn(*[jnp.asarray(np.asarray(a, np.float64)) for a in args])
-        return np.asarray(out, np.float64)
+  Host-side evaluation maths must not lose precision to float32 (pixel
+  coordinates of a few hundred and millimetre-level metrics), and the
+  geometry functions are written in jnp; enabling x64 locally keeps one
+  implementation of each formula.
+  """
+  with jax.enable_x64(True):
+    out = fn(*[jnp.asarray(np.asarray(a, np.float64)) for a in args])
+    return np.asarray(out, np.float64)
 
 
 # ==========================================================================
@@ -70,185 +70,185 @@ _procrustes_jit = jax.jit(geometry.procrustes_align)
 
 
 def _trapezoid(y: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Trapezoid integral of y over x along the last axis (np.trapz semantics)."""
-    return np.sum(0.5 * (y[..., 1:] + y[..., :-1]) * np.diff(x), axis=-1)
+  """Trapezoid integral of y over x along the last axis (np.trapz semantics)."""
+  return np.sum(0.5 * (y[..., 1:] + y[..., :-1]) * np.diff(x), axis=-1)
 
 
 def pck_thresholds_m() -> np.ndarray:
-    """The official PCK thresholds: linspace(0, 0.05 m, 100), shape [100]."""
-    return np.linspace(PCK_MIN_M, PCK_MAX_M, PCK_STEPS)
+  """The official PCK thresholds: linspace(0, 0.05 m, 100), shape [100]."""
+  return np.linspace(PCK_MIN_M, PCK_MAX_M, PCK_STEPS)
 
 
 def keypoint_errors(pred, gt) -> tuple[np.ndarray, np.ndarray]:
-    """Per-sample, per-keypoint Euclidean errors before and after alignment.
+  """Per-sample, per-keypoint Euclidean errors before and after alignment.
 
-    Args:
-        pred: [N, J, 3] predicted keypoints (metres).
-        gt: [N, J, 3] ground truth (metres), same joint order.
+  Args:
+      pred: [N, J, 3] predicted keypoints (metres).
+      gt: [N, J, 3] ground truth (metres), same joint order.
 
-    Returns:
-        (err, pa_err): two float64 arrays [N, J] in metres; ``pa_err`` after
-        aligning each predicted hand onto its ground truth with a similarity
-        transform (translation, rotation, uniform scale; reflections allowed, as
-        the official SciPy ``orthogonal_procrustes``). As in the official
-        script, 1e-8 is added to both Frobenius norms, so even a perfect
-        prediction keeps ~1e-9 m of aligned error: it misses the 0 mm PCK
-        threshold and scores PA-AUC 1 - 0.5/99 rather than 1.
-    """
-    pred = np.asarray(pred, np.float64)
-    gt = np.asarray(gt, np.float64)
-    if pred.shape != gt.shape or pred.ndim != 3 or pred.shape[-1] != 3:
-        raise ValueError(f"expected pred, gt [N, J, 3] of equal shape; got {pred.shape}, {gt.shape}")
-    err = np.linalg.norm(pred - gt, axis=-1)
-    n = pred.shape[0]
-    if n == 0:
-        return err, err.copy()
-    # Pad to a power-of-two bucket so that uneven batches (the last one of a
-    # split, masked batches) reuse a few compiled shapes; padding rows repeat
-    # a real sample and are dropped.
-    bucket = max(8, 1 << (n - 1).bit_length())
-    pad = np.zeros(bucket - n, np.int64)
-    aligned = _host_f64(_procrustes_jit, np.concatenate([pred, pred[pad]]),
-                        np.concatenate([gt, gt[pad]]))[:n]
-    pa_err = np.linalg.norm(aligned - gt, axis=-1)
-    return err, pa_err
+  Returns:
+      (err, pa_err): two float64 arrays [N, J] in metres; ``pa_err`` after
+      aligning each predicted hand onto its ground truth with a similarity
+      transform (translation, rotation, uniform scale; reflections allowed, as
+      the official SciPy ``orthogonal_procrustes``). As in the official
+      script, 1e-8 is added to both Frobenius norms, so even a perfect
+      prediction keeps ~1e-9 m of aligned error: it misses the 0 mm PCK
+      threshold and scores PA-AUC 1 - 0.5/99 rather than 1.
+  """
+  pred = np.asarray(pred, np.float64)
+  gt = np.asarray(gt, np.float64)
+  if pred.shape != gt.shape or pred.ndim != 3 or pred.shape[-1] != 3:
+    raise ValueError(f"expected pred, gt [N, J, 3] of equal shape; got {pred.shape}, {gt.shape}")
+  err = np.linalg.norm(pred - gt, axis=-1)
+  n = pred.shape[0]
+  if n == 0:
+    return err, err.copy()
+  # Pad to a power-of-two bucket so that uneven batches (the last one of a
+  # split, masked batches) reuse a few compiled shapes; padding rows repeat
+  # a real sample and are dropped.
+  bucket = max(8, 1 << (n - 1).bit_length())
+  pad = np.zeros(bucket - n, np.int64)
+  aligned = _host_f64(_procrustes_jit, np.concatenate([pred, pred[pad]]),
+                      np.concatenate([gt, gt[pad]]))[:n]
+  pa_err = np.linalg.norm(aligned - gt, axis=-1)
+  return err, pa_err
 
 
 def _curve_stats(err: np.ndarray, thresholds: np.ndarray) -> dict[str, np.ndarray]:
-    """Official EvalUtil.get_measures on per-sample errors [N, J] (metres)."""
-    per_kp_mean = err.mean(axis=0)  # [J]
-    per_kp_median = np.median(err, axis=0)  # [J]
-    # pck[j, t] = fraction of samples with error <= threshold t ("<=" as official).
-    per_kp_pck = (err[:, :, None] <= thresholds[None, None, :]).mean(axis=0)  # [J, T]
-    norm = _trapezoid(np.ones_like(thresholds), thresholds)
-    per_kp_auc = _trapezoid(per_kp_pck, thresholds) / norm  # [J]
-    return dict(
-        mean=per_kp_mean.mean(),
-        median=per_kp_median.mean(),
-        auc=per_kp_auc.mean(),
-        pck=per_kp_pck.mean(axis=0),
-        per_kp_mean=per_kp_mean,
-        per_kp_auc=per_kp_auc,
-    )
+  """Official EvalUtil.get_measures on per-sample errors [N, J] (metres)."""
+  per_kp_mean = err.mean(axis=0)  # [J]
+  per_kp_median = np.median(err, axis=0)  # [J]
+  # pck[j, t] = fraction of samples with error <= threshold t ("<=" as official).
+  per_kp_pck = (err[:, :, None] <= thresholds[None, None, :]).mean(axis=0)  # [J, T]
+  norm = _trapezoid(np.ones_like(thresholds), thresholds)
+  per_kp_auc = _trapezoid(per_kp_pck, thresholds) / norm  # [J]
+  return dict(
+      mean=per_kp_mean.mean(),
+      median=per_kp_median.mean(),
+      auc=per_kp_auc.mean(),
+      pck=per_kp_pck.mean(axis=0),
+      per_kp_mean=per_kp_mean,
+      per_kp_auc=per_kp_auc,
+  )
 
 
 def metrics_from_errors(err, pa_err) -> dict[str, Any]:
-    """FreiHAND metrics from per-sample keypoint errors.
+  """FreiHAND metrics from per-sample keypoint errors.
 
-    Args:
-        err: [N, J] unaligned Euclidean errors in metres.
-        pa_err: [N, J] errors after Procrustes alignment, metres.
+  Args:
+      err: [N, J] unaligned Euclidean errors in metres.
+      pa_err: [N, J] errors after Procrustes alignment, metres.
 
-    Returns:
-        dict with float scalars ``epe_cm``, ``epe_median_cm``, ``auc``,
-        ``pa_epe_cm``, ``pa_epe_median_cm``, ``pa_auc``, ``num_samples`` and
-        arrays ``per_keypoint_epe_cm`` [J], ``per_keypoint_pa_epe_cm`` [J],
-        ``per_keypoint_auc`` [J], ``per_keypoint_pa_auc`` [J],
-        ``pck_thresholds_mm`` [100], ``pck`` [100], ``pa_pck`` [100] (the PCK
-        curve averaged over keypoints). The means and AUCs are per keypoint
-        first, then averaged over keypoints, exactly as the official script
-        (identical to the plain mean here because every keypoint is counted for
-        every sample). ``*_median_cm`` is the official "median" (per-keypoint
-        medians, averaged).
+  Returns:
+      dict with float scalars ``epe_cm``, ``epe_median_cm``, ``auc``,
+      ``pa_epe_cm``, ``pa_epe_median_cm``, ``pa_auc``, ``num_samples`` and
+      arrays ``per_keypoint_epe_cm`` [J], ``per_keypoint_pa_epe_cm`` [J],
+      ``per_keypoint_auc`` [J], ``per_keypoint_pa_auc`` [J],
+      ``pck_thresholds_mm`` [100], ``pck`` [100], ``pa_pck`` [100] (the PCK
+      curve averaged over keypoints). The means and AUCs are per keypoint
+      first, then averaged over keypoints, exactly as the official script
+      (identical to the plain mean here because every keypoint is counted for
+      every sample). ``*_median_cm`` is the official "median" (per-keypoint
+      medians, averaged).
 
-    Raises:
-        ValueError: with no samples.
-    """
-    err = np.asarray(err, np.float64)
-    pa_err = np.asarray(pa_err, np.float64)
-    if err.ndim != 2 or err.shape[0] == 0 or err.shape != pa_err.shape:
-        raise ValueError(f"need non-empty [N, J] errors of equal shape; got {err.shape}, {pa_err.shape}")
-    thr = pck_thresholds_m()
-    raw = _curve_stats(err, thr)
-    pa = _curve_stats(pa_err, thr)
-    return {
-        "epe_cm": float(raw["mean"] * 100.0),
-        "epe_median_cm": float(raw["median"] * 100.0),
-        "auc": float(raw["auc"]),
-        "pa_epe_cm": float(pa["mean"] * 100.0),
-        "pa_epe_median_cm": float(pa["median"] * 100.0),
-        "pa_auc": float(pa["auc"]),
-        "num_samples": int(err.shape[0]),
-        "per_keypoint_epe_cm": raw["per_kp_mean"] * 100.0,
-        "per_keypoint_pa_epe_cm": pa["per_kp_mean"] * 100.0,
-        "per_keypoint_auc": raw["per_kp_auc"],
-        "per_keypoint_pa_auc": pa["per_kp_auc"],
-        "pck_thresholds_mm": thr * 1000.0,
-        "pck": raw["pck"],
-        "pa_pck": pa["pck"],
-    }
+  Raises:
+      ValueError: with no samples.
+  """
+  err = np.asarray(err, np.float64)
+  pa_err = np.asarray(pa_err, np.float64)
+  if err.ndim != 2 or err.shape[0] == 0 or err.shape != pa_err.shape:
+    raise ValueError(f"need non-empty [N, J] errors of equal shape; got {err.shape}, {pa_err.shape}")
+  thr = pck_thresholds_m()
+  raw = _curve_stats(err, thr)
+  pa = _curve_stats(pa_err, thr)
+  return {
+      "epe_cm": float(raw["mean"] * 100.0),
+      "epe_median_cm": float(raw["median"] * 100.0),
+      "auc": float(raw["auc"]),
+      "pa_epe_cm": float(pa["mean"] * 100.0),
+      "pa_epe_median_cm": float(pa["median"] * 100.0),
+      "pa_auc": float(pa["auc"]),
+      "num_samples": int(err.shape[0]),
+      "per_keypoint_epe_cm": raw["per_kp_mean"] * 100.0,
+      "per_keypoint_pa_epe_cm": pa["per_kp_mean"] * 100.0,
+      "per_keypoint_auc": raw["per_kp_auc"],
+      "per_keypoint_pa_auc": pa["per_kp_auc"],
+      "pck_thresholds_mm": thr * 1000.0,
+      "pck": raw["pck"],
+      "pa_pck": pa["pck"],
+  }
 
 
 def keypoint_metrics(pred, gt) -> dict[str, Any]:
-    """Official FreiHAND keypoint metrics of a whole set of predictions.
+  """Official FreiHAND keypoint metrics of a whole set of predictions.
 
-    Args:
-        pred: [N, 21, 3] predicted keypoints in metres.
-        gt: [N, 21, 3] ground truth in metres (same joint order; per-keypoint
-            outputs follow that order).
+  Args:
+      pred: [N, 21, 3] predicted keypoints in metres.
+      gt: [N, 21, 3] ground truth in metres (same joint order; per-keypoint
+          outputs follow that order).
 
-    Returns:
-        See :func:`metrics_from_errors`.
-    """
-    return metrics_from_errors(*keypoint_errors(pred, gt))
+  Returns:
+      See :func:`metrics_from_errors`.
+  """
+  return metrics_from_errors(*keypoint_errors(pred, gt))
 
 
 class KeypointMetricsAccumulator:
-    """Collects per-sample errors over batches; metrics only at the end.
+  """Collects per-sample errors over batches; metrics only at the end.
 
-    Averaging per batch would weight samples unequally with a padded last batch
-    and cannot give PCK/AUC/median; keeping the [N, 21] errors (168 bytes per
-    sample and set) is exact and cheap.
+  Averaging per batch would weight samples unequally with a padded last batch
+  and cannot give PCK/AUC/median; keeping the [N, 21] errors (168 bytes per
+  sample and set) is exact and cheap.
 
-    Example::
+  Example::
 
-        acc = KeypointMetricsAccumulator()
-        for batch in batches:
-            acc.update(pred_xyz, batch['keypoints_3d'], mask=batch['mask'])
-        metrics = acc.result()
+      acc = KeypointMetricsAccumulator()
+      for batch in batches:
+          acc.update(pred_xyz, batch['keypoints_3d'], mask=batch['mask'])
+      metrics = acc.result()
+  """
+
+  def __init__(self):
+    self.reset()
+
+  def reset(self) -> None:
+    """Forgets everything accumulated."""
+    self._err: list[np.ndarray] = []
+    self._pa_err: list[np.ndarray] = []
+
+  @property
+  def count(self) -> int:
+    """Number of samples accumulated so far."""
+    return int(sum(e.shape[0] for e in self._err))
+
+  def update(self, pred, gt, mask=None) -> None:
+    """Adds one batch.
+
+    Args:
+        pred: [B, 21, 3] predictions, metres.
+        gt: [B, 21, 3] ground truth, metres.
+        mask: optional [B] bool; False rows (batch padding) are ignored.
     """
+    pred = np.asarray(pred, np.float64)
+    gt = np.asarray(gt, np.float64)
+    if mask is not None:
+      mask = np.asarray(mask, bool).reshape(-1)
+      if mask.shape[0] != pred.shape[0]:
+        raise ValueError(f"mask has {mask.shape[0]} rows, batch has {pred.shape[0]}")
+      pred, gt = pred[mask], gt[mask]
+    err, pa_err = keypoint_errors(pred, gt)
+    self._err.append(err)
+    self._pa_err.append(pa_err)
 
-    def __init__(self):
-        self.reset()
+  def errors(self) -> tuple[np.ndarray, np.ndarray]:
+    """All accumulated (err, pa_err), each [N, 21] metres."""
+    if not self._err:
+      return np.zeros((0, 21)), np.zeros((0, 21))
+    return np.concatenate(self._err), np.concatenate(self._pa_err)
 
-    def reset(self) -> None:
-        """Forgets everything accumulated."""
-        self._err: list[np.ndarray] = []
-        self._pa_err: list[np.ndarray] = []
-
-    @property
-    def count(self) -> int:
-        """Number of samples accumulated so far."""
-        return int(sum(e.shape[0] for e in self._err))
-
-    def update(self, pred, gt, mask=None) -> None:
-        """Adds one batch.
-
-        Args:
-            pred: [B, 21, 3] predictions, metres.
-            gt: [B, 21, 3] ground truth, metres.
-            mask: optional [B] bool; False rows (batch padding) are ignored.
-        """
-        pred = np.asarray(pred, np.float64)
-        gt = np.asarray(gt, np.float64)
-        if mask is not None:
-            mask = np.asarray(mask, bool).reshape(-1)
-            if mask.shape[0] != pred.shape[0]:
-                raise ValueError(f"mask has {mask.shape[0]} rows, batch has {pred.shape[0]}")
-            pred, gt = pred[mask], gt[mask]
-        err, pa_err = keypoint_errors(pred, gt)
-        self._err.append(err)
-        self._pa_err.append(pa_err)
-
-    def errors(self) -> tuple[np.ndarray, np.ndarray]:
-        """All accumulated (err, pa_err), each [N, 21] metres."""
-        if not self._err:
-            return np.zeros((0, 21)), np.zeros((0, 21))
-        return np.concatenate(self._err), np.concatenate(self._pa_err)
-
-    def result(self) -> dict[str, Any]:
-        """Metrics over every sample accumulated (see :func:`metrics_from_errors`)."""
-        return metrics_from_errors(*self.errors())
+  def result(self) -> dict[str, Any]:
+    """Metrics over every sample accumulated (see :func:`metrics_from_errors`)."""
+    return metrics_from_errors(*self.errors())
 
 
 # ==========================================================================
@@ -257,129 +257,129 @@ class KeypointMetricsAccumulator:
 
 
 def initial_box(image_size, fraction: float = INITIAL_BOX_FRACTION) -> np.ndarray:
-    """First-pass box: a square about the image centre, ``fraction`` of its side.
+  """First-pass box: a square about the image centre, ``fraction`` of its side.
 
-    As the public ``modify_bbox([0, 0, W, H], 0.33)``: centre (W/2, H/2), side
-    ``fraction * max(W, H)`` (73.92 px for FreiHAND's 224 px images; the 0.7 fill
-    of :func:`box_affine` then zooms the image centre by ~2.1x).
+  As the public ``modify_bbox([0, 0, W, H], 0.33)``: centre (W/2, H/2), side
+  ``fraction * max(W, H)`` (73.92 px for FreiHAND's 224 px images; the 0.7 fill
+  of :func:`box_affine` then zooms the image centre by ~2.1x).
 
-    Args:
-        image_size: side of a square image, or (height, width).
-        fraction: side of the box relative to the image's longer side.
+  Args:
+      image_size: side of a square image, or (height, width).
+      fraction: side of the box relative to the image's longer side.
 
-    Returns:
-        [4] float64 box (x1, y1, x2, y2) in image pixels.
-    """
-    if np.ndim(image_size) == 0:
-        height = width = float(image_size)
-    else:
-        height, width = (float(s) for s in image_size)
-    cx, cy = width / 2.0, height / 2.0
-    half = fraction * max(width, height) / 2.0
-    return np.array([cx - half, cy - half, cx + half, cy + half], np.float64)
+  Returns:
+      [4] float64 box (x1, y1, x2, y2) in image pixels.
+  """
+  if np.ndim(image_size) == 0:
+    height = width = float(image_size)
+  else:
+    height, width = (float(s) for s in image_size)
+  cx, cy = width / 2.0, height / 2.0
+  half = fraction * max(width, height) / 2.0
+  return np.array([cx - half, cy - half, cx + half, cy + half], np.float64)
 
 
 def box_affine(box, crop_size: float = CROP_SIZE, fill: float = BOX_FILL,
                min_side: float = 1e-6) -> np.ndarray:
-    """Scale + translation mapping a box to the centre of a square crop.
+  """Scale + translation mapping a box to the centre of a square crop.
 
-    As the public ``create_affine_transform_from_bbox``: the box centre goes to
-    (S/2, S/2) and the box's longer side to ``fill * S`` (no rotation).
+  As the public ``create_affine_transform_from_bbox``: the box centre goes to
+  (S/2, S/2) and the box's longer side to ``fill * S`` (no rotation).
 
-    Args:
-        box: [..., 4] boxes (x1, y1, x2, y2) in source pixels.
-        crop_size: S, output side in pixels.
-        fill: fraction of the crop covered by the box's longer side.
-        min_side: lower bound on the box side (a degenerate box would give an
-            infinite zoom; the public code has no guard and would fail).
+  Args:
+      box: [..., 4] boxes (x1, y1, x2, y2) in source pixels.
+      crop_size: S, output side in pixels.
+      fill: fraction of the crop covered by the box's longer side.
+      min_side: lower bound on the box side (a degenerate box would give an
+          infinite zoom; the public code has no guard and would fail).
 
-    Returns:
-        [..., 3, 3] float64 homogeneous matrices, source pixels -> crop pixels.
-    """
-    box = np.asarray(box, np.float64)
-    side = np.maximum(np.maximum(box[..., 2] - box[..., 0], box[..., 3] - box[..., 1]), min_side)
-    a = fill * crop_size / side
-    cx = 0.5 * (box[..., 0] + box[..., 2])
-    cy = 0.5 * (box[..., 1] + box[..., 3])
-    m = np.zeros(box.shape[:-1] + (3, 3), np.float64)
-    m[..., 0, 0] = a
-    m[..., 1, 1] = a
-    m[..., 0, 2] = crop_size / 2.0 - a * cx
-    m[..., 1, 2] = crop_size / 2.0 - a * cy
-    m[..., 2, 2] = 1.0
-    return m
+  Returns:
+      [..., 3, 3] float64 homogeneous matrices, source pixels -> crop pixels.
+  """
+  box = np.asarray(box, np.float64)
+  side = np.maximum(np.maximum(box[..., 2] - box[..., 0], box[..., 3] - box[..., 1]), min_side)
+  a = fill * crop_size / side
+  cx = 0.5 * (box[..., 0] + box[..., 2])
+  cy = 0.5 * (box[..., 1] + box[..., 3])
+  m = np.zeros(box.shape[:-1] + (3, 3), np.float64)
+  m[..., 0, 0] = a
+  m[..., 1, 1] = a
+  m[..., 0, 2] = crop_size / 2.0 - a * cx
+  m[..., 1, 2] = crop_size / 2.0 - a * cy
+  m[..., 2, 2] = 1.0
+  return m
 
 
 def keypoint_box(kp2d) -> np.ndarray:
-    """Integer bounding box of 2D keypoints, as the public ``get_bbox_from_pose``.
+  """Integer bounding box of 2D keypoints, as the public ``get_bbox_from_pose``.
 
-    The public code casts with Python ``int()``, i.e. truncation toward zero
-    (equal to floor for the usual non-negative coordinates), for both the
-    minimum and the maximum; NaN keypoints are ignored.
+  The public code casts with Python ``int()``, i.e. truncation toward zero
+  (equal to floor for the usual non-negative coordinates), for both the
+  minimum and the maximum; NaN keypoints are ignored.
 
-    Args:
-        kp2d: [..., J, 2] keypoints (x, y).
+  Args:
+      kp2d: [..., J, 2] keypoints (x, y).
 
-    Returns:
-        [..., 4] float64 boxes (x1, y1, x2, y2) with integer values.
-    """
-    kp2d = np.asarray(kp2d, np.float64)
-    lo = np.trunc(np.nanmin(kp2d, axis=-2))
-    hi = np.trunc(np.nanmax(kp2d, axis=-2))
-    return np.concatenate([lo, hi], axis=-1)
+  Returns:
+      [..., 4] float64 boxes (x1, y1, x2, y2) with integer values.
+  """
+  kp2d = np.asarray(kp2d, np.float64)
+  lo = np.trunc(np.nanmin(kp2d, axis=-2))
+  hi = np.trunc(np.nanmax(kp2d, axis=-2))
+  return np.concatenate([lo, hi], axis=-1)
 
 
 def map_box(matrix, box) -> np.ndarray:
-    """Maps a box's two corners through an affine transform.
+  """Maps a box's two corners through an affine transform.
 
-    Args:
-        matrix: [..., 3, 3] affine transforms.
-        box: [..., 4] (x1, y1, x2, y2).
+  Args:
+      matrix: [..., 3, 3] affine transforms.
+      box: [..., 4] (x1, y1, x2, y2).
 
-    Returns:
-        [..., 4] the mapped corners (exact for scale + translation transforms).
-    """
-    corners = np.asarray(box, np.float64).reshape(np.shape(box)[:-1] + (2, 2))
-    mapped = _host_f64(geometry.apply_affine, matrix, corners)
-    return mapped.reshape(mapped.shape[:-2] + (4,))
+  Returns:
+      [..., 4] the mapped corners (exact for scale + translation transforms).
+  """
+  corners = np.asarray(box, np.float64).reshape(np.shape(box)[:-1] + (2, 2))
+  mapped = _host_f64(geometry.apply_affine, matrix, corners)
+  return mapped.reshape(mapped.shape[:-2] + (4,))
 
 
 @functools.partial(jax.jit, static_argnames=("crop_size",))
 def _crop_normalise_jit(images, matrix, mean, std, *, crop_size: int):
-    crops = augment.warp(images, matrix, crop_size, 0.0)
-    return augment.normalise(crops / 255.0, mean, std)
+  crops = augment.warp(images, matrix, crop_size, 0.0)
+  return augment.normalise(crops / 255.0, mean, std)
 
 
 def crop_and_normalise(images, matrix, crop_size: int = CROP_SIZE,
                        mean: Sequence[float] = IMAGENET_MEAN,
                        std: Sequence[float] = IMAGENET_STD):
-    """Cuts affine crops from uint8 images and applies ImageNet normalisation.
+  """Cuts affine crops from uint8 images and applies ImageNet normalisation.
 
-    Uses the project's bilinear warp (:func:`peclr_jax.augment.warp`, OpenCV
-    warpAffine semantics with a constant border).
+  Uses the project's bilinear warp (:func:`peclr_jax.augment.warp`, OpenCV
+  warpAffine semantics with a constant border).
 
-    Border: the public code passes ``borderValue=[0.485, 0.456, 0.406]`` to
-    cv2.warpAffine on a *uint8* image, where it saturates to 0, and only then
-    divides by 255 and normalises. So outside the image is black, i.e. the
-    normalised value -mean/std (about -2.1). We warp with fill 0 in uint8
-    units and normalise afterwards, which is the same thing (including the
-    bilinear blend with the black border along the image edge). Note this
-    differs on purpose from the pre-training views, whose border is the
-    ImageNet mean (normalised 0): evaluation reproduces the released models'
-    test-time input.
+  Border: the public code passes ``borderValue=[0.485, 0.456, 0.406]`` to
+  cv2.warpAffine on a *uint8* image, where it saturates to 0, and only then
+  divides by 255 and normalises. So outside the image is black, i.e. the
+  normalised value -mean/std (about -2.1). We warp with fill 0 in uint8
+  units and normalise afterwards, which is the same thing (including the
+  bilinear blend with the black border along the image edge). Note this
+  differs on purpose from the pre-training views, whose border is the
+  ImageNet mean (normalised 0): evaluation reproduces the released models'
+  test-time input.
 
-    Args:
-        images: uint8 [N, H, W, 3].
-        matrix: [N, 3, 3] source pixel -> crop pixel transforms.
-        crop_size: S.
-        mean, std: per-channel normalisation on the 0..1 scale.
+  Args:
+      images: uint8 [N, H, W, 3].
+      matrix: [N, 3, 3] source pixel -> crop pixel transforms.
+      crop_size: S.
+      mean, std: per-channel normalisation on the 0..1 scale.
 
-    Returns:
-        float32 [N, S, S, 3] normalised crops (a jax array).
-    """
-    return _crop_normalise_jit(jnp.asarray(images), jnp.asarray(matrix, jnp.float32),
-                               jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32),
-                               crop_size=int(crop_size))
+  Returns:
+      float32 [N, S, S, 3] normalised crops (a jax array).
+  """
+  return _crop_normalise_jit(jnp.asarray(images), jnp.asarray(matrix, jnp.float32),
+                             jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32),
+                             crop_size=int(crop_size))
 
 
 def two_pass_predict(
@@ -393,75 +393,75 @@ def two_pass_predict(
         box_fraction: float = INITIAL_BOX_FRACTION,
         crop_fn: Callable[..., Any] | None = None,
 ) -> dict[str, np.ndarray]:
-    """The public FreiHAND test-time procedure, batched.
+  """The public FreiHAND test-time procedure, batched.
 
-    1. Crop a square of side ``box_fraction * image side`` about the image
-       centre so that it fills ``fill`` of a ``crop_size`` crop; predict.
-    2. Take the integer bounding box of the predicted 2D keypoints (crop
-       pixels), map it back to the image with the inverse crop transform, and
-       crop again from that box (same 0.7 fill, no extra margin); predict.
-    3. Convert the second prediction: palm -> wrist, AIT -> FreiHAND order,
-       times the sample's metric reference-bone length.
+  1. Crop a square of side ``box_fraction * image side`` about the image
+     centre so that it fills ``fill`` of a ``crop_size`` crop; predict.
+  2. Take the integer bounding box of the predicted 2D keypoints (crop
+     pixels), map it back to the image with the inverse crop transform, and
+     crop again from that box (same 0.7 fill, no extra margin); predict.
+  3. Convert the second prediction: palm -> wrist, AIT -> FreiHAND order,
+     times the sample's metric reference-bone length.
 
-    Camera intrinsics of each crop are ``T @ K`` (T the crop transform), as
-    the public ``preprocess``.
+  Camera intrinsics of each crop are ``T @ K`` (T the crop transform), as
+  the public ``preprocess``.
 
-    Args:
-        predict_fn: ``predict_fn(crops float32 [N, S, S, 3] normalised,
-            K_crop [N, 3, 3]) -> {'kp2d': [N, 21, 2] crop pixels, 'kp3d':
-            [N, 21, 3] reference-bone units}`` in AIT order with the palm at
-            joint 0 (the 2.5D model's outputs). Called twice on the whole batch.
-        images: uint8 [N, H, W, 3] original images.
-        K: [N, 3, 3] intrinsics of the original images.
-        scale: [N] metric length of the reference bone (metres).
-        crop_size: S (224 for the released models).
-        fill: fraction of the crop covered by the box.
-        box_fraction: first-pass box side relative to the image side.
-        crop_fn: optional ``crop_fn(images, matrix [N, 3, 3], crop_size) ->
-            normalised crops``; default :func:`crop_and_normalise`.
+  Args:
+      predict_fn: ``predict_fn(crops float32 [N, S, S, 3] normalised,
+          K_crop [N, 3, 3]) -> {'kp2d': [N, 21, 2] crop pixels, 'kp3d':
+          [N, 21, 3] reference-bone units}`` in AIT order with the palm at
+          joint 0 (the 2.5D model's outputs). Called twice on the whole batch.
+      images: uint8 [N, H, W, 3] original images.
+      K: [N, 3, 3] intrinsics of the original images.
+      scale: [N] metric length of the reference bone (metres).
+      crop_size: S (224 for the released models).
+      fill: fraction of the crop covered by the box.
+      box_fraction: first-pass box side relative to the image side.
+      crop_fn: optional ``crop_fn(images, matrix [N, 3, 3], crop_size) ->
+          normalised crops``; default :func:`crop_and_normalise`.
 
-    Returns:
-        dict of float64 NumPy arrays:
-            ``kp3d_metres`` [N, 21, 3] FreiHAND order, wrist root, camera frame;
-            ``kp2d`` [N, 21, 2] original-image pixels, FreiHAND order, wrist root
-                (2D wrist = 2 * palm - middle MCP, the inverse of the palm target);
-            ``kp2d_ait`` / ``kp3d_ait_metres``: the same in AIT order;
-            ``box`` [N, 4] second-pass box (image pixels); ``affine`` [N, 3, 3]
-            second-pass transform image -> crop; ``K_crop`` [N, 3, 3].
-    """
-    images = np.asarray(images)
-    if images.ndim != 4:
-        raise ValueError(f"images must be [N, H, W, 3], got {images.shape}")
-    n, height, width = images.shape[:3]
-    K = np.broadcast_to(np.asarray(K, np.float64), (n, 3, 3))
-    scale = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (n,))
-    crop_fn = crop_fn or crop_and_normalise
+  Returns:
+      dict of float64 NumPy arrays:
+          ``kp3d_metres`` [N, 21, 3] FreiHAND order, wrist root, camera frame;
+          ``kp2d`` [N, 21, 2] original-image pixels, FreiHAND order, wrist root
+              (2D wrist = 2 * palm - middle MCP, the inverse of the palm target);
+          ``kp2d_ait`` / ``kp3d_ait_metres``: the same in AIT order;
+          ``box`` [N, 4] second-pass box (image pixels); ``affine`` [N, 3, 3]
+          second-pass transform image -> crop; ``K_crop`` [N, 3, 3].
+  """
+  images = np.asarray(images)
+  if images.ndim != 4:
+    raise ValueError(f"images must be [N, H, W, 3], got {images.shape}")
+  n, height, width = images.shape[:3]
+  K = np.broadcast_to(np.asarray(K, np.float64), (n, 3, 3))
+  scale = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (n,))
+  crop_fn = crop_fn or crop_and_normalise
 
-    # Pass 1: fixed box about the image centre (the hand is roughly centred).
-    t1 = np.broadcast_to(box_affine(initial_box((height, width), box_fraction),
-                                    crop_size, fill), (n, 3, 3))
-    k1 = t1 @ K
-    out1 = predict_fn(crop_fn(images, t1, crop_size), k1)
-    kp2d_1 = np.asarray(out1["kp2d"], np.float64)
+  # Pass 1: fixed box about the image centre (the hand is roughly centred).
+  t1 = np.broadcast_to(box_affine(initial_box((height, width), box_fraction),
+                                  crop_size, fill), (n, 3, 3))
+  k1 = t1 @ K
+  out1 = predict_fn(crop_fn(images, t1, crop_size), k1)
+  kp2d_1 = np.asarray(out1["kp2d"], np.float64)
 
-    # Pass 2: box of the first prediction, taken back to image pixels.
-    box = map_box(np.linalg.inv(t1), keypoint_box(kp2d_1))
-    t2 = box_affine(box, crop_size, fill)
-    k2 = t2 @ K
-    out2 = predict_fn(crop_fn(images, t2, crop_size), k2)
+  # Pass 2: box of the first prediction, taken back to image pixels.
+  box = map_box(np.linalg.inv(t1), keypoint_box(kp2d_1))
+  t2 = box_affine(box, crop_size, fill)
+  k2 = t2 @ K
+  out2 = predict_fn(crop_fn(images, t2, crop_size), k2)
 
-    kp3d_ait = geometry.palm_to_wrist(np.asarray(out2["kp3d"], np.float64)) * scale[:, None, None]
-    kp2d_crop = geometry.palm_to_wrist(np.asarray(out2["kp2d"], np.float64))
-    kp2d_ait = _host_f64(geometry.apply_affine, np.linalg.inv(t2), kp2d_crop)
-    return {
-            "kp3d_metres": geometry.ait_to_freihand(kp3d_ait),
-            "kp2d": geometry.ait_to_freihand(kp2d_ait),
-            "kp3d_ait_metres": kp3d_ait,
-            "kp2d_ait": kp2d_ait,
-            "box": box,
-            "affine": t2,
-            "K_crop": k2,
-    }
+  kp3d_ait = geometry.palm_to_wrist(np.asarray(out2["kp3d"], np.float64)) * scale[:, None, None]
+  kp2d_crop = geometry.palm_to_wrist(np.asarray(out2["kp2d"], np.float64))
+  kp2d_ait = _host_f64(geometry.apply_affine, np.linalg.inv(t2), kp2d_crop)
+  return {
+          "kp3d_metres": geometry.ait_to_freihand(kp3d_ait),
+          "kp2d": geometry.ait_to_freihand(kp2d_ait),
+          "kp3d_ait_metres": kp3d_ait,
+          "kp2d_ait": kp2d_ait,
+          "box": box,
+          "affine": t2,
+          "K_crop": k2,
+  }
 
 
 # ==========================================================================
@@ -470,39 +470,39 @@ def two_pass_predict(
 
 
 def write_submission(xyz, out_dir: str, num_vertices: int = NUM_VERTICES) -> str:
-    """Writes the FreiHAND CodaLab submission (keypoints only).
+  """Writes the FreiHAND CodaLab submission (keypoints only).
 
-    ``pred.json`` holds ``[xyz_list, verts_list]`` with xyz [N, 21, 3] in metres
-    (FreiHAND order) and all-zero vertices [N, 778, 3] (keypoint-only methods
-    submit zeros, as the public code). It is written to ``out_dir`` and zipped
-    (deflate, with the Python zipfile module) as ``out_dir/pred.zip`` whose only
-    member is ``pred.json``.
+  ``pred.json`` holds ``[xyz_list, verts_list]`` with xyz [N, 21, 3] in metres
+  (FreiHAND order) and all-zero vertices [N, 778, 3] (keypoint-only methods
+  submit zeros, as the public code). It is written to ``out_dir`` and zipped
+  (deflate, with the Python zipfile module) as ``out_dir/pred.zip`` whose only
+  member is ``pred.json``.
 
-    Args:
-        xyz: [N, 21, 3] keypoints in metres, FreiHAND order.
-        out_dir: created if missing.
-        num_vertices: vertices per sample (778 for MANO).
+  Args:
+      xyz: [N, 21, 3] keypoints in metres, FreiHAND order.
+      out_dir: created if missing.
+      num_vertices: vertices per sample (778 for MANO).
 
-    Returns:
-        Path of ``pred.zip``.
-    """
-    xyz = np.asarray(xyz, np.float64)
-    if xyz.ndim != 3 or xyz.shape[1:] != (21, 3):
-        raise ValueError(f"xyz must be [N, 21, 3], got {xyz.shape}")
-    if not np.all(np.isfinite(xyz)):
-        raise ValueError("xyz contains non-finite values")
-    os.makedirs(out_dir, exist_ok=True)
-    json_path = os.path.join(out_dir, "pred.json")
-    zip_path = os.path.join(out_dir, "pred.zip")
-    # The zero vertices are ~9M numbers for the 3,960 test images; serialising
-    # one hand once and repeating the text is much faster than json.dump.
-    one_verts = json.dumps([[0.0, 0.0, 0.0]] * num_vertices, separators=(",", ":"))
-    with open(json_path, "w") as f:
-        f.write("[")
-        json.dump(xyz.tolist(), f, separators=(",", ":"))
-        f.write(",[")
-        f.write(",".join([one_verts] * xyz.shape[0]))
-        f.write("]]")
-    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        zf.write(json_path, arcname="pred.json")
-    return zip_path
+  Returns:
+      Path of ``pred.zip``.
+  """
+  xyz = np.asarray(xyz, np.float64)
+  if xyz.ndim != 3 or xyz.shape[1:] != (21, 3):
+    raise ValueError(f"xyz must be [N, 21, 3], got {xyz.shape}")
+  if not np.all(np.isfinite(xyz)):
+    raise ValueError("xyz contains non-finite values")
+  os.makedirs(out_dir, exist_ok=True)
+  json_path = os.path.join(out_dir, "pred.json")
+  zip_path = os.path.join(out_dir, "pred.zip")
+  # The zero vertices are ~9M numbers for the 3,960 test images; serialising
+  # one hand once and repeating the text is much faster than json.dump.
+  one_verts = json.dumps([[0.0, 0.0, 0.0]] * num_vertices, separators=(",", ":"))
+  with open(json_path, "w") as f:
+    f.write("[")
+    json.dump(xyz.tolist(), f, separators=(",", ":"))
+    f.write(",[")
+    f.write(",".join([one_verts] * xyz.shape[0]))
+    f.write("]]")
+  with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+    zf.write(json_path, arcname="pred.json")
+  return zip_path

@@ -50,78 +50,78 @@ REF_BONE = (3, 8)
 
 
 def _xp(x):
-    """NumPy for NumPy inputs, jax.numpy otherwise (keeps pipeline code host-side)."""
-    return np if isinstance(x, np.ndarray) else jnp
+  """NumPy for NumPy inputs, jax.numpy otherwise (keeps pipeline code host-side)."""
+  return np if isinstance(x, np.ndarray) else jnp
 
 
 def _reorder(x, idx: np.ndarray):
-    if x.shape[-2] != idx.shape[0]:
-        raise ValueError(f"expected {idx.shape[0]} joints on axis -2, got shape {x.shape}")
-    return x[..., idx, :]
+  if x.shape[-2] != idx.shape[0]:
+    raise ValueError(f"expected {idx.shape[0]} joints on axis -2, got shape {x.shape}")
+  return x[..., idx, :]
 
 
 def freihand_to_ait(x):
-    """Reorders joints from FreiHAND order to AIT order.
+  """Reorders joints from FreiHAND order to AIT order.
 
-    Args:
-        x: [..., 21, D] joints in FreiHAND order (NumPy or JAX).
+  Args:
+      x: [..., 21, D] joints in FreiHAND order (NumPy or JAX).
 
-    Returns:
-        [..., 21, D] joints in AIT order (same array type).
-    """
-    return _reorder(x, FREIHAND_TO_AIT)
+  Returns:
+      [..., 21, D] joints in AIT order (same array type).
+  """
+  return _reorder(x, FREIHAND_TO_AIT)
 
 
 def ait_to_freihand(x):
-    """Reorders joints from AIT order to FreiHAND order.
+  """Reorders joints from AIT order to FreiHAND order.
 
-    Args:
-        x: [..., 21, D] joints in AIT order.
+  Args:
+      x: [..., 21, D] joints in AIT order.
 
-    Returns:
-        [..., 21, D] joints in FreiHAND order.
-    """
-    return _reorder(x, AIT_TO_FREIHAND)
+  Returns:
+      [..., 21, D] joints in FreiHAND order.
+  """
+  return _reorder(x, AIT_TO_FREIHAND)
 
 
 def mano_to_ait(x):
-    """Reorders joints from MANO-regressor order (16 joints + 5 tips) to AIT order.
+  """Reorders joints from MANO-regressor order (16 joints + 5 tips) to AIT order.
 
-    Args:
-        x: [..., 21, D] joints in MANO order.
+  Args:
+      x: [..., 21, D] joints in MANO order.
 
-    Returns:
-        [..., 21, D] joints in AIT order.
-    """
-    return _reorder(x, MANO_TO_AIT)
+  Returns:
+      [..., 21, D] joints in AIT order.
+  """
+  return _reorder(x, MANO_TO_AIT)
 
 
 def wrist_to_palm(kp):
-    """Replaces joint 0 (wrist) by the palm centre, (wrist + middle MCP) / 2.
+  """Replaces joint 0 (wrist) by the palm centre, (wrist + middle MCP) / 2.
 
-    Args:
-        kp: [..., 21, D] AIT-order joints with the wrist at index 0 (any D).
+  Args:
+      kp: [..., 21, D] AIT-order joints with the wrist at index 0 (any D).
 
-    Returns:
-        [..., 21, D] with the palm at index 0; other joints unchanged.
-    """
-    xp = _xp(kp)
-    palm = 0.5 * (kp[..., 0:1, :] + kp[..., AIT_MIDDLE_MCP:AIT_MIDDLE_MCP + 1, :])
-    return xp.concatenate([palm, kp[..., 1:, :]], axis=-2)
+  Returns:
+      [..., 21, D] with the palm at index 0; other joints unchanged.
+  """
+  xp = _xp(kp)
+  palm = 0.5 * (kp[..., 0:1, :] + kp[..., AIT_MIDDLE_MCP:AIT_MIDDLE_MCP + 1, :])
+  return xp.concatenate([palm, kp[..., 1:, :]], axis=-2)
 
 
 def palm_to_wrist(kp):
-    """Inverse of :func:`wrist_to_palm`: wrist = 2 * palm - middle MCP.
+  """Inverse of :func:`wrist_to_palm`: wrist = 2 * palm - middle MCP.
 
-    Args:
-        kp: [..., 21, D] AIT-order joints with the palm at index 0.
+  Args:
+      kp: [..., 21, D] AIT-order joints with the palm at index 0.
 
-    Returns:
-        [..., 21, D] with the wrist at index 0.
-    """
-    xp = _xp(kp)
-    wrist = 2.0 * kp[..., 0:1, :] - kp[..., AIT_MIDDLE_MCP:AIT_MIDDLE_MCP + 1, :]
-    return xp.concatenate([wrist, kp[..., 1:, :]], axis=-2)
+  Returns:
+      [..., 21, D] with the wrist at index 0.
+  """
+  xp = _xp(kp)
+  wrist = 2.0 * kp[..., 0:1, :] - kp[..., AIT_MIDDLE_MCP:AIT_MIDDLE_MCP + 1, :]
+  return xp.concatenate([wrist, kp[..., 1:, :]], axis=-2)
 
 
 # --------------------------------------------------------------------------
@@ -129,64 +129,64 @@ def palm_to_wrist(kp):
 # --------------------------------------------------------------------------
 
 def _swap(m):
-    return jnp.swapaxes(m, -1, -2)
+  return jnp.swapaxes(m, -1, -2)
 
 
 def project(xyz, K):
-    """Pinhole projection.
+  """Pinhole projection.
 
-    Args:
-        xyz: [..., J, 3] camera-frame points (z > 0).
-        K: [..., 3, 3] intrinsics, leading dims broadcastable with xyz's.
+  Args:
+      xyz: [..., J, 3] camera-frame points (z > 0).
+      K: [..., 3, 3] intrinsics, leading dims broadcastable with xyz's.
 
-    Returns:
-        uv: [..., J, 2] pixel coordinates.
-    """
-    uvw = jnp.matmul(xyz, _swap(K))
-    return uvw[..., :2] / uvw[..., 2:3]
+  Returns:
+      uv: [..., J, 2] pixel coordinates.
+  """
+  uvw = jnp.matmul(xyz, _swap(K))
+  return uvw[..., :2] / uvw[..., 2:3]
 
 
 def pixel_rays(uv, K):
-    """Back-projects pixels to rays with unit depth, K^-1 [u, v, 1].
+  """Back-projects pixels to rays with unit depth, K^-1 [u, v, 1].
 
-    Args:
-        uv: [..., J, 2] pixel coordinates.
-        K: [..., 3, 3] intrinsics.
+  Args:
+      uv: [..., J, 2] pixel coordinates.
+      K: [..., 3, 3] intrinsics.
 
-    Returns:
-        [..., J, 3] rays whose z component is 1 for any upper-triangular K
-        with K[2] = (0, 0, 1).
-    """
-    uv1 = jnp.concatenate([uv, jnp.ones_like(uv[..., :1])], axis=-1)
-    return jnp.matmul(uv1, _swap(jnp.linalg.inv(K)))
+  Returns:
+      [..., J, 3] rays whose z component is 1 for any upper-triangular K
+      with K[2] = (0, 0, 1).
+  """
+  uv1 = jnp.concatenate([uv, jnp.ones_like(uv[..., :1])], axis=-1)
+  return jnp.matmul(uv1, _swap(jnp.linalg.inv(K)))
 
 
 def unproject(uv, depth, K):
-    """Inverse of :func:`project` given per-point depth.
+  """Inverse of :func:`project` given per-point depth.
 
-    Args:
-        uv: [..., J, 2] pixels.
-        depth: [..., J] z coordinate of each point.
-        K: [..., 3, 3] intrinsics.
+  Args:
+      uv: [..., J, 2] pixels.
+      depth: [..., J] z coordinate of each point.
+      K: [..., 3, 3] intrinsics.
 
-    Returns:
-        xyz: [..., J, 3] = K^-1 [u, v, 1] * depth.
-    """
-    return pixel_rays(uv, K) * depth[..., None]
+  Returns:
+      xyz: [..., J, 3] = K^-1 [u, v, 1] * depth.
+  """
+  return pixel_rays(uv, K) * depth[..., None]
 
 
 def bone_length(xyz, bone: Sequence[int] = REF_BONE):
-    """Length of the reference bone.
+  """Length of the reference bone.
 
-    Args:
-        xyz: [..., J, 3] points.
-        bone: (m, n) joint indices.
+  Args:
+      xyz: [..., J, 3] points.
+      bone: (m, n) joint indices.
 
-    Returns:
-        [...] Euclidean distance between joints m and n.
-    """
-    m, n = bone
-    return jnp.linalg.norm(xyz[..., n, :] - xyz[..., m, :], axis=-1)
+  Returns:
+      [...] Euclidean distance between joints m and n.
+  """
+  m, n = bone
+  return jnp.linalg.norm(xyz[..., n, :] - xyz[..., m, :], axis=-1)
 
 
 # --------------------------------------------------------------------------
@@ -194,82 +194,82 @@ def bone_length(xyz, bone: Sequence[int] = REF_BONE):
 # --------------------------------------------------------------------------
 
 def xyz_to_uvd(xyz, K, root: int = 0, bone: Sequence[int] = REF_BONE):
-    """3D keypoints to the scale-invariant 2.5D representation.
+  """3D keypoints to the scale-invariant 2.5D representation.
 
-    The model uses the palm as root: call :func:`wrist_to_palm` first so that
-    joint 0 is the palm.
+  The model uses the palm as root: call :func:`wrist_to_palm` first so that
+  joint 0 is the palm.
 
-    Args:
-        xyz: [..., 21, 3] camera-frame keypoints (any metric unit).
-        K: [..., 3, 3] intrinsics.
-        root: index of the root joint.
-        bone: reference bone (m, n).
+  Args:
+      xyz: [..., 21, 3] camera-frame keypoints (any metric unit).
+      K: [..., 3, 3] intrinsics.
+      root: index of the root joint.
+      bone: reference bone (m, n).
 
-    Returns:
-        uv: [..., 21, 2] pixels.
-        z_rel: [..., 21] (z - z_root) / bone_length (0 at the root).
-        bone_length: [...] reference bone length in xyz's unit.
-    """
-    uv = project(xyz, K)
-    length = bone_length(xyz, bone)
-    z = xyz[..., 2]
-    z_rel = (z - z[..., root:root + 1]) / length[..., None]
-    return uv, z_rel, length
+  Returns:
+      uv: [..., 21, 2] pixels.
+      z_rel: [..., 21] (z - z_root) / bone_length (0 at the root).
+      bone_length: [...] reference bone length in xyz's unit.
+  """
+  uv = project(xyz, K)
+  length = bone_length(xyz, bone)
+  z = xyz[..., 2]
+  z_rel = (z - z[..., root:root + 1]) / length[..., None]
+  return uv, z_rel, length
 
 
 def uvd_to_xyz(uv, z_rel, z_root, K):
-    """2.5D to scale-normalised 3D: rays * (z_rel + z_root).
+  """2.5D to scale-normalised 3D: rays * (z_rel + z_root).
 
-    Args:
-        uv: [..., 21, 2] pixels.
-        z_rel: [..., 21] relative depths in bone units.
-        z_root: [...] scale-normalised root depth (z_root / bone_length).
-        K: [..., 3, 3] intrinsics.
+  Args:
+      uv: [..., 21, 2] pixels.
+      z_rel: [..., 21] relative depths in bone units.
+      z_root: [...] scale-normalised root depth (z_root / bone_length).
+      K: [..., 3, 3] intrinsics.
 
-    Returns:
-        [..., 21, 3] keypoints in units of the reference bone; multiply by the
-        metric bone length to get metric coordinates.
-    """
-    return pixel_rays(uv, K) * (z_rel + z_root[..., None])[..., None]
+  Returns:
+      [..., 21, 3] keypoints in units of the reference bone; multiply by the
+      metric bone length to get metric coordinates.
+  """
+  return pixel_rays(uv, K) * (z_rel + z_root[..., None])[..., None]
 
 
 def solve_zroot(uv, z_rel, K, bone: Sequence[int] = REF_BONE, eps: float = 1e-8):
-    """Closed-form scale-normalised root depth (Iqbal et al. ECCV 2018, eq. 6-7).
+  """Closed-form scale-normalised root depth (Iqbal et al. ECCV 2018, eq. 6-7).
 
-    With rays r_j = K^-1 [u_j, v_j, 1] (so r_j = (X_j, Y_j, 1)), the
-    scale-normalised keypoints are P_j = r_j (z_rel_j + Z). Requiring the
-    reference bone to have unit length, |P_n - P_m|^2 = 1, is a quadratic
-    a Z^2 + b Z + c = 0 in Z; the larger (+) root is the physical solution
-    (the hand lies in front of the camera). As in the public code, ``a`` and
-    the discriminant are clamped below at ``eps`` so that degenerate inputs
-    (e.g. an untrained network) give finite values.
+  With rays r_j = K^-1 [u_j, v_j, 1] (so r_j = (X_j, Y_j, 1)), the
+  scale-normalised keypoints are P_j = r_j (z_rel_j + Z). Requiring the
+  reference bone to have unit length, |P_n - P_m|^2 = 1, is a quadratic
+  a Z^2 + b Z + c = 0 in Z; the larger (+) root is the physical solution
+  (the hand lies in front of the camera). As in the public code, ``a`` and
+  the discriminant are clamped below at ``eps`` so that degenerate inputs
+  (e.g. an untrained network) give finite values.
 
-    No gradient stop and no clamping of the result happen here: the 2.5D model
-    stops the gradient and clamps to [4, 50] itself (PAPER.md).
+  No gradient stop and no clamping of the result happen here: the 2.5D model
+  stops the gradient and clamps to [4, 50] itself (PAPER.md).
 
-    Args:
-        uv: [..., 21, 2] pixels.
-        z_rel: [..., 21] relative depths in bone units.
-        K: [..., 3, 3] intrinsics.
-        bone: reference bone (m, n).
-        eps: lower clamp for ``a`` and the discriminant.
+  Args:
+      uv: [..., 21, 2] pixels.
+      z_rel: [..., 21] relative depths in bone units.
+      K: [..., 3, 3] intrinsics.
+      bone: reference bone (m, n).
+      eps: lower clamp for ``a`` and the discriminant.
 
-    Returns:
-        z_root: [...] root depth divided by the reference bone length.
-    """
-    m, n = bone
-    rays = pixel_rays(uv, K)
-    xm, ym = rays[..., m, 0], rays[..., m, 1]
-    xn, yn = rays[..., n, 0], rays[..., n, 1]
-    zm, zn = z_rel[..., m], z_rel[..., n]
-    a = (xn - xm) ** 2 + (yn - ym) ** 2
-    b = 2.0 * (zn * (xn ** 2 + yn ** 2 - xn * xm - yn * ym)
-               + zm * (xm ** 2 + ym ** 2 - xn * xm - yn * ym))
-    c = (xn * zn - xm * zm) ** 2 + (yn * zn - ym * zm) ** 2 + (zn - zm) ** 2 - 1.0
-    disc = b ** 2 - 4.0 * a * c
-    a = jnp.maximum(a, eps)
-    disc = jnp.maximum(disc, eps)
-    return (-b + jnp.sqrt(disc)) / (2.0 * a)
+  Returns:
+      z_root: [...] root depth divided by the reference bone length.
+  """
+  m, n = bone
+  rays = pixel_rays(uv, K)
+  xm, ym = rays[..., m, 0], rays[..., m, 1]
+  xn, yn = rays[..., n, 0], rays[..., n, 1]
+  zm, zn = z_rel[..., m], z_rel[..., n]
+  a = (xn - xm) ** 2 + (yn - ym) ** 2
+  b = 2.0 * (zn * (xn ** 2 + yn ** 2 - xn * xm - yn * ym)
+             + zm * (xm ** 2 + ym ** 2 - xn * xm - yn * ym))
+  c = (xn * zn - xm * zm) ** 2 + (yn * zn - ym * zm) ** 2 + (zn - zm) ** 2 - 1.0
+  disc = b ** 2 - 4.0 * a * c
+  a = jnp.maximum(a, eps)
+  disc = jnp.maximum(disc, eps)
+  return (-b + jnp.sqrt(disc)) / (2.0 * a)
 
 
 # --------------------------------------------------------------------------
@@ -277,47 +277,47 @@ def solve_zroot(uv, z_rel, K, bone: Sequence[int] = REF_BONE, eps: float = 1e-8)
 # --------------------------------------------------------------------------
 
 def procrustes_align(pred, gt, eps: float = 1e-8):
-    """Similarity (Procrustes) alignment of ``pred`` onto ``gt``, as FreiHAND's eval.
+  """Similarity (Procrustes) alignment of ``pred`` onto ``gt``, as FreiHAND's eval.
 
-    Mirrors the official ``align_w_scale(gt, pred)``: centre both sets, divide
-    each by its Frobenius norm (+ eps), solve orthogonal Procrustes
-    ``min_R |gt_n R - pred_n|`` with scipy semantics (R = U V^T from
-    SVD(gt_n^T pred_n), scale s = sum of singular values, *no* reflection
-    correction), then map pred' = pred_n R^T s |gt_c| + mean(gt).
+  Mirrors the official ``align_w_scale(gt, pred)``: centre both sets, divide
+  each by its Frobenius norm (+ eps), solve orthogonal Procrustes
+  ``min_R |gt_n R - pred_n|`` with scipy semantics (R = U V^T from
+  SVD(gt_n^T pred_n), scale s = sum of singular values, *no* reflection
+  correction), then map pred' = pred_n R^T s |gt_c| + mean(gt).
 
-    Args:
-        pred: [..., J, 3] predicted points.
-        gt: [..., J, 3] ground truth points.
-        eps: added to the Frobenius norms (as the official script).
+  Args:
+      pred: [..., J, 3] predicted points.
+      gt: [..., J, 3] ground truth points.
+      eps: added to the Frobenius norms (as the official script).
 
-    Returns:
-        [..., J, 3] aligned prediction.
-    """
-    t_gt = jnp.mean(gt, axis=-2, keepdims=True)
-    t_pred = jnp.mean(pred, axis=-2, keepdims=True)
-    gt_c = gt - t_gt
-    pred_c = pred - t_pred
-    s_gt = jnp.sqrt(jnp.sum(gt_c ** 2, axis=(-2, -1), keepdims=True)) + eps
-    s_pred = jnp.sqrt(jnp.sum(pred_c ** 2, axis=(-2, -1), keepdims=True)) + eps
-    a = gt_c / s_gt
-    b = pred_c / s_pred
-    u, sv, vt = jnp.linalg.svd(jnp.matmul(_swap(a), b), full_matrices=False)
-    r = jnp.matmul(u, vt)
-    scale = jnp.sum(sv, axis=-1)[..., None, None]
-    return jnp.matmul(b, _swap(r)) * scale * s_gt + t_gt
+  Returns:
+      [..., J, 3] aligned prediction.
+  """
+  t_gt = jnp.mean(gt, axis=-2, keepdims=True)
+  t_pred = jnp.mean(pred, axis=-2, keepdims=True)
+  gt_c = gt - t_gt
+  pred_c = pred - t_pred
+  s_gt = jnp.sqrt(jnp.sum(gt_c ** 2, axis=(-2, -1), keepdims=True)) + eps
+  s_pred = jnp.sqrt(jnp.sum(pred_c ** 2, axis=(-2, -1), keepdims=True)) + eps
+  a = gt_c / s_gt
+  b = pred_c / s_pred
+  u, sv, vt = jnp.linalg.svd(jnp.matmul(_swap(a), b), full_matrices=False)
+  r = jnp.matmul(u, vt)
+  scale = jnp.sum(sv, axis=-1)[..., None, None]
+  return jnp.matmul(b, _swap(r)) * scale * s_gt + t_gt
 
 
 def apply_affine(M, pts):
-    """Applies a 2D affine transform to points.
+  """Applies a 2D affine transform to points.
 
-    Args:
-        M: [..., 3, 3] homogeneous affine matrices (last row (0, 0, 1)); a
-            [..., 2, 3] matrix works too. Leading dims broadcast with pts'.
-        pts: [..., J, 2] points (x, y).
+  Args:
+      M: [..., 3, 3] homogeneous affine matrices (last row (0, 0, 1)); a
+          [..., 2, 3] matrix works too. Leading dims broadcast with pts'.
+      pts: [..., J, 2] points (x, y).
 
-    Returns:
-        [..., J, 2] transformed points M @ [x, y, 1].
-    """
-    lin = M[..., :2, :2]
-    t = M[..., :2, 2]
-    return jnp.matmul(pts, _swap(lin)) + t[..., None, :]
+  Returns:
+      [..., J, 2] transformed points M @ [x, y, 1].
+  """
+  lin = M[..., :2, :2]
+  t = M[..., :2, 2]
+  return jnp.matmul(pts, _swap(lin)) + t[..., None, :]

@@ -100,119 +100,119 @@ __all__ = ["Predictor", "image_intrinsics", "to_rgb", "load_image", "main"]
 
 
 def image_intrinsics(height: int, width: int) -> np.ndarray:
-    """Assumed camera of an H x W image when none is given.
+  """Assumed camera of an H x W image when none is given.
 
-    The public default K for 224 px (``models.default_intrinsics(224)``)
-    scaled by ``max(H, W) / 224`` (square pixels), principal point at
-    (W / 2, H / 2) as ``default_intrinsics``. Equal to
-    ``models.default_intrinsics(H, W)`` for square images.
+  The public default K for 224 px (``models.default_intrinsics(224)``)
+  scaled by ``max(H, W) / 224`` (square pixels), principal point at
+  (W / 2, H / 2) as ``default_intrinsics``. Equal to
+  ``models.default_intrinsics(H, W)`` for square images.
 
-    Args:
-        height, width: image size in pixels.
+  Args:
+      height, width: image size in pixels.
 
-    Returns:
-        [3, 3] float64 intrinsics.
-    """
-    side = max(int(height), int(width))
-    K = np.array(models.default_intrinsics(side, side), np.float64)
-    K[0, 2] = width / 2.0
-    K[1, 2] = height / 2.0
-    return K
+  Returns:
+      [3, 3] float64 intrinsics.
+  """
+  side = max(int(height), int(width))
+  K = np.array(models.default_intrinsics(side, side), np.float64)
+  K[0, 2] = width / 2.0
+  K[1, 2] = height / 2.0
+  return K
 
 
 def to_rgb(image, name: str = "image") -> np.ndarray:
-    """uint8 [H, W, 3] from a uint8 grayscale, RGB or RGBA image.
+  """uint8 [H, W, 3] from a uint8 grayscale, RGB or RGBA image.
 
-    Args:
-        image: uint8 [H, W], [H, W, 1], [H, W, 3] or [H, W, 4] (alpha dropped).
-        name: how errors call the argument.
+  Args:
+      image: uint8 [H, W], [H, W, 1], [H, W, 3] or [H, W, 4] (alpha dropped).
+      name: how errors call the argument.
 
-    Returns:
-        uint8 [H, W, 3] (the input itself when already RGB).
+  Returns:
+      uint8 [H, W, 3] (the input itself when already RGB).
 
-    Raises:
-        ValueError: another dtype, rank or channel count, or an empty image.
-    """
-    image = np.asarray(image)
-    if image.dtype != np.uint8:
-        raise ValueError(f"{name} must be uint8 [H, W], [H, W, 1], [H, W, 3] or [H, W, 4]; "
-                         f"got dtype {image.dtype} (convert to uint8 0..255 first)")
-    if image.ndim == 2:
-        image = image[..., None]
-    if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"{name} must be uint8 [H, W], [H, W, 1], [H, W, 3] or [H, W, 4]; "
-                         f"got shape {image.shape}")
-    if image.shape[0] < 1 or image.shape[1] < 1:
-        raise ValueError(f"{name} is empty: shape {image.shape}")
-    if image.shape[-1] == 1:
-        return np.repeat(image, 3, axis=-1)
-    if image.shape[-1] == 4:
-        return np.ascontiguousarray(image[..., :3])
-    return image
+  Raises:
+      ValueError: another dtype, rank or channel count, or an empty image.
+  """
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    raise ValueError(f"{name} must be uint8 [H, W], [H, W, 1], [H, W, 3] or [H, W, 4]; "
+                     f"got dtype {image.dtype} (convert to uint8 0..255 first)")
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+    raise ValueError(f"{name} must be uint8 [H, W], [H, W, 1], [H, W, 3] or [H, W, 4]; "
+                     f"got shape {image.shape}")
+  if image.shape[0] < 1 or image.shape[1] < 1:
+    raise ValueError(f"{name} is empty: shape {image.shape}")
+  if image.shape[-1] == 1:
+    return np.repeat(image, 3, axis=-1)
+  if image.shape[-1] == 4:
+    return np.ascontiguousarray(image[..., :3])
+  return image
 
 
 def _as_image_list(images) -> list[np.ndarray]:
-    """Validated list of uint8 [H, W, 3] images."""
-    if isinstance(images, np.ndarray) or isinstance(images, jax.Array):
-        arr = np.asarray(images)
-        if arr.ndim != 4:
-            raise ValueError(
-                "images must be a list of uint8 [H, W(, C)] arrays or a uint8 array "
-                f"[N, H, W, C] with C in (1, 3, 4); got an array of shape {arr.shape} "
-                "(for one image pass [image] or image[None])")
-        images = list(arr)
-    elif not isinstance(images, (list, tuple)):
-        raise ValueError("images must be a list of uint8 [H, W(, C)] arrays or a uint8 "
-                         f"array [N, H, W, C]; got {type(images).__name__}")
-    return [to_rgb(im, f"images[{i}]") for i, im in enumerate(images)]
+  """Validated list of uint8 [H, W, 3] images."""
+  if isinstance(images, np.ndarray) or isinstance(images, jax.Array):
+    arr = np.asarray(images)
+    if arr.ndim != 4:
+      raise ValueError(
+          "images must be a list of uint8 [H, W(, C)] arrays or a uint8 array "
+          f"[N, H, W, C] with C in (1, 3, 4); got an array of shape {arr.shape} "
+          "(for one image pass [image] or image[None])")
+    images = list(arr)
+  elif not isinstance(images, (list, tuple)):
+    raise ValueError("images must be a list of uint8 [H, W(, C)] arrays or a uint8 "
+                     f"array [N, H, W, C]; got {type(images).__name__}")
+  return [to_rgb(im, f"images[{i}]") for i, im in enumerate(images)]
 
 
 def _per_image(value, n: int, shape: tuple[int, ...], name: str, allow_shared: bool):
-    """value as float64 [n, *shape] (a shared [*shape] value broadcast if allowed)."""
-    dims = ", ".join(map(str, shape))
-    want = f"[N, {dims}]" if shape else "[N]"
-    if allow_shared:
-        want = (f"[{dims}] or " if shape else "a scalar or ") + want
-    arr = np.asarray(value, np.float64)
-    if arr.shape == shape and allow_shared:
-        arr = np.broadcast_to(arr, (n,) + shape)
-    if arr.shape != (n,) + shape:
-        raise ValueError(f"{name} must be {want} with N={n} images; got shape {arr.shape}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} contains non-finite values")
-    return np.array(arr)
+  """value as float64 [n, *shape] (a shared [*shape] value broadcast if allowed)."""
+  dims = ", ".join(map(str, shape))
+  want = f"[N, {dims}]" if shape else "[N]"
+  if allow_shared:
+    want = (f"[{dims}] or " if shape else "a scalar or ") + want
+  arr = np.asarray(value, np.float64)
+  if arr.shape == shape and allow_shared:
+    arr = np.broadcast_to(arr, (n,) + shape)
+  if arr.shape != (n,) + shape:
+    raise ValueError(f"{name} must be {want} with N={n} images; got shape {arr.shape}")
+  if not np.all(np.isfinite(arr)):
+    raise ValueError(f"{name} contains non-finite values")
+  return np.array(arr)
 
 
 def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
+  return 1 << max(0, int(n) - 1).bit_length()
 
 
 def _canvas_side(n: int) -> int:
-    """n rounded up to a multiple of 2**(floor(log2 n) - 2) (>= 8)."""
-    step = max(8, 1 << max(0, int(n).bit_length() - 3))
-    return -(-int(n) // step) * step
+  """n rounded up to a multiple of 2**(floor(log2 n) - 2) (>= 8)."""
+  step = max(8, 1 << max(0, int(n).bit_length() - 3))
+  return -(-int(n) // step) * step
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(graphdef, state, crops, K):
-    # Merging makes a fresh module, so switching it to eval mode here never
-    # changes the caller's model (which may be in the middle of training).
-    model = nnx.merge(graphdef, state)
-    model.eval()
-    out = model(crops, K)
-    return out["kp2d"], out["kp3d"]
+  # Merging makes a fresh module, so switching it to eval mode here never
+  # changes the caller's model (which may be in the middle of training).
+  model = nnx.merge(graphdef, state)
+  model.eval()
+  out = model(crops, K)
+  return out["kp2d"], out["kp3d"]
 
 
 def resolve_checkpoint(path: str) -> str:
-    """`<path>/best` when it holds a finished step (fine-tuning workdirs), else path."""
-    best = os.path.join(os.fspath(path), "best")
-    if os.path.isdir(best):
-        try:
-            checkpoints.find_step(best)
-            return best
-        except checkpoints.CheckpointError:
-            pass
-    return os.fspath(path)
+  """`<path>/best` when it holds a finished step (fine-tuning workdirs), else path."""
+  best = os.path.join(os.fspath(path), "best")
+  if os.path.isdir(best):
+    try:
+      checkpoints.find_step(best)
+      return best
+    except checkpoints.CheckpointError:
+      pass
+  return os.fspath(path)
 
 
 # ==========================================================================
@@ -221,217 +221,217 @@ def resolve_checkpoint(path: str) -> str:
 
 
 class Predictor:
-    """Two-pass 3D hand keypoint prediction on uint8 images of any size.
+  """Two-pass 3D hand keypoint prediction on uint8 images of any size.
 
-    Attributes:
-        model: the :class:`peclr_jax.models.KeypointModel` (never mutated:
-            each call runs an eval-mode copy).
-        input_size: side S of the network's square input (crop) in pixels.
-        batch_size: most images per model call.
-        fill, box_fraction: the protocol's box fill of the crop (0.7) and
-            first-box side relative to the image's longer side (0.33).
+  Attributes:
+      model: the :class:`peclr_jax.models.KeypointModel` (never mutated:
+          each call runs an eval-mode copy).
+      input_size: side S of the network's square input (crop) in pixels.
+      batch_size: most images per model call.
+      fill, box_fraction: the protocol's box fill of the crop (0.7) and
+          first-box side relative to the image's longer side (0.33).
+  """
+
+  def __init__(self, model: models.KeypointModel, input_size: int = DEFAULT_INPUT_SIZE, *,
+               batch_size: int = DEFAULT_BATCH_SIZE, fill: float = evaluate.BOX_FILL,
+               box_fraction: float = evaluate.INITIAL_BOX_FRACTION):
+    """Wraps an in-memory keypoint model (e.g. right after fine-tuning).
+
+    Args:
+        model: a KeypointModel; its current weights are read at every call.
+        input_size: crop side S the model was trained for.
+        batch_size: most images per model call (device memory bound).
+        fill: fraction of the crop covered by a box's longer side.
+        box_fraction: first box side / image's longer side (boxes=None).
     """
+    if not isinstance(model, models.KeypointModel):
+      raise ValueError(f"model must be a models.KeypointModel, got {type(model).__name__}")
+    if int(input_size) < 1 or int(batch_size) < 1:
+      raise ValueError(f"input_size and batch_size must be positive, got "
+                       f"{input_size}, {batch_size}")
+    self.model = model
+    self.input_size = int(input_size)
+    self.batch_size = int(batch_size)
+    self.fill = float(fill)
+    self.box_fraction = float(box_fraction)
+    self.meta: dict[str, Any] = {}
+    self.path: str | None = None
 
-    def __init__(self, model: models.KeypointModel, input_size: int = DEFAULT_INPUT_SIZE, *,
-                 batch_size: int = DEFAULT_BATCH_SIZE, fill: float = evaluate.BOX_FILL,
-                 box_fraction: float = evaluate.INITIAL_BOX_FRACTION):
-        """Wraps an in-memory keypoint model (e.g. right after fine-tuning).
+  @classmethod
+  def from_checkpoint(cls, path: str, *, batch_size: int = DEFAULT_BATCH_SIZE,
+                      dtype=jnp.float32, **kwargs) -> "Predictor":
+    """Loads a fine-tuned or converted keypoint model.
 
-        Args:
-            model: a KeypointModel; its current weights are read at every call.
-            input_size: crop side S the model was trained for.
-            batch_size: most images per model call (device memory bound).
-            fill: fraction of the crop covered by a box's longer side.
-            box_fraction: first box side / image's longer side (boxes=None).
-        """
-        if not isinstance(model, models.KeypointModel):
-            raise ValueError(f"model must be a models.KeypointModel, got {type(model).__name__}")
-        if int(input_size) < 1 or int(batch_size) < 1:
-            raise ValueError(f"input_size and batch_size must be positive, got "
-                             f"{input_size}, {batch_size}")
-        self.model = model
-        self.input_size = int(input_size)
-        self.batch_size = int(batch_size)
-        self.fill = float(fill)
-        self.box_fraction = float(box_fraction)
-        self.meta: dict[str, Any] = {}
-        self.path: str | None = None
+    Args:
+        path: a fine-tuning workdir (its ``best/`` is used when it holds a
+            step, else its latest checkpoint), a checkpoints directory, or a
+            step directory. The meta must have kind 'finetune' or 'keypoint'.
+        batch_size: most images per model call.
+        dtype: compute dtype of the backbone (bfloat16 on accelerators).
+        **kwargs: passed to the constructor (fill, box_fraction).
 
-    @classmethod
-    def from_checkpoint(cls, path: str, *, batch_size: int = DEFAULT_BATCH_SIZE,
-                        dtype=jnp.float32, **kwargs) -> "Predictor":
-        """Loads a fine-tuned or converted keypoint model.
+    Returns:
+        A Predictor with ``meta`` (the checkpoint's meta) and ``path``
+        (the directory actually read) set.
 
-        Args:
-            path: a fine-tuning workdir (its ``best/`` is used when it holds a
-                step, else its latest checkpoint), a checkpoints directory, or a
-                step directory. The meta must have kind 'finetune' or 'keypoint'.
-            batch_size: most images per model call.
-            dtype: compute dtype of the backbone (bfloat16 on accelerators).
-            **kwargs: passed to the constructor (fill, box_fraction).
+    Raises:
+        peclr_jax.checkpoints.CheckpointError: no checkpoint, or one of
+            another kind (e.g. a pre-training checkpoint).
+    """
+    path = resolve_checkpoint(path)
+    meta = checkpoints.read_meta(path)
+    if meta.get("kind") not in PREDICT_KINDS:
+      raise checkpoints.CheckpointError(
+          f"{path} holds a {meta.get('kind')!r} checkpoint; prediction needs a "
+          f"keypoint model (kind in {PREDICT_KINDS}): fine-tune one first")
+    uv_units = meta.get("uv_units") or ("pixels" if meta["kind"] == "keypoint" else "normalized")
+    # Abstract build (no random init of a ResNet-152), then real arrays.
+    model = nnx.eval_shape(lambda: models.KeypointModel(
+        meta["backbone"], rngs=nnx.Rngs(0), dtype=dtype, uv_units=uv_units))
+    checkpoints.restore_module(path, model)
+    # restore_module leaves host NumPy arrays; put them on the device once
+    # rather than transferring the weights at every model call.
+    nnx.update(model, jax.tree.map(jnp.asarray, nnx.state(model)))
+    model.eval()
+    predictor = cls(model, int(meta.get("input_size") or DEFAULT_INPUT_SIZE),
+                    batch_size=batch_size, **kwargs)
+    predictor.meta = dict(meta)
+    predictor.path = os.path.abspath(path)
+    return predictor
 
-        Returns:
-            A Predictor with ``meta`` (the checkpoint's meta) and ``path``
-            (the directory actually read) set.
+  # ----------------------------------------------------------------------
 
-        Raises:
-            peclr_jax.checkpoints.CheckpointError: no checkpoint, or one of
-                another kind (e.g. a pre-training checkpoint).
-        """
-        path = resolve_checkpoint(path)
-        meta = checkpoints.read_meta(path)
-        if meta.get("kind") not in PREDICT_KINDS:
-            raise checkpoints.CheckpointError(
-                f"{path} holds a {meta.get('kind')!r} checkpoint; prediction needs a "
-                f"keypoint model (kind in {PREDICT_KINDS}): fine-tune one first")
-        uv_units = meta.get("uv_units") or ("pixels" if meta["kind"] == "keypoint" else "normalized")
-        # Abstract build (no random init of a ResNet-152), then real arrays.
-        model = nnx.eval_shape(lambda: models.KeypointModel(
-            meta["backbone"], rngs=nnx.Rngs(0), dtype=dtype, uv_units=uv_units))
-        checkpoints.restore_module(path, model)
-        # restore_module leaves host NumPy arrays; put them on the device once
-        # rather than transferring the weights at every model call.
-        nnx.update(model, jax.tree.map(jnp.asarray, nnx.state(model)))
-        model.eval()
-        predictor = cls(model, int(meta.get("input_size") or DEFAULT_INPUT_SIZE),
-                        batch_size=batch_size, **kwargs)
-        predictor.meta = dict(meta)
-        predictor.path = os.path.abspath(path)
-        return predictor
+  def _rows(self, n: int) -> int:
+    return min(self.batch_size, _next_pow2(n))
 
-    # ----------------------------------------------------------------------
+  def predict_crops(self, crops, K_crop) -> dict[str, np.ndarray]:
+    """The model on ready crops (batched, padded, jitted).
 
-    def _rows(self, n: int) -> int:
-        return min(self.batch_size, _next_pow2(n))
+    Args:
+        crops: float32 [M, S, S, 3] ImageNet-normalised crops.
+        K_crop: [M, 3, 3] intrinsics of the crops.
 
-    def predict_crops(self, crops, K_crop) -> dict[str, np.ndarray]:
-        """The model on ready crops (batched, padded, jitted).
+    Returns:
+        float64 NumPy ``kp2d`` [M, 21, 2] crop pixels and ``kp3d``
+        [M, 21, 3] bone units, in the model's frame (AIT order, palm root).
+    """
+    crops = jnp.asarray(crops, jnp.float32)
+    K_crop = np.asarray(K_crop, np.float32)
+    s = self.input_size
+    if crops.ndim != 4 or crops.shape[1:] != (s, s, 3):
+      raise ValueError(f"crops must be [M, {s}, {s}, 3]; got shape {crops.shape}")
+    m = crops.shape[0]
+    if K_crop.shape != (m, 3, 3):
+      raise ValueError(f"K_crop must be [{m}, 3, 3]; got shape {K_crop.shape}")
+    graphdef, state = nnx.split(self.model)
+    kp2d, kp3d = [], []
+    for start in range(0, m, self.batch_size):
+      x = crops[start:start + self.batch_size]
+      k = K_crop[start:start + self.batch_size]
+      n = x.shape[0]
+      rows = self._rows(n)
+      if rows > n:  # pad with copies of the first row, dropped below
+        x = jnp.concatenate([x, jnp.repeat(x[:1], rows - n, axis=0)])
+        k = np.concatenate([k, np.repeat(k[:1], rows - n, axis=0)])
+      u, p = _forward(graphdef, state, x, jnp.asarray(k))
+      kp2d.append(np.asarray(u, np.float64)[:n])
+      kp3d.append(np.asarray(p, np.float64)[:n])
+    if not kp2d:
+      return {"kp2d": np.zeros((0, 21, 2)), "kp3d": np.zeros((0, 21, 3))}
+    return {"kp2d": np.concatenate(kp2d), "kp3d": np.concatenate(kp3d)}
 
-        Args:
-            crops: float32 [M, S, S, 3] ImageNet-normalised crops.
-            K_crop: [M, 3, 3] intrinsics of the crops.
+  def _crop(self, canvas: np.ndarray, matrix: np.ndarray, rows: int):
+    """Normalised crops of a padded chunk (rows >= len(matrix))."""
+    n = matrix.shape[0]
+    if rows > n:
+      matrix = np.concatenate([matrix, np.repeat(matrix[:1], rows - n, axis=0)])
+    return evaluate.crop_and_normalise(canvas, matrix, self.input_size)[:n]
 
-        Returns:
-            float64 NumPy ``kp2d`` [M, 21, 2] crop pixels and ``kp3d``
-            [M, 21, 3] bone units, in the model's frame (AIT order, palm root).
-        """
-        crops = jnp.asarray(crops, jnp.float32)
-        K_crop = np.asarray(K_crop, np.float32)
-        s = self.input_size
-        if crops.ndim != 4 or crops.shape[1:] != (s, s, 3):
-            raise ValueError(f"crops must be [M, {s}, {s}, 3]; got shape {crops.shape}")
-        m = crops.shape[0]
-        if K_crop.shape != (m, 3, 3):
-            raise ValueError(f"K_crop must be [{m}, 3, 3]; got shape {K_crop.shape}")
-        graphdef, state = nnx.split(self.model)
-        kp2d, kp3d = [], []
-        for start in range(0, m, self.batch_size):
-            x = crops[start:start + self.batch_size]
-            k = K_crop[start:start + self.batch_size]
-            n = x.shape[0]
-            rows = self._rows(n)
-            if rows > n:  # pad with copies of the first row, dropped below
-                x = jnp.concatenate([x, jnp.repeat(x[:1], rows - n, axis=0)])
-                k = np.concatenate([k, np.repeat(k[:1], rows - n, axis=0)])
-            u, p = _forward(graphdef, state, x, jnp.asarray(k))
-            kp2d.append(np.asarray(u, np.float64)[:n])
-            kp3d.append(np.asarray(p, np.float64)[:n])
-        if not kp2d:
-            return {"kp2d": np.zeros((0, 21, 2)), "kp3d": np.zeros((0, 21, 3))}
-        return {"kp2d": np.concatenate(kp2d), "kp3d": np.concatenate(kp3d)}
+  def _two_pass(self, images: list[np.ndarray], K: np.ndarray, first: np.ndarray):
+    """Two passes on a chunk of at most batch_size images (host bookkeeping f64)."""
+    n = len(images)
+    rows = self._rows(n)
+    height = _canvas_side(max(im.shape[0] for im in images))
+    width = _canvas_side(max(im.shape[1] for im in images))
+    canvas = np.zeros((rows, height, width, 3), np.uint8)
+    for i, im in enumerate(images):
+      canvas[i, :im.shape[0], :im.shape[1]] = im  # top-left: coordinates kept
 
-    def _crop(self, canvas: np.ndarray, matrix: np.ndarray, rows: int):
-        """Normalised crops of a padded chunk (rows >= len(matrix))."""
-        n = matrix.shape[0]
-        if rows > n:
-            matrix = np.concatenate([matrix, np.repeat(matrix[:1], rows - n, axis=0)])
-        return evaluate.crop_and_normalise(canvas, matrix, self.input_size)[:n]
+    t1 = evaluate.box_affine(first, self.input_size, self.fill)
+    out1 = self.predict_crops(self._crop(canvas, t1, rows), t1 @ K)
+    box = evaluate.map_box(np.linalg.inv(t1), evaluate.keypoint_box(out1["kp2d"]))
+    t2 = evaluate.box_affine(box, self.input_size, self.fill)
+    k2 = t2 @ K
+    out2 = self.predict_crops(self._crop(canvas, t2, rows), k2)
+    kp2d_crop = geometry.palm_to_wrist(out2["kp2d"])
+    kp2d = np.asarray(evaluate._host_f64(geometry.apply_affine, np.linalg.inv(t2), kp2d_crop))
+    kp3d = geometry.palm_to_wrist(out2["kp3d"])
+    return {"kp2d": kp2d, "kp3d": kp3d, "box": box, "affine": t2, "K_crop": k2,
+            "first_affine": t1}
 
-    def _two_pass(self, images: list[np.ndarray], K: np.ndarray, first: np.ndarray):
-        """Two passes on a chunk of at most batch_size images (host bookkeeping f64)."""
-        n = len(images)
-        rows = self._rows(n)
-        height = _canvas_side(max(im.shape[0] for im in images))
-        width = _canvas_side(max(im.shape[1] for im in images))
-        canvas = np.zeros((rows, height, width, 3), np.uint8)
-        for i, im in enumerate(images):
-            canvas[i, :im.shape[0], :im.shape[1]] = im  # top-left: coordinates kept
+  def predict(self, images, K=None, boxes=None, scale=None) -> dict[str, np.ndarray]:
+    """Predicts 3D and 2D hand keypoints (one right or left hand per image).
 
-        t1 = evaluate.box_affine(first, self.input_size, self.fill)
-        out1 = self.predict_crops(self._crop(canvas, t1, rows), t1 @ K)
-        box = evaluate.map_box(np.linalg.inv(t1), evaluate.keypoint_box(out1["kp2d"]))
-        t2 = evaluate.box_affine(box, self.input_size, self.fill)
-        k2 = t2 @ K
-        out2 = self.predict_crops(self._crop(canvas, t2, rows), k2)
-        kp2d_crop = geometry.palm_to_wrist(out2["kp2d"])
-        kp2d = np.asarray(evaluate._host_f64(geometry.apply_affine, np.linalg.inv(t2), kp2d_crop))
-        kp3d = geometry.palm_to_wrist(out2["kp3d"])
-        return {"kp2d": kp2d, "kp3d": kp3d, "box": box, "affine": t2, "K_crop": k2,
-                "first_affine": t1}
+    Args:
+        images: list of uint8 [H, W], [H, W, 1], [H, W, 3] or [H, W, 4]
+            images of any sizes, or a uint8 array [N, H, W, C].
+        K: None (assumed camera, :func:`image_intrinsics`), [3, 3] shared
+            or [N, 3, 3] intrinsics of the original images.
+        boxes: None (centred first box) or [N, 4] hand boxes (x0, y0, x1,
+            y1) in image pixels for the first crop.
+        scale: None (bone units), a scalar or [N]: metric length of the
+            reference bone (middle MCP -> PIP); kp3d is multiplied by it.
 
-    def predict(self, images, K=None, boxes=None, scale=None) -> dict[str, np.ndarray]:
-        """Predicts 3D and 2D hand keypoints (one right or left hand per image).
+    Returns:
+        dict of float64 NumPy arrays, FreiHAND joint order, wrist root:
+            ``kp3d`` [N, 21, 3] camera frame (bone units or x scale);
+            ``kp2d`` [N, 21, 2] pixels of the original images;
+            ``box`` [N, 4] second-pass box (image pixels);
+            ``affine`` [N, 3, 3] second-pass transform image -> crop;
+            ``K`` [N, 3, 3] intrinsics used for the original images.
 
-        Args:
-            images: list of uint8 [H, W], [H, W, 1], [H, W, 3] or [H, W, 4]
-                images of any sizes, or a uint8 array [N, H, W, C].
-            K: None (assumed camera, :func:`image_intrinsics`), [3, 3] shared
-                or [N, 3, 3] intrinsics of the original images.
-            boxes: None (centred first box) or [N, 4] hand boxes (x0, y0, x1,
-                y1) in image pixels for the first crop.
-            scale: None (bone units), a scalar or [N]: metric length of the
-                reference bone (middle MCP -> PIP); kp3d is multiplied by it.
+    Raises:
+        ValueError: images, K, boxes or scale of a wrong type or shape.
+    """
+    ims = _as_image_list(images)
+    n = len(ims)
+    sizes = np.array([im.shape[:2] for im in ims], np.int64).reshape(n, 2)
+    if K is None:
+      K = np.stack([image_intrinsics(h, w) for h, w in sizes]) if n else np.zeros((0, 3, 3))
+    else:
+      K = _per_image(K, n, (3, 3), "K", allow_shared=True)
+    if boxes is None:
+      first = np.stack([evaluate.initial_box((h, w), self.box_fraction)
+                        for h, w in sizes]) if n else np.zeros((0, 4))
+    else:
+      first = _per_image(boxes, n, (4,), "boxes", allow_shared=False)
+      side = np.maximum(first[:, 2] - first[:, 0], first[:, 3] - first[:, 1])
+      bad = np.flatnonzero((first[:, 2] < first[:, 0]) | (first[:, 3] < first[:, 1])
+                           | (side <= 0))
+      if bad.size:
+        raise ValueError(f"boxes must be (x0, y0, x1, y1) with x1 >= x0, y1 >= y0 and "
+                         f"a positive side; boxes[{bad[0]}] = {first[bad[0]].tolist()}")
+    factor = np.ones(n) if scale is None else _per_image(scale, n, (), "scale",
+                                                          allow_shared=True)
+    if np.any(factor <= 0):
+      raise ValueError(f"scale must be positive; got {np.asarray(scale).tolist()}")
 
-        Returns:
-            dict of float64 NumPy arrays, FreiHAND joint order, wrist root:
-                ``kp3d`` [N, 21, 3] camera frame (bone units or x scale);
-                ``kp2d`` [N, 21, 2] pixels of the original images;
-                ``box`` [N, 4] second-pass box (image pixels);
-                ``affine`` [N, 3, 3] second-pass transform image -> crop;
-                ``K`` [N, 3, 3] intrinsics used for the original images.
-
-        Raises:
-            ValueError: images, K, boxes or scale of a wrong type or shape.
-        """
-        ims = _as_image_list(images)
-        n = len(ims)
-        sizes = np.array([im.shape[:2] for im in ims], np.int64).reshape(n, 2)
-        if K is None:
-            K = np.stack([image_intrinsics(h, w) for h, w in sizes]) if n else np.zeros((0, 3, 3))
-        else:
-            K = _per_image(K, n, (3, 3), "K", allow_shared=True)
-        if boxes is None:
-            first = np.stack([evaluate.initial_box((h, w), self.box_fraction)
-                              for h, w in sizes]) if n else np.zeros((0, 4))
-        else:
-            first = _per_image(boxes, n, (4,), "boxes", allow_shared=False)
-            side = np.maximum(first[:, 2] - first[:, 0], first[:, 3] - first[:, 1])
-            bad = np.flatnonzero((first[:, 2] < first[:, 0]) | (first[:, 3] < first[:, 1])
-                                 | (side <= 0))
-            if bad.size:
-                raise ValueError(f"boxes must be (x0, y0, x1, y1) with x1 >= x0, y1 >= y0 and "
-                                 f"a positive side; boxes[{bad[0]}] = {first[bad[0]].tolist()}")
-        factor = np.ones(n) if scale is None else _per_image(scale, n, (), "scale",
-                                                              allow_shared=True)
-        if np.any(factor <= 0):
-            raise ValueError(f"scale must be positive; got {np.asarray(scale).tolist()}")
-
-        result = {"kp2d": np.zeros((n, 21, 2)), "kp3d": np.zeros((n, 21, 3)),
-                  "box": np.zeros((n, 4)), "affine": np.zeros((n, 3, 3)), "K": K}
-        # Similar sizes share a chunk (and a small canvas); results go back
-        # to the caller's order.
-        order = sorted(range(n), key=lambda i: (_canvas_side(sizes[i, 0]),
-                                                _canvas_side(sizes[i, 1]), i))
-        for start in range(0, n, self.batch_size):
-            idx = np.array(order[start:start + self.batch_size])
-            out = self._two_pass([ims[i] for i in idx], K[idx], first[idx])
-            result["kp2d"][idx] = out["kp2d"]
-            result["kp3d"][idx] = out["kp3d"]
-            result["box"][idx] = out["box"]
-            result["affine"][idx] = out["affine"]
-        result["kp2d"] = np.asarray(geometry.ait_to_freihand(result["kp2d"]))
-        result["kp3d"] = np.asarray(geometry.ait_to_freihand(result["kp3d"])) * factor[:, None, None]
-        return result
+    result = {"kp2d": np.zeros((n, 21, 2)), "kp3d": np.zeros((n, 21, 3)),
+              "box": np.zeros((n, 4)), "affine": np.zeros((n, 3, 3)), "K": K}
+    # Similar sizes share a chunk (and a small canvas); results go back
+    # to the caller's order.
+    order = sorted(range(n), key=lambda i: (_canvas_side(sizes[i, 0]),
+                                            _canvas_side(sizes[i, 1]), i))
+    for start in range(0, n, self.batch_size):
+      idx = np.array(order[start:start + self.batch_size])
+      out = self._two_pass([ims[i] for i in idx], K[idx], first[idx])
+      result["kp2d"][idx] = out["kp2d"]
+      result["kp3d"][idx] = out["kp3d"]
+      result["box"][idx] = out["box"]
+      result["affine"][idx] = out["affine"]
+    result["kp2d"] = np.asarray(geometry.ait_to_freihand(result["kp2d"]))
+    result["kp3d"] = np.asarray(geometry.ait_to_freihand(result["kp3d"])) * factor[:, None, None]
+    return result
 
 
 # ==========================================================================
@@ -440,157 +440,157 @@ class Predictor:
 
 
 def load_image(path: str) -> np.ndarray:
-    """Reads an image file as uint8 [H, W, 3] RGB (EXIF orientation applied).
+  """Reads an image file as uint8 [H, W, 3] RGB (EXIF orientation applied).
 
-    Raises:
-        ValueError: empty, unreadable or non-image file (message says why).
-    """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+  Raises:
+      ValueError: empty, unreadable or non-image file (message says why).
+  """
+  from PIL import Image, ImageOps, UnidentifiedImageError
 
-    if os.path.getsize(path) == 0:
-        raise ValueError("empty file")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            rgb = np.asarray(img.convert("RGB"), np.uint8)
-    except UnidentifiedImageError:
-        raise ValueError("not an image (unrecognised format)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot decode: {e}") from None
-    if rgb.ndim != 3 or rgb.shape[0] < 1 or rgb.shape[1] < 1:
-        raise ValueError(f"empty image {rgb.shape}")
-    return rgb
+  if os.path.getsize(path) == 0:
+    raise ValueError("empty file")
+  try:
+    with Image.open(path) as img:
+      img.load()
+      img = ImageOps.exif_transpose(img)
+      rgb = np.asarray(img.convert("RGB"), np.uint8)
+  except UnidentifiedImageError:
+    raise ValueError("not an image (unrecognised format)") from None
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise ValueError(f"cannot decode: {e}") from None
+  if rgb.ndim != 3 or rgb.shape[0] < 1 or rgb.shape[1] < 1:
+    raise ValueError(f"empty image {rgb.shape}")
+  return rgb
 
 
 def list_inputs(paths: Sequence[str]) -> list[str]:
-    """Files named on the command line; a directory adds its (non-hidden)
-    regular files, sorted, not recursively. Missing paths are kept so they are
-    reported as unreadable."""
-    files = []
-    for p in paths:
-        if os.path.isdir(p):
-            files.extend(os.path.join(p, f) for f in sorted(os.listdir(p))
-                         if not f.startswith(".") and os.path.isfile(os.path.join(p, f)))
-        else:
-            files.append(p)
-    return files
+  """Files named on the command line; a directory adds its (non-hidden)
+  regular files, sorted, not recursively. Missing paths are kept so they are
+  reported as unreadable."""
+  files = []
+  for p in paths:
+    if os.path.isdir(p):
+      files.extend(os.path.join(p, f) for f in sorted(os.listdir(p))
+                   if not f.startswith(".") and os.path.isfile(os.path.join(p, f)))
+    else:
+      files.append(p)
+  return files
 
 
 def _unique_stem(path: str, used: set[str]) -> str:
-    stem = os.path.splitext(os.path.basename(path))[0] or "image"
-    name, k = stem, 1
-    while name in used:
-        name, k = f"{stem}_{k}", k + 1
-    used.add(name)
-    return name
+  stem = os.path.splitext(os.path.basename(path))[0] or "image"
+  name, k = stem, 1
+  while name in used:
+    name, k = f"{stem}_{k}", k + 1
+  used.add(name)
+  return name
 
 
 def _write_viz(outdir: str, path: str, image: np.ndarray, kp2d, kp3d, used: set[str],
                unit: str) -> list[str]:
-    from peclr_jax import visualize  # matplotlib only when asked for
+  from peclr_jax import visualize  # matplotlib only when asked for
 
-    stem = _unique_stem(path, used)
-    title = os.path.basename(path)
-    return [
-        visualize.plot_keypoints_2d(image, kp2d, os.path.join(outdir, f"{stem}_2d.png"),
-                                    order="freihand", title=title),
-        visualize.plot_skeleton_3d(kp3d, os.path.join(outdir, f"{stem}_3d.png"),
-                                   order="freihand", title=f"{title} ({unit})"),
-    ]
+  stem = _unique_stem(path, used)
+  title = os.path.basename(path)
+  return [
+      visualize.plot_keypoints_2d(image, kp2d, os.path.join(outdir, f"{stem}_2d.png"),
+                                  order="freihand", title=title),
+      visualize.plot_skeleton_3d(kp3d, os.path.join(outdir, f"{stem}_3d.png"),
+                                 order="freihand", title=f"{title} ({unit})"),
+  ]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m peclr_jax.predict",
-        description="Predict 3D hand keypoints (FreiHAND order, wrist root) for images.")
-    parser.add_argument("--checkpoint", required=True,
-                        help="fine-tuning workdir (best/ preferred), checkpoints dir or step dir")
-    parser.add_argument("--images", required=True, nargs="+",
-                        help="image files and/or directories (their files, not recursive)")
-    parser.add_argument("--out", required=True, help="output JSON file")
-    parser.add_argument("--viz", default=None,
-                        help="directory for 2D overlays and 3D skeleton PNGs")
-    parser.add_argument("--scale", type=float, default=None,
-                        help="metric length of the reference bone (m); default: bone units")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
+  parser = argparse.ArgumentParser(
+      prog="python -m peclr_jax.predict",
+      description="Predict 3D hand keypoints (FreiHAND order, wrist root) for images.")
+  parser.add_argument("--checkpoint", required=True,
+                      help="fine-tuning workdir (best/ preferred), checkpoints dir or step dir")
+  parser.add_argument("--images", required=True, nargs="+",
+                      help="image files and/or directories (their files, not recursive)")
+  parser.add_argument("--out", required=True, help="output JSON file")
+  parser.add_argument("--viz", default=None,
+                      help="directory for 2D overlays and 3D skeleton PNGs")
+  parser.add_argument("--scale", type=float, default=None,
+                      help="metric length of the reference bone (m); default: bone units")
+  parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+  parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+  return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry. Returns the exit status: 0 when at least one image was
-    predicted, 1 otherwise (nothing readable, or a bad checkpoint)."""
-    from tqdm import tqdm
+  """CLI entry. Returns the exit status: 0 when at least one image was
+  predicted, 1 otherwise (nothing readable, or a bad checkpoint)."""
+  from tqdm import tqdm
 
-    args = build_parser().parse_args(argv)
-    if args.batch_size < 1:
-        print("--batch-size must be positive", file=sys.stderr)
-        return 2
-    if args.scale is not None and not (math.isfinite(args.scale) and args.scale > 0):
-        print("--scale must be a positive number", file=sys.stderr)
-        return 2
-    try:
-        predictor = Predictor.from_checkpoint(args.checkpoint, batch_size=args.batch_size)
-    except (checkpoints.CheckpointError, FileNotFoundError) as e:
-        print(f"error: cannot load a keypoint model from {args.checkpoint}: {e}", file=sys.stderr)
-        return 1
+  args = build_parser().parse_args(argv)
+  if args.batch_size < 1:
+    print("--batch-size must be positive", file=sys.stderr)
+    return 2
+  if args.scale is not None and not (math.isfinite(args.scale) and args.scale > 0):
+    print("--scale must be a positive number", file=sys.stderr)
+    return 2
+  try:
+    predictor = Predictor.from_checkpoint(args.checkpoint, batch_size=args.batch_size)
+  except (checkpoints.CheckpointError, FileNotFoundError) as e:
+    print(f"error: cannot load a keypoint model from {args.checkpoint}: {e}", file=sys.stderr)
+    return 1
 
-    files = list_inputs(args.images)
-    unit = "bone" if args.scale is None else "metres"
-    predictions, skipped, used = [], [], set()
-    pending: list[tuple[str, np.ndarray]] = []
+  files = list_inputs(args.images)
+  unit = "bone" if args.scale is None else "metres"
+  predictions, skipped, used = [], [], set()
+  pending: list[tuple[str, np.ndarray]] = []
 
-    def flush():
-        if not pending:
-            return
-        out = predictor.predict([im for _, im in pending], scale=args.scale)
-        for i, (path, im) in enumerate(pending):
-            entry = {"file": path, "height": int(im.shape[0]), "width": int(im.shape[1]),
-                     "kp3d": out["kp3d"][i].tolist(), "kp2d": out["kp2d"][i].tolist(),
-                     "box": out["box"][i].tolist()}
-            if args.viz:
-                entry["viz"] = _write_viz(args.viz, path, im, out["kp2d"][i], out["kp3d"][i],
-                                          used, unit)
-            predictions.append(entry)
-        bar.update(len(pending))
-        pending.clear()
+  def flush():
+    if not pending:
+      return
+    out = predictor.predict([im for _, im in pending], scale=args.scale)
+    for i, (path, im) in enumerate(pending):
+      entry = {"file": path, "height": int(im.shape[0]), "width": int(im.shape[1]),
+               "kp3d": out["kp3d"][i].tolist(), "kp2d": out["kp2d"][i].tolist(),
+               "box": out["box"][i].tolist()}
+      if args.viz:
+        entry["viz"] = _write_viz(args.viz, path, im, out["kp2d"][i], out["kp3d"][i],
+                                  used, unit)
+      predictions.append(entry)
+    bar.update(len(pending))
+    pending.clear()
 
-    with tqdm(total=len(files), desc="predict", unit="img", file=sys.stderr,
-              disable=args.no_progress) as bar:
-        for path in files:
-            try:
-                pending.append((path, load_image(path)))
-            except (ValueError, OSError) as e:
-                skipped.append({"file": path, "error": str(e)})
-                bar.update(1)
-                continue
-            if len(pending) >= predictor.batch_size:
-                flush()
+  with tqdm(total=len(files), desc="predict", unit="img", file=sys.stderr,
+            disable=args.no_progress) as bar:
+    for path in files:
+      try:
+        pending.append((path, load_image(path)))
+      except (ValueError, OSError) as e:
+        skipped.append({"file": path, "error": str(e)})
+        bar.update(1)
+        continue
+      if len(pending) >= predictor.batch_size:
         flush()
+    flush()
 
-    report = {
-        "checkpoint": predictor.path,
-        "backbone": predictor.meta.get("backbone"),
-        "input_size": predictor.input_size,
-        "joint_order": "freihand",
-        "root": "wrist",
-        "kp3d_units": "metres" if args.scale is not None else "reference bone (middle MCP-PIP)",
-        "kp2d_units": "pixels of the original image (x, y)",
-        "intrinsics": "assumed: 224 px default scaled to the longer image side",
-        "predictions": predictions,
-        "skipped": skipped,
-    }
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f)
-    for s in skipped:
-        print(f"skipped {s['file']}: {s['error']}", file=sys.stderr)
-    print(f"predicted {len(predictions)} image(s), skipped {len(skipped)}; wrote {args.out}",
-          file=sys.stderr)
-    return 0 if predictions else 1
+  report = {
+      "checkpoint": predictor.path,
+      "backbone": predictor.meta.get("backbone"),
+      "input_size": predictor.input_size,
+      "joint_order": "freihand",
+      "root": "wrist",
+      "kp3d_units": "metres" if args.scale is not None else "reference bone (middle MCP-PIP)",
+      "kp2d_units": "pixels of the original image (x, y)",
+      "intrinsics": "assumed: 224 px default scaled to the longer image side",
+      "predictions": predictions,
+      "skipped": skipped,
+  }
+  out_dir = os.path.dirname(os.path.abspath(args.out))
+  os.makedirs(out_dir, exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(report, f)
+  for s in skipped:
+    print(f"skipped {s['file']}: {s['error']}", file=sys.stderr)
+  print(f"predicted {len(predictions)} image(s), skipped {len(skipped)}; wrote {args.out}",
+        file=sys.stderr)
+  return 0 if predictions else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+  sys.exit(main())

@@ -35,123 +35,123 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _random_pure(template, seed):
-    """Plausible random weights for every leaf of a pure state dict."""
-    rng = np.random.default_rng(seed)
+  """Plausible random weights for every leaf of a pure state dict."""
+  rng = np.random.default_rng(seed)
 
-    def draw(path, leaf):
-        name = str(path[-1].key)
-        shape = leaf.shape
-        head = "keypoint_head" in jax.tree_util.keystr(path)
-        if name == "kernel":
-            fan_in = int(np.prod(shape[:-1]))
-            # The head is scaled so that keypoints land inside the crop.
-            std = (0.05 if head else np.sqrt(2.0)) / np.sqrt(fan_in)
-            return rng.normal(0, std, shape).astype(np.float32)
-        if name == "var":
-            return rng.uniform(0.5, 1.5, shape).astype(np.float32)
-        if name == "scale":
-            return (1.0 + 0.1 * rng.normal(size=shape)).astype(np.float32)
-        if name == "bias" and "linear3" in jax.tree_util.keystr(path):
-            return np.full(shape, 10.0, np.float32)  # root depth ~10 bones
-        return (0.1 * rng.normal(size=shape)).astype(np.float32)  # bias, mean
+  def draw(path, leaf):
+    name = str(path[-1].key)
+    shape = leaf.shape
+    head = "keypoint_head" in jax.tree_util.keystr(path)
+    if name == "kernel":
+      fan_in = int(np.prod(shape[:-1]))
+      # The head is scaled so that keypoints land inside the crop.
+      std = (0.05 if head else np.sqrt(2.0)) / np.sqrt(fan_in)
+      return rng.normal(0, std, shape).astype(np.float32)
+    if name == "var":
+      return rng.uniform(0.5, 1.5, shape).astype(np.float32)
+    if name == "scale":
+      return (1.0 + 0.1 * rng.normal(size=shape)).astype(np.float32)
+    if name == "bias" and "linear3" in jax.tree_util.keystr(path):
+      return np.full(shape, 10.0, np.float32)  # root depth ~10 bones
+    return (0.1 * rng.normal(size=shape)).astype(np.float32)  # bias, mean
 
-    return jax.tree_util.tree_map_with_path(draw, template)
+  return jax.tree_util.tree_map_with_path(draw, template)
 
 
 def _make_model(seed=0):
-    model = nnx.eval_shape(lambda: models.KeypointModel("resnet_tiny", rngs=nnx.Rngs(0)))
-    state = nnx.state(model)
-    nnx.replace_by_pure_dict(state, _random_pure(nnx.to_pure_dict(state), seed))
-    nnx.update(model, state)
-    return model
+  model = nnx.eval_shape(lambda: models.KeypointModel("resnet_tiny", rngs=nnx.Rngs(0)))
+  state = nnx.state(model)
+  nnx.replace_by_pure_dict(state, _random_pure(nnx.to_pure_dict(state), seed))
+  nnx.update(model, state)
+  return model
 
 
 def _save(workdir, pure, kind="finetune"):
-    mgr = checkpoints.CheckpointManager(str(workdir))
-    mgr.save(0, {"model": pure}, meta={"kind": kind, "backbone": "resnet_tiny",
-                                         "uv_units": "normalized", "input_size": S})
-    mgr.close()
+  mgr = checkpoints.CheckpointManager(str(workdir))
+  mgr.save(0, {"model": pure}, meta={"kind": kind, "backbone": "resnet_tiny",
+                                       "uv_units": "normalized", "input_size": S})
+  mgr.close()
 
 
 @pytest.fixture(scope="module")
 def model():
-    return _make_model(0)
+  return _make_model(0)
 
 
 @pytest.fixture(scope="module")
 def workdir(model, tmp_path_factory):
-    path = tmp_path_factory.mktemp("ft")
-    _save(path, nnx.to_pure_dict(nnx.state(model)))
-    return path
+  path = tmp_path_factory.mktemp("ft")
+  _save(path, nnx.to_pure_dict(nnx.state(model)))
+  return path
 
 
 @pytest.fixture(scope="module")
 def predictor(workdir):
-    return predict.Predictor.from_checkpoint(str(workdir), batch_size=BATCH)
+  return predict.Predictor.from_checkpoint(str(workdir), batch_size=BATCH)
 
 
 @pytest.fixture(scope="module")
 def reference(model):
-    """An independently jitted eval-mode call of the saved model."""
-    graphdef, state = nnx.split(model)
+  """An independently jitted eval-mode call of the saved model."""
+  graphdef, state = nnx.split(model)
 
-    @jax.jit
-    def call(x, K):
-        m = nnx.merge(graphdef, state)
-        m.eval()
-        return m(x, K)
+  @jax.jit
+  def call(x, K):
+    m = nnx.merge(graphdef, state)
+    m.eval()
+    return m(x, K)
 
-    return lambda x, K: {k: np.asarray(v, np.float64) for k, v in
-                         call(jnp.asarray(x, jnp.float32), jnp.asarray(K, jnp.float32)).items()}
+  return lambda x, K: {k: np.asarray(v, np.float64) for k, v in
+                       call(jnp.asarray(x, jnp.float32), jnp.asarray(K, jnp.float32)).items()}
 
 
 def _images(seed, shapes):
-    rng = np.random.default_rng(seed)
-    out = []
-    for shape in shapes:
-        # Smooth random blobs: a crude "hand" so crops are not pure noise.
-        h, w = shape[:2]
-        y, x = np.mgrid[0:h, 0:w]
-        cy, cx = rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w
-        blob = 200 * np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * (0.2 * min(h, w)) ** 2))
-        img = np.clip(blob[..., None] + rng.integers(0, 50, (h, w, 1)), 0, 255)
-        img = np.broadcast_to(img, (h, w, 3)) * rng.uniform(0.5, 1.0, 3)
-        img = img.astype(np.uint8)
-        if len(shape) == 2:
-            img = img[..., 0]
-        elif shape[2] == 1:
-            img = img[..., :1]
-        elif shape[2] == 4:
-            img = np.concatenate([img, rng.integers(0, 256, (h, w, 1), dtype=np.uint8)], -1)
-        out.append(img)
-    return out
+  rng = np.random.default_rng(seed)
+  out = []
+  for shape in shapes:
+    # Smooth random blobs: a crude "hand" so crops are not pure noise.
+    h, w = shape[:2]
+    y, x = np.mgrid[0:h, 0:w]
+    cy, cx = rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w
+    blob = 200 * np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * (0.2 * min(h, w)) ** 2))
+    img = np.clip(blob[..., None] + rng.integers(0, 50, (h, w, 1)), 0, 255)
+    img = np.broadcast_to(img, (h, w, 3)) * rng.uniform(0.5, 1.0, 3)
+    img = img.astype(np.uint8)
+    if len(shape) == 2:
+      img = img[..., 0]
+    elif shape[2] == 1:
+      img = img[..., :1]
+    elif shape[2] == 4:
+      img = np.concatenate([img, rng.integers(0, 256, (h, w, 1), dtype=np.uint8)], -1)
+    out.append(img)
+  return out
 
 
 def _affine(box, size=S, fill=0.7):
-    """Written-out box -> crop transform: box centre to the crop centre, the
-    box's longer side to fill * size."""
-    x0, y0, x1, y1 = box
-    a = fill * size / max(x1 - x0, y1 - y0)
-    return np.array([[a, 0, size / 2 - a * (x0 + x1) / 2],
-                     [0, a, size / 2 - a * (y0 + y1) / 2],
-                     [0, 0, 1.0]])
+  """Written-out box -> crop transform: box centre to the crop centre, the
+  box's longer side to fill * size."""
+  x0, y0, x1, y1 = box
+  a = fill * size / max(x1 - x0, y1 - y0)
+  return np.array([[a, 0, size / 2 - a * (x0 + x1) / 2],
+                   [0, a, size / 2 - a * (y0 + y1) / 2],
+                   [0, 0, 1.0]])
 
 
 def _ref_two_pass(reference, image, K, first_box):
-    """The two-pass protocol for one RGB image, written out."""
-    t1 = _affine(first_box)
-    crop1 = evaluate.crop_and_normalise(image[None], t1[None], S)
-    kp1 = reference(crop1, (t1 @ K)[None])["kp2d"][0]  # [21, 2] crop px
-    lo, hi = np.trunc(kp1.min(0)), np.trunc(kp1.max(0))
-    a1, t1xy = t1[0, 0], t1[:2, 2]
-    box = np.concatenate([(lo - t1xy) / a1, (hi - t1xy) / a1])
-    t2 = _affine(box)
-    out = reference(evaluate.crop_and_normalise(image[None], t2[None], S), (t2 @ K)[None])
-    kp2d, kp3d = out["kp2d"][0], out["kp3d"][0]
-    kp2d[0] = 2 * kp2d[0] - kp2d[AIT_MIDDLE_MCP]
-    kp3d[0] = 2 * kp3d[0] - kp3d[AIT_MIDDLE_MCP]
-    kp2d = (kp2d - t2[:2, 2]) / t2[0, 0]
-    return kp2d[FH_FROM_AIT], kp3d[FH_FROM_AIT], box
+  """The two-pass protocol for one RGB image, written out."""
+  t1 = _affine(first_box)
+  crop1 = evaluate.crop_and_normalise(image[None], t1[None], S)
+  kp1 = reference(crop1, (t1 @ K)[None])["kp2d"][0]  # [21, 2] crop px
+  lo, hi = np.trunc(kp1.min(0)), np.trunc(kp1.max(0))
+  a1, t1xy = t1[0, 0], t1[:2, 2]
+  box = np.concatenate([(lo - t1xy) / a1, (hi - t1xy) / a1])
+  t2 = _affine(box)
+  out = reference(evaluate.crop_and_normalise(image[None], t2[None], S), (t2 @ K)[None])
+  kp2d, kp3d = out["kp2d"][0], out["kp3d"][0]
+  kp2d[0] = 2 * kp2d[0] - kp2d[AIT_MIDDLE_MCP]
+  kp3d[0] = 2 * kp3d[0] - kp3d[AIT_MIDDLE_MCP]
+  kp2d = (kp2d - t2[:2, 2]) / t2[0, 0]
+  return kp2d[FH_FROM_AIT], kp3d[FH_FROM_AIT], box
 
 
 # --------------------------------------------------------------------------
@@ -160,51 +160,51 @@ def _ref_two_pass(reference, image, K, first_box):
 
 
 def test_from_checkpoint_restores_saved_weights(model, predictor, reference):
-    assert predictor.input_size == S
-    assert predictor.model.uv_units == "normalized"
-    assert predictor.meta["kind"] == "finetune"
-    want = jax.tree.leaves(nnx.to_pure_dict(nnx.state(model)))
-    have = jax.tree.leaves(nnx.to_pure_dict(nnx.state(predictor.model)))
-    assert len(want) == len(have)
-    for w, h in zip(want, have):
-        np.testing.assert_array_equal(np.asarray(h), np.asarray(w))
-    # Same crops through the predictor's batched, padded model call (5 crops,
-    # batch 4: two chunks, the second padded) and the reference call.
-    rng = np.random.default_rng(1)
-    crops = rng.normal(size=(5, S, S, 3)).astype(np.float32)
-    K = np.stack([np.diag([80.0 + i, 82.0, 1.0]) + np.array([[0, 0, 32], [0, 0, 31], [0, 0, 0]])
-                  for i in range(5)])
-    got = predictor.predict_crops(crops, K)
-    ref = reference(crops, K)
-    np.testing.assert_allclose(got["kp2d"], ref["kp2d"], atol=1e-4)
-    np.testing.assert_allclose(got["kp3d"], ref["kp3d"], rtol=1e-4, atol=1e-4)
+  assert predictor.input_size == S
+  assert predictor.model.uv_units == "normalized"
+  assert predictor.meta["kind"] == "finetune"
+  want = jax.tree.leaves(nnx.to_pure_dict(nnx.state(model)))
+  have = jax.tree.leaves(nnx.to_pure_dict(nnx.state(predictor.model)))
+  assert len(want) == len(have)
+  for w, h in zip(want, have):
+    np.testing.assert_array_equal(np.asarray(h), np.asarray(w))
+  # Same crops through the predictor's batched, padded model call (5 crops,
+  # batch 4: two chunks, the second padded) and the reference call.
+  rng = np.random.default_rng(1)
+  crops = rng.normal(size=(5, S, S, 3)).astype(np.float32)
+  K = np.stack([np.diag([80.0 + i, 82.0, 1.0]) + np.array([[0, 0, 32], [0, 0, 31], [0, 0, 0]])
+                for i in range(5)])
+  got = predictor.predict_crops(crops, K)
+  ref = reference(crops, K)
+  np.testing.assert_allclose(got["kp2d"], ref["kp2d"], atol=1e-4)
+  np.testing.assert_allclose(got["kp3d"], ref["kp3d"], rtol=1e-4, atol=1e-4)
 
 
 def test_from_checkpoint_prefers_best_and_checks_kind(model, tmp_path):
-    pure = nnx.to_pure_dict(nnx.state(model))
-    best = jax.tree.map(lambda x: np.asarray(x) * 1.5, pure)
-    _save(tmp_path / "run", pure)
-    _save(tmp_path / "run" / "best", best)
-    loaded = predict.Predictor.from_checkpoint(str(tmp_path / "run"))
-    have = nnx.to_pure_dict(nnx.state(loaded.model))
-    np.testing.assert_array_equal(np.asarray(have["keypoint_head"]["linear"]["kernel"]),
-                                  best["keypoint_head"]["linear"]["kernel"])
-    _save(tmp_path / "pre", {"x": np.zeros(2, np.float32)}, kind="pretrain")
-    with pytest.raises(checkpoints.CheckpointError, match="pretrain"):
-        predict.Predictor.from_checkpoint(str(tmp_path / "pre"))
+  pure = nnx.to_pure_dict(nnx.state(model))
+  best = jax.tree.map(lambda x: np.asarray(x) * 1.5, pure)
+  _save(tmp_path / "run", pure)
+  _save(tmp_path / "run" / "best", best)
+  loaded = predict.Predictor.from_checkpoint(str(tmp_path / "run"))
+  have = nnx.to_pure_dict(nnx.state(loaded.model))
+  np.testing.assert_array_equal(np.asarray(have["keypoint_head"]["linear"]["kernel"]),
+                                best["keypoint_head"]["linear"]["kernel"])
+  _save(tmp_path / "pre", {"x": np.zeros(2, np.float32)}, kind="pretrain")
+  with pytest.raises(checkpoints.CheckpointError, match="pretrain"):
+    predict.Predictor.from_checkpoint(str(tmp_path / "pre"))
 
 
 def test_in_memory_model(model, predictor):
-    # The fixture model is in train mode (BatchNorm on batch statistics); the
-    # Predictor must run it in eval mode without switching the caller's model.
-    assert model.backbone.bn1.use_running_average is False
-    p = predict.Predictor(model, S, batch_size=BATCH)
-    (image,) = _images(6, [(40, 50, 3)])
-    np.testing.assert_allclose(p.predict([image])["kp2d"], predictor.predict([image])["kp2d"],
-                               atol=1e-3)
-    assert model.backbone.bn1.use_running_average is False
-    with pytest.raises(ValueError, match="KeypointModel"):
-        predict.Predictor(object(), S)
+  # The fixture model is in train mode (BatchNorm on batch statistics); the
+  # Predictor must run it in eval mode without switching the caller's model.
+  assert model.backbone.bn1.use_running_average is False
+  p = predict.Predictor(model, S, batch_size=BATCH)
+  (image,) = _images(6, [(40, 50, 3)])
+  np.testing.assert_allclose(p.predict([image])["kp2d"], predictor.predict([image])["kp2d"],
+                             atol=1e-3)
+  assert model.backbone.bn1.use_running_average is False
+  with pytest.raises(ValueError, match="KeypointModel"):
+    predict.Predictor(object(), S)
 
 
 # --------------------------------------------------------------------------
@@ -213,78 +213,78 @@ def test_in_memory_model(model, predictor):
 
 
 def test_image_intrinsics():
-    np.testing.assert_allclose(predict.image_intrinsics(224, 224),
-                               np.asarray(models.default_intrinsics(224, 224)), rtol=1e-6)
-    np.testing.assert_allclose(predict.image_intrinsics(300, 300),
-                               np.asarray(models.default_intrinsics(300, 300)), rtol=1e-6)
-    K = predict.image_intrinsics(480, 640)  # isotropic, longer side
-    np.testing.assert_allclose(K, [[FX224 * 640 / 224, 0, 320], [0, FY224 * 640 / 224, 240],
-                                   [0, 0, 1]], rtol=1e-6)
+  np.testing.assert_allclose(predict.image_intrinsics(224, 224),
+                             np.asarray(models.default_intrinsics(224, 224)), rtol=1e-6)
+  np.testing.assert_allclose(predict.image_intrinsics(300, 300),
+                             np.asarray(models.default_intrinsics(300, 300)), rtol=1e-6)
+  K = predict.image_intrinsics(480, 640)  # isotropic, longer side
+  np.testing.assert_allclose(K, [[FX224 * 640 / 224, 0, 320], [0, FY224 * 640 / 224, 240],
+                                 [0, 0, 1]], rtol=1e-6)
 
 
 @pytest.mark.parametrize("use_boxes", [False, True])
 def test_two_pass_bookkeeping_matches_written_out_protocol(predictor, reference, use_boxes):
-    (image,) = _images(2, [(56, 80, 3)])
-    h, w = image.shape[:2]
-    if use_boxes:
-        first = np.array([30.0, 10.0, 62.0, 50.0])
-        K = np.array([[150.0, 0, 41.0], [0, 149.0, 27.0], [0, 0, 1]])
-        out = predictor.predict([image], K=K, boxes=first[None], scale=0.02)
-        scale = 0.02
-    else:
-        side = 0.33 * max(h, w)
-        first = np.array([w / 2 - side / 2, h / 2 - side / 2, w / 2 + side / 2, h / 2 + side / 2])
-        K = np.array([[FX224 * w / 224, 0, w / 2], [0, FY224 * w / 224, h / 2], [0, 0, 1]])
-        out = predictor.predict([image])
-        scale = 1.0
-        np.testing.assert_allclose(out["K"][0], K, rtol=1e-6)
-    kp2d, kp3d, box = _ref_two_pass(reference, image, K, first)
-    np.testing.assert_allclose(out["box"][0], box, atol=1e-6)
-    np.testing.assert_allclose(out["affine"][0], _affine(box), atol=1e-9)
-    np.testing.assert_allclose(out["kp2d"][0], kp2d, atol=1e-3)
-    np.testing.assert_allclose(out["kp3d"][0], kp3d * scale, rtol=1e-4, atol=1e-5)
+  (image,) = _images(2, [(56, 80, 3)])
+  h, w = image.shape[:2]
+  if use_boxes:
+    first = np.array([30.0, 10.0, 62.0, 50.0])
+    K = np.array([[150.0, 0, 41.0], [0, 149.0, 27.0], [0, 0, 1]])
+    out = predictor.predict([image], K=K, boxes=first[None], scale=0.02)
+    scale = 0.02
+  else:
+    side = 0.33 * max(h, w)
+    first = np.array([w / 2 - side / 2, h / 2 - side / 2, w / 2 + side / 2, h / 2 + side / 2])
+    K = np.array([[FX224 * w / 224, 0, w / 2], [0, FY224 * w / 224, h / 2], [0, 0, 1]])
+    out = predictor.predict([image])
+    scale = 1.0
+    np.testing.assert_allclose(out["K"][0], K, rtol=1e-6)
+  kp2d, kp3d, box = _ref_two_pass(reference, image, K, first)
+  np.testing.assert_allclose(out["box"][0], box, atol=1e-6)
+  np.testing.assert_allclose(out["affine"][0], _affine(box), atol=1e-9)
+  np.testing.assert_allclose(out["kp2d"][0], kp2d, atol=1e-3)
+  np.testing.assert_allclose(out["kp3d"][0], kp3d * scale, rtol=1e-4, atol=1e-5)
 
 
 def test_mixed_sizes_and_channels_equal_single_predictions(predictor):
-    shapes = [(50, 70, 3), (90, 60), (40, 40, 1), (72, 56, 4), (30, 100, 3), (64, 64, 3)]
-    images = _images(3, shapes)
-    out = predictor.predict(images)
-    assert out["kp3d"].shape == (6, 21, 3) and out["kp2d"].shape == (6, 21, 2)
-    assert np.all(np.isfinite(out["kp3d"])) and np.all(np.isfinite(out["kp2d"]))
-    for i, im in enumerate(images):
-        alone = predictor.predict([im])
-        np.testing.assert_allclose(out["kp2d"][i], alone["kp2d"][0], atol=1e-3, err_msg=str(i))
-        np.testing.assert_allclose(out["kp3d"][i], alone["kp3d"][0], rtol=1e-4, atol=1e-4)
-    # Conversions: grayscale = replicated RGB, RGBA = its RGB part (bitwise,
-    # as the same program runs on the same pixels).
-    gray = predictor.predict([images[1]])
-    rgb = predictor.predict([np.repeat(images[1][..., None], 3, -1)])
-    np.testing.assert_array_equal(gray["kp2d"], rgb["kp2d"])
-    rgba = predictor.predict([images[3]])
-    rgb = predictor.predict([images[3][..., :3].copy()])
-    np.testing.assert_array_equal(rgba["kp3d"], rgb["kp3d"])
-    # A uint8 [N, H, W, C] array is a batch as well.
-    arr = predictor.predict(np.stack([images[0], images[0]]))
-    np.testing.assert_allclose(arr["kp2d"][1], out["kp2d"][0], atol=1e-3)
+  shapes = [(50, 70, 3), (90, 60), (40, 40, 1), (72, 56, 4), (30, 100, 3), (64, 64, 3)]
+  images = _images(3, shapes)
+  out = predictor.predict(images)
+  assert out["kp3d"].shape == (6, 21, 3) and out["kp2d"].shape == (6, 21, 2)
+  assert np.all(np.isfinite(out["kp3d"])) and np.all(np.isfinite(out["kp2d"]))
+  for i, im in enumerate(images):
+    alone = predictor.predict([im])
+    np.testing.assert_allclose(out["kp2d"][i], alone["kp2d"][0], atol=1e-3, err_msg=str(i))
+    np.testing.assert_allclose(out["kp3d"][i], alone["kp3d"][0], rtol=1e-4, atol=1e-4)
+  # Conversions: grayscale = replicated RGB, RGBA = its RGB part (bitwise,
+  # as the same program runs on the same pixels).
+  gray = predictor.predict([images[1]])
+  rgb = predictor.predict([np.repeat(images[1][..., None], 3, -1)])
+  np.testing.assert_array_equal(gray["kp2d"], rgb["kp2d"])
+  rgba = predictor.predict([images[3]])
+  rgb = predictor.predict([images[3][..., :3].copy()])
+  np.testing.assert_array_equal(rgba["kp3d"], rgb["kp3d"])
+  # A uint8 [N, H, W, C] array is a batch as well.
+  arr = predictor.predict(np.stack([images[0], images[0]]))
+  np.testing.assert_allclose(arr["kp2d"][1], out["kp2d"][0], atol=1e-3)
 
 
 def test_padded_canvas_agrees_with_evaluate_two_pass(predictor):
-    small, big = _images(4, [(48, 48, 3), (100, 80, 3)])
-    K = np.array([[120.0, 0, 24.0], [0, 120.0, 24.0], [0, 0, 1]])
-    out = predictor.predict([small, big], K=np.stack([K, K * [[1.5], [1.5], [1]]]),
-                            scale=np.array([0.03, 0.05]))
-    ref = evaluate.two_pass_predict(predictor.predict_crops, small[None], K, [0.03], S)
-    np.testing.assert_allclose(out["kp2d"][0], ref["kp2d"][0], atol=1e-3)
-    np.testing.assert_allclose(out["kp3d"][0], ref["kp3d_metres"][0], rtol=1e-4, atol=1e-6)
-    # K changes the 3D lifting only; a shared [3, 3] K is broadcast.
-    shared = predictor.predict([small], K=K * [[2], [2], [1]])
-    np.testing.assert_allclose(shared["kp2d"][0], ref["kp2d"][0], atol=1e-3)
-    assert not np.allclose(shared["kp3d"][0], ref["kp3d_metres"][0] / 0.03, rtol=1e-2)
+  small, big = _images(4, [(48, 48, 3), (100, 80, 3)])
+  K = np.array([[120.0, 0, 24.0], [0, 120.0, 24.0], [0, 0, 1]])
+  out = predictor.predict([small, big], K=np.stack([K, K * [[1.5], [1.5], [1]]]),
+                          scale=np.array([0.03, 0.05]))
+  ref = evaluate.two_pass_predict(predictor.predict_crops, small[None], K, [0.03], S)
+  np.testing.assert_allclose(out["kp2d"][0], ref["kp2d"][0], atol=1e-3)
+  np.testing.assert_allclose(out["kp3d"][0], ref["kp3d_metres"][0], rtol=1e-4, atol=1e-6)
+  # K changes the 3D lifting only; a shared [3, 3] K is broadcast.
+  shared = predictor.predict([small], K=K * [[2], [2], [1]])
+  np.testing.assert_allclose(shared["kp2d"][0], ref["kp2d"][0], atol=1e-3)
+  assert not np.allclose(shared["kp3d"][0], ref["kp3d_metres"][0] / 0.03, rtol=1e-2)
 
 
 def test_empty_input(predictor):
-    out = predictor.predict([])
-    assert out["kp3d"].shape == (0, 21, 3) and out["kp2d"].shape == (0, 21, 2)
+  out = predictor.predict([])
+  assert out["kp3d"].shape == (0, 21, 3) and out["kp2d"].shape == (0, 21, 2)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -304,10 +304,10 @@ def test_empty_input(predictor):
     (dict(K=np.full((3, 3), np.nan)), r"K contains non-finite"),
 ])
 def test_wrong_inputs_raise_clear_errors(predictor, kwargs, match):
-    args = dict(images=[np.zeros((8, 8, 3), np.uint8), np.zeros((9, 7), np.uint8)])
-    args.update(kwargs)
-    with pytest.raises(ValueError, match=match):
-        predictor.predict(**args)
+  args = dict(images=[np.zeros((8, 8, 3), np.uint8), np.zeros((9, 7), np.uint8)])
+  args.update(kwargs)
+  with pytest.raises(ValueError, match=match):
+    predictor.predict(**args)
 
 
 # --------------------------------------------------------------------------
@@ -316,54 +316,54 @@ def test_wrong_inputs_raise_clear_errors(predictor, kwargs, match):
 
 
 def _write_inputs(folder):
-    a, b = _images(5, [(48, 64, 3), (70, 52, 3)])
-    Image.fromarray(a).save(folder / "a.png")
-    Image.fromarray(b[..., 0]).save(folder / "b.jpg", quality=95)  # grayscale JPEG
-    (folder / "empty.png").write_bytes(b"")
-    (folder / "notes.jpg").write_text("not an image\n")
+  a, b = _images(5, [(48, 64, 3), (70, 52, 3)])
+  Image.fromarray(a).save(folder / "a.png")
+  Image.fromarray(b[..., 0]).save(folder / "b.jpg", quality=95)  # grayscale JPEG
+  (folder / "empty.png").write_bytes(b"")
+  (folder / "notes.jpg").write_text("not an image\n")
 
 
 def test_cli(workdir, predictor, tmp_path):
-    images = tmp_path / "images"
-    images.mkdir()
-    _write_inputs(images)
-    out, viz = tmp_path / "preds.json", tmp_path / "viz"
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(
-        [sys.executable, "-m", "peclr_jax.predict", "--checkpoint", str(workdir),
-         "--images", str(images), "--out", str(out), "--viz", str(viz), "--batch-size", "4"],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
-    assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    report = json.loads(out.read_text())
-    preds = report["predictions"]
-    assert [os.path.basename(p["file"]) for p in preds] == ["a.png", "b.jpg"]
-    for p in preds:
-        assert np.asarray(p["kp3d"]).shape == (21, 3)
-        assert np.asarray(p["kp2d"]).shape == (21, 2)
-    skipped = sorted(os.path.basename(s["file"]) for s in report["skipped"])
-    assert skipped == ["empty.png", "notes.jpg"]
-    assert "empty.png" in proc.stderr and "notes.jpg" in proc.stderr
-    # Same numbers as the API on the decoded files.
-    decoded = [predict.load_image(p["file"]) for p in preds]
-    assert decoded[1].shape == (70, 52, 3)
-    api = predictor.predict(decoded)
-    np.testing.assert_allclose([p["box"] for p in preds], api["box"], atol=1e-6)
-    np.testing.assert_allclose([p["kp2d"] for p in preds], api["kp2d"], atol=1e-3)
-    np.testing.assert_allclose([p["kp3d"] for p in preds], api["kp3d"], rtol=1e-4, atol=1e-4)
-    pngs = sorted(os.listdir(viz))
-    assert pngs == ["a_2d.png", "a_3d.png", "b_2d.png", "b_3d.png"]
-    for name in pngs:
-        data = (viz / name).read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+  images = tmp_path / "images"
+  images.mkdir()
+  _write_inputs(images)
+  out, viz = tmp_path / "preds.json", tmp_path / "viz"
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run(
+      [sys.executable, "-m", "peclr_jax.predict", "--checkpoint", str(workdir),
+       "--images", str(images), "--out", str(out), "--viz", str(viz), "--batch-size", "4"],
+      capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+  assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+  report = json.loads(out.read_text())
+  preds = report["predictions"]
+  assert [os.path.basename(p["file"]) for p in preds] == ["a.png", "b.jpg"]
+  for p in preds:
+    assert np.asarray(p["kp3d"]).shape == (21, 3)
+    assert np.asarray(p["kp2d"]).shape == (21, 2)
+  skipped = sorted(os.path.basename(s["file"]) for s in report["skipped"])
+  assert skipped == ["empty.png", "notes.jpg"]
+  assert "empty.png" in proc.stderr and "notes.jpg" in proc.stderr
+  # Same numbers as the API on the decoded files.
+  decoded = [predict.load_image(p["file"]) for p in preds]
+  assert decoded[1].shape == (70, 52, 3)
+  api = predictor.predict(decoded)
+  np.testing.assert_allclose([p["box"] for p in preds], api["box"], atol=1e-6)
+  np.testing.assert_allclose([p["kp2d"] for p in preds], api["kp2d"], atol=1e-3)
+  np.testing.assert_allclose([p["kp3d"] for p in preds], api["kp3d"], rtol=1e-4, atol=1e-4)
+  pngs = sorted(os.listdir(viz))
+  assert pngs == ["a_2d.png", "a_3d.png", "b_2d.png", "b_3d.png"]
+  for name in pngs:
+    data = (viz / name).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
 
 
 def test_cli_nothing_readable_exits_1(workdir, tmp_path, capsys):
-    (tmp_path / "x.png").write_bytes(b"\x89PNG\r\n\x1a\ncorrupt")
-    out = tmp_path / "p.json"
-    rc = predict.main(["--checkpoint", str(workdir), "--images", str(tmp_path / "x.png"),
-                       str(tmp_path / "missing.jpg"), "--out", str(out), "--no-progress"])
-    assert rc == 1
-    report = json.loads(out.read_text())
-    assert report["predictions"] == []
-    assert len(report["skipped"]) == 2
-    assert "missing.jpg" in capsys.readouterr().err
+  (tmp_path / "x.png").write_bytes(b"\x89PNG\r\n\x1a\ncorrupt")
+  out = tmp_path / "p.json"
+  rc = predict.main(["--checkpoint", str(workdir), "--images", str(tmp_path / "x.png"),
+                     str(tmp_path / "missing.jpg"), "--out", str(out), "--no-progress"])
+  assert rc == 1
+  report = json.loads(out.read_text())
+  assert report["predictions"] == []
+  assert len(report["skipped"]) == 2
+  assert "missing.jpg" in capsys.readouterr().err
