@@ -276,14 +276,68 @@ def test_sharded_batch_needs_no_collectives():
 # --------------------------------------------------------------------------
 
 
-def test_hsv_roundtrip_matches_colorsys():
-    rng = np.random.default_rng(3)
-    px = rng.integers(0, 256, (64, 3)).astype(np.float32) / 255.0
-    px[:4] = [[0.5, 0.5, 0.5], [0, 0, 0], [1, 0, 0], [0.2, 0.9, 0.9]]
+def _hsv_test_pixels(rng, n=512):
+    """[n, 3] RGB in [0, 1]: uniform floats, then the special cases first."""
+    px = rng.uniform(0, 1, (n, 3)).astype(np.float32)
+    special = [
+        [0.5, 0.5, 0.5], [0, 0, 0], [1, 1, 1], [0.2, 0.2, 0.2],  # greys
+        [1, 0, 0], [0, 1, 0], [0, 0, 1],  # primaries
+        [1, 1, 0], [0, 1, 1], [1, 0, 1], [0.2, 0.9, 0.9],  # secondaries
+        # Red is the maximum and blue just above green: hue just below 1, the
+        # wrap of h / 6 < 0 (and just above 0 with green above blue).
+        [1, 0, 1e-3], [0.9, 0.3, 0.30001], [0.7, 0.5, 0.5 + 1e-4],
+        [1, 1e-3, 0], [0.9, 0.30001, 0.3],
+    ]
+    px[:len(special)] = special
+    return px
+
+
+def test_hsv_round_trip_is_identity():
+    px = _hsv_test_pixels(np.random.default_rng(3))
+    hsv = np.asarray(A.rgb_to_hsv(px))
+    assert np.all((hsv >= 0) & (hsv <= 1))  # hue wrapped into [0, 1]
+    np.testing.assert_allclose(np.asarray(A.hsv_to_rgb(hsv)), px, atol=2e-6)
+    # Also as [B, H, W, 3] images (the shape the augmentation passes).
+    img = px[:504].reshape(2, 12, 21, 3)
+    np.testing.assert_allclose(np.asarray(A.hsv_to_rgb(A.rgb_to_hsv(img))),
+                               img, atol=2e-6)
+
+
+def test_hsv_conversions_match_colorsys():
+    rng = np.random.default_rng(8)
+    px = _hsv_test_pixels(rng)
     hsv = np.asarray(A.rgb_to_hsv(px))
     ref = np.array([colorsys.rgb_to_hsv(*p) for p in px.astype(np.float64)])
-    np.testing.assert_allclose(hsv, ref, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(A.hsv_to_rgb(hsv)), px, atol=1e-5)
+    assert np.all((hsv[:, 0] >= 0) & (hsv[:, 0] <= 1))
+    # Hue is circular: 1 - 1e-9 (float64) and 1.0 (float32) are the same hue.
+    dh = (hsv[:, 0] - ref[:, 0] + 0.5) % 1.0 - 0.5
+    np.testing.assert_allclose(dh, 0.0, atol=1e-5)
+    np.testing.assert_allclose(hsv[:, 1:], ref[:, 1:], atol=1e-6)
+    # The inverse on independent random HSV, hue over the whole [0, 1].
+    hsv = rng.uniform(0, 1, (512, 3)).astype(np.float32)
+    hsv[:4, 0] = [0.0, 1.0, 1 - 1e-6, 5 / 6]
+    ref = np.array([colorsys.hsv_to_rgb(*p) for p in hsv.astype(np.float64)])
+    np.testing.assert_allclose(np.asarray(A.hsv_to_rgb(hsv)), ref, atol=2e-6)
+
+
+def test_hsv_jitter_hue_past_one_known_answer():
+    # (1, 0, 0.5) has h = 11/12 (red maximum, blue above green), s = v = 1.
+    # Scaled hues: 11/12 (unchanged), 23/24, 1.1 -> clipped to 1 (= 0, red),
+    # and 1/2 (cyan). Every channel's sector index n + 6h passes 6 for the
+    # first three, so each needs the wrap back into [0, 6).
+    img = np.broadcast_to(np.float32([1.0, 0.0, 0.5]), (4, 2, 3, 3)).copy()
+    img[:, 1, 2] = [0.9, 0.3, 0.8]  # h = 31/36, s = 2/3, v = 0.9
+    hue = np.array([1.0, 23 / 22, 1.2, 6 / 11], np.float32)
+    ones, zeros = np.ones(4, np.float32), np.zeros(4, np.float32)
+    out = np.asarray(A.hsv_jitter(img, hue, ones, ones, zeros))
+    known = np.array([[1, 0, 0.5], [1, 0, 0.25], [1, 0, 0], [0, 1, 1]])
+    np.testing.assert_allclose(out[:, 0, 0], known, atol=1e-5)
+    for b in range(4):  # every pixel: colorsys with the hue taken mod 1
+        for i in range(2):
+            for j in range(3):
+                h, s, v = colorsys.rgb_to_hsv(*img[b, i, j].astype(np.float64))
+                ref = colorsys.hsv_to_rgb(min(h * hue[b], 1.0) % 1.0, s, v)
+                np.testing.assert_allclose(out[b, i, j], ref, atol=1e-5)
 
 
 def test_hsv_jitter_matches_colorsys_reference():
