@@ -15,10 +15,10 @@ to see whether memory grows with the dataset, then extrapolate to the real
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -70,14 +70,21 @@ def main():
   cmd = [sys.executable, "-m", "peclr_jax.data"] + cli
   load0 = os.getloadavg()[0]
   t = time.perf_counter()
-  proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  # The build child's own rusage (os.wait4): RUSAGE_CHILDREN would also count
+  # the worker processes that wrote the fake copy.
+  with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+    child = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, text=True)
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    stdout.seek(0)
+    stderr.seek(0)
+    proc = subprocess.CompletedProcess(cmd, child.returncode, stdout.read(), stderr.read())
   seconds = time.perf_counter() - t
   if proc.returncode:
     out["error"] = proc.stderr[-2000:]
     print(json.dumps(out))
     return 1
-  # ru_maxrss of waited-for children, KiB on Linux: this one child only.
-  peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+  peak_mib = usage.ru_maxrss / 1024  # KiB on Linux
   images = out["train_images"] + num_eval
   # Python start-up + imports, measured the same way, to separate the fixed cost.
   t = time.perf_counter()
