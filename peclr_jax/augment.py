@@ -69,47 +69,47 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-    """All augmentation settings (hashable: a static argument under jit).
+  """All augmentation settings (hashable: a static argument under jit).
 
-    Defaults follow PAPER.md (the public code's "hybrid2" pre-training run).
-    Colour amounts are on the 0..255 scale where the paper states them so.
-    """
+  Defaults follow PAPER.md (the public code's "hybrid2" pre-training run).
+  Colour amounts are on the 0..255 scale where the paper states them so.
+  """
 
-    out_size: int = 128
-    # Geometry.
-    rotation_range: float = 45.0  # theta: whole degrees in [-r, r]
-    margin_range: tuple[float, float] = (0.9, 1.5)  # crop margin m (scale)
-    jitter_max: float = 15.0  # crop-origin jitter, source px (translation)
-    fixed_margin: float = 1.25  # margin when crop=False (public default)
-    rotate: bool = True
-    crop: bool = True  # random margin + jitter; off -> fixed_margin, no jitter
-    # HSV colour jitter.
-    color_jitter: bool = True
-    hue_range: tuple[float, float] = (0.01, 1.0)  # hue *= U(.)
-    sat_range: tuple[float, float] = (0.01, 1.0)  # saturation *= U(.)
-    value_alpha_range: tuple[float, float] = (0.5, 1.0)  # value *= U(.)
-    value_beta_range: tuple[float, float] = (5.0, 20.0)  # value += U(.) / 255
-    # Optional augmentations, each applied with prob `apply_prob` per sample.
-    blur: bool = False
-    color_drop: bool = False
-    cutout: bool = False
-    noise: bool = False
-    apply_prob: float = 0.5
-    blur_sigma_range: tuple[float, float] = (0.1, 2.0)  # view px
-    blur_kernel_fraction: float = 0.1  # taps = int(0.1 * S) made odd
-    cutout_fraction: tuple[float, float] = (0.0, 0.16)  # box side / S
-    noise_std: float = 25.0  # 0..255 scale
-    # Normalisation and border.
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    fill: Optional[tuple[float, float, float]] = None  # 0..255; None: mean*255
+  out_size: int = 128
+  # Geometry.
+  rotation_range: float = 45.0  # theta: whole degrees in [-r, r]
+  margin_range: tuple[float, float] = (0.9, 1.5)  # crop margin m (scale)
+  jitter_max: float = 15.0  # crop-origin jitter, source px (translation)
+  fixed_margin: float = 1.25  # margin when crop=False (public default)
+  rotate: bool = True
+  crop: bool = True  # random margin + jitter; off -> fixed_margin, no jitter
+  # HSV colour jitter.
+  color_jitter: bool = True
+  hue_range: tuple[float, float] = (0.01, 1.0)  # hue *= U(.)
+  sat_range: tuple[float, float] = (0.01, 1.0)  # saturation *= U(.)
+  value_alpha_range: tuple[float, float] = (0.5, 1.0)  # value *= U(.)
+  value_beta_range: tuple[float, float] = (5.0, 20.0)  # value += U(.) / 255
+  # Optional augmentations, each applied with prob `apply_prob` per sample.
+  blur: bool = False
+  color_drop: bool = False
+  cutout: bool = False
+  noise: bool = False
+  apply_prob: float = 0.5
+  blur_sigma_range: tuple[float, float] = (0.1, 2.0)  # view px
+  blur_kernel_fraction: float = 0.1  # taps = int(0.1 * S) made odd
+  cutout_fraction: tuple[float, float] = (0.0, 0.16)  # box side / S
+  noise_std: float = 25.0  # 0..255 scale
+  # Normalisation and border.
+  mean: tuple[float, float, float] = IMAGENET_MEAN
+  std: tuple[float, float, float] = IMAGENET_STD
+  fill: Optional[tuple[float, float, float]] = None  # 0..255; None: mean*255
 
-    @property
-    def fill_value(self) -> tuple[float, ...]:
-        """Border colour in 0..255 units."""
-        if self.fill is not None:
-            return tuple(self.fill)
-        return tuple(255.0 * m for m in self.mean)
+  @property
+  def fill_value(self) -> tuple[float, ...]:
+    """Border colour in 0..255 units."""
+    if self.fill is not None:
+      return tuple(self.fill)
+    return tuple(255.0 * m for m in self.mean)
 
 
 # --------------------------------------------------------------------------
@@ -119,132 +119,132 @@ class AugmentConfig:
 
 def hand_box(keypoints_2d, image_hw: Optional[tuple[int, int]] = None,
              min_half_side: float = 1.0) -> tuple[Array, Array]:
-    """Hand centre and base half-side (margin 1) from 2D keypoints.
+  """Hand centre and base half-side (margin 1) from 2D keypoints.
 
-    Args:
-        keypoints_2d: [..., J, 2] (x, y) pixels.
-        image_hw: (H, W) of the source image. When given, samples whose
-            keypoints are degenerate (half-side < ``min_half_side`` or NaN,
-            e.g. missing labels stored as zeros) fall back to the whole image
-            so that the warp never divides by zero.
-        min_half_side: threshold for the fallback, px.
+  Args:
+      keypoints_2d: [..., J, 2] (x, y) pixels.
+      image_hw: (H, W) of the source image. When given, samples whose
+          keypoints are degenerate (half-side < ``min_half_side`` or NaN,
+          e.g. missing labels stored as zeros) fall back to the whole image
+          so that the warp never divides by zero.
+      min_half_side: threshold for the fallback, px.
 
-    Returns:
-        center [..., 2] (mean keypoint), half_side [...] (max distance to it).
-    """
-    kp = jnp.asarray(keypoints_2d, jnp.float32)
-    center = jnp.mean(kp, axis=-2)
-    half = jnp.sqrt(jnp.max(jnp.sum((kp - center[..., None, :]) ** 2, -1), -1))
-    if image_hw is not None:
-        h, w = image_hw
-        bad = ~(half >= min_half_side)  # the negation also catches NaN
-        whole = jnp.array([w / 2.0, h / 2.0], jnp.float32)
-        center = jnp.where(bad[..., None], whole, center)
-        half = jnp.where(bad, max(h, w) / 2.0, half)
-    return center, half
+  Returns:
+      center [..., 2] (mean keypoint), half_side [...] (max distance to it).
+  """
+  kp = jnp.asarray(keypoints_2d, jnp.float32)
+  center = jnp.mean(kp, axis=-2)
+  half = jnp.sqrt(jnp.max(jnp.sum((kp - center[..., None, :]) ** 2, -1), -1))
+  if image_hw is not None:
+    h, w = image_hw
+    bad = ~(half >= min_half_side)  # the negation also catches NaN
+    whole = jnp.array([w / 2.0, h / 2.0], jnp.float32)
+    center = jnp.where(bad[..., None], whole, center)
+    half = jnp.where(bad, max(h, w) / 2.0, half)
+  return center, half
 
 
 def rotation_2d(theta_deg) -> Array:
-    """OpenCV-sense rotation [..., 2, 2]: CCW on screen (y down) positive."""
-    t = jnp.deg2rad(jnp.asarray(theta_deg, jnp.float32))
-    c, s = jnp.cos(t), jnp.sin(t)
-    return jnp.stack([jnp.stack([c, s], -1), jnp.stack([-s, c], -1)], -2)
+  """OpenCV-sense rotation [..., 2, 2]: CCW on screen (y down) positive."""
+  t = jnp.deg2rad(jnp.asarray(theta_deg, jnp.float32))
+  c, s = jnp.cos(t), jnp.sin(t)
+  return jnp.stack([jnp.stack([c, s], -1), jnp.stack([-s, c], -1)], -2)
 
 
 def crop_matrix(center, half_side, out_size: int, rotation=None,
                 jitter=None) -> Array:
-    """Source -> view matrix of a square crop (optionally rotated, jittered).
+  """Source -> view matrix of a square crop (optionally rotated, jittered).
 
-    ``q = z R(rotation) (p - center) + S/2 - z jitter`` with
-    ``z = S / (2 half_side)``. A test-time crop of a box of half-side ``b``
-    that should fill a fraction ``f`` of the view is
-    ``crop_matrix(box_center, b / f, S)``.
+  ``q = z R(rotation) (p - center) + S/2 - z jitter`` with
+  ``z = S / (2 half_side)``. A test-time crop of a box of half-side ``b``
+  that should fill a fraction ``f`` of the view is
+  ``crop_matrix(box_center, b / f, S)``.
 
-    Args:
-        center: [..., 2] crop centre (x, y), source px.
-        half_side: [...] crop half-side, source px.
-        out_size: S, the view side in px.
-        rotation: [...] degrees, CCW on screen positive (None: 0).
-        jitter: [..., 2] crop-origin shift in source px along the view axes
-            (None: 0).
+  Args:
+      center: [..., 2] crop centre (x, y), source px.
+      half_side: [...] crop half-side, source px.
+      out_size: S, the view side in px.
+      rotation: [...] degrees, CCW on screen positive (None: 0).
+      jitter: [..., 2] crop-origin shift in source px along the view axes
+          (None: 0).
 
-    Returns:
-        [..., 3, 3] float32 homogeneous affine matrices.
-    """
-    center = jnp.asarray(center, jnp.float32)
-    z = out_size / (2.0 * jnp.asarray(half_side, jnp.float32))
-    batch = jnp.broadcast_shapes(center.shape[:-1], z.shape)
-    rot = jnp.zeros(batch) if rotation is None else rotation
-    jit_ = jnp.zeros(batch + (2,)) if jitter is None else jitter
-    a = z[..., None, None] * rotation_2d(rot)  # [..., 2, 2]
-    t = (out_size / 2.0 - z[..., None] * jnp.asarray(jit_, jnp.float32)
-         - jnp.einsum('...ij,...j->...i', a, center))
-    top = jnp.concatenate([a, t[..., None]], -1)
-    bottom = jnp.broadcast_to(jnp.array([0.0, 0.0, 1.0], jnp.float32),
-                              top.shape[:-2] + (1, 3))
-    return jnp.concatenate([top, bottom], -2)
+  Returns:
+      [..., 3, 3] float32 homogeneous affine matrices.
+  """
+  center = jnp.asarray(center, jnp.float32)
+  z = out_size / (2.0 * jnp.asarray(half_side, jnp.float32))
+  batch = jnp.broadcast_shapes(center.shape[:-1], z.shape)
+  rot = jnp.zeros(batch) if rotation is None else rotation
+  jit_ = jnp.zeros(batch + (2,)) if jitter is None else jitter
+  a = z[..., None, None] * rotation_2d(rot)  # [..., 2, 2]
+  t = (out_size / 2.0 - z[..., None] * jnp.asarray(jit_, jnp.float32)
+       - jnp.einsum('...ij,...j->...i', a, center))
+  top = jnp.concatenate([a, t[..., None]], -1)
+  bottom = jnp.broadcast_to(jnp.array([0.0, 0.0, 1.0], jnp.float32),
+                            top.shape[:-2] + (1, 3))
+  return jnp.concatenate([top, bottom], -2)
 
 
 def invert_affine(matrix) -> Array:
-    """Closed-form inverse of homogeneous 2D affine matrices [..., 3, 3]."""
-    m = jnp.asarray(matrix, jnp.float32)
-    a, b, tx = m[..., 0, 0], m[..., 0, 1], m[..., 0, 2]
-    c, d, ty = m[..., 1, 0], m[..., 1, 1], m[..., 1, 2]
-    det = a * d - b * c
-    ia, ib, ic, id_ = d / det, -b / det, -c / det, a / det
-    itx, ity = -(ia * tx + ib * ty), -(ic * tx + id_ * ty)
-    zero, one = jnp.zeros_like(a), jnp.ones_like(a)
-    return jnp.stack([jnp.stack([ia, ib, itx], -1),
-                      jnp.stack([ic, id_, ity], -1),
-                      jnp.stack([zero, zero, one], -1)], -2)
+  """Closed-form inverse of homogeneous 2D affine matrices [..., 3, 3]."""
+  m = jnp.asarray(matrix, jnp.float32)
+  a, b, tx = m[..., 0, 0], m[..., 0, 1], m[..., 0, 2]
+  c, d, ty = m[..., 1, 0], m[..., 1, 1], m[..., 1, 2]
+  det = a * d - b * c
+  ia, ib, ic, id_ = d / det, -b / det, -c / det, a / det
+  itx, ity = -(ia * tx + ib * ty), -(ic * tx + id_ * ty)
+  zero, one = jnp.zeros_like(a), jnp.ones_like(a)
+  return jnp.stack([jnp.stack([ia, ib, itx], -1),
+                    jnp.stack([ic, id_, ity], -1),
+                    jnp.stack([zero, zero, one], -1)], -2)
 
 
 def warp(images, matrix, out_size: Union[int, tuple[int, int]],
          fill: Union[float, Sequence[float], Array] = 0.0) -> Array:
-    """Bilinear affine warp with a constant border (cv2.warpAffine semantics).
+  """Bilinear affine warp with a constant border (cv2.warpAffine semantics).
 
-    ``out[q] = bilinear(images, M^-1 q)``; taps outside the source take the
-    value ``fill`` and are blended bilinearly at the edge (BORDER_CONSTANT).
+  ``out[q] = bilinear(images, M^-1 q)``; taps outside the source take the
+  value ``fill`` and are blended bilinearly at the edge (BORDER_CONSTANT).
 
-    Args:
-        images: [B, H, W, C], any real dtype (uint8 stays in 0..255 units).
-        matrix: [B, 3, 3] source pixel -> output pixel.
-        out_size: S or (H_out, W_out).
-        fill: scalar or [C] border value in the units of ``images``.
+  Args:
+      images: [B, H, W, C], any real dtype (uint8 stays in 0..255 units).
+      matrix: [B, 3, 3] source pixel -> output pixel.
+      out_size: S or (H_out, W_out).
+      fill: scalar or [C] border value in the units of ``images``.
 
-    Returns:
-        [B, H_out, W_out, C] float32.
-    """
-    b, h, w, ch = images.shape
-    ho, wo = (out_size, out_size) if isinstance(out_size, int) else out_size
-    inv = invert_affine(matrix)  # [B, 3, 3]
-    ys, xs = jnp.meshgrid(jnp.arange(ho, dtype=jnp.float32),
-                          jnp.arange(wo, dtype=jnp.float32), indexing='ij')
-    grid = jnp.stack([xs.ravel(), ys.ravel()], -1)  # [N, 2] view pixel centres
-    src = jnp.einsum('bij,nj->bni', inv[:, :2, :2], grid) + inv[:, None, :2, 2]
-    x0, y0 = jnp.floor(src[..., 0]), jnp.floor(src[..., 1])  # [B, N]
-    fx, fy = src[..., 0] - x0, src[..., 1] - y0
-    x0, y0 = x0.astype(jnp.int32), y0.astype(jnp.int32)
-    # Gather per sample from the flattened image: a vmapped take lowers to a
-    # gather with a batch dimension, which XLA partitions along a sharded
-    # batch without moving images between devices (global flat indices into
-    # [B*H*W, C] would force an all-gather of the whole batch).
-    flat = images.reshape(b, h * w, ch)
-    take = jax.vmap(lambda im, i: jnp.take(im, i, axis=0,
-                                           mode='clip'))
-    out = jnp.zeros((b, ho * wo, ch), jnp.float32)
-    coverage = jnp.zeros((b, ho * wo), jnp.float32)
-    for dy, wy in ((0, 1.0 - fy), (1, fy)):
-        for dx, wx in ((0, 1.0 - fx), (1, fx)):
-            xi, yi = x0 + dx, y0 + dy
-            inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
-            wgt = jnp.where(inside, wx * wy, 0.0)
-            idx = jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)
-            out = out + wgt[..., None] * take(flat, idx).astype(jnp.float32)
-            coverage = coverage + wgt
-    fill = jnp.broadcast_to(jnp.asarray(fill, jnp.float32), (ch,))
-    out = out + (1.0 - coverage)[..., None] * fill
-    return out.reshape(b, ho, wo, ch)
+  Returns:
+      [B, H_out, W_out, C] float32.
+  """
+  b, h, w, ch = images.shape
+  ho, wo = (out_size, out_size) if isinstance(out_size, int) else out_size
+  inv = invert_affine(matrix)  # [B, 3, 3]
+  ys, xs = jnp.meshgrid(jnp.arange(ho, dtype=jnp.float32),
+                        jnp.arange(wo, dtype=jnp.float32), indexing='ij')
+  grid = jnp.stack([xs.ravel(), ys.ravel()], -1)  # [N, 2] view pixel centres
+  src = jnp.einsum('bij,nj->bni', inv[:, :2, :2], grid) + inv[:, None, :2, 2]
+  x0, y0 = jnp.floor(src[..., 0]), jnp.floor(src[..., 1])  # [B, N]
+  fx, fy = src[..., 0] - x0, src[..., 1] - y0
+  x0, y0 = x0.astype(jnp.int32), y0.astype(jnp.int32)
+  # Gather per sample from the flattened image: a vmapped take lowers to a
+  # gather with a batch dimension, which XLA partitions along a sharded
+  # batch without moving images between devices (global flat indices into
+  # [B*H*W, C] would force an all-gather of the whole batch).
+  flat = images.reshape(b, h * w, ch)
+  take = jax.vmap(lambda im, i: jnp.take(im, i, axis=0,
+                                         mode='clip'))
+  out = jnp.zeros((b, ho * wo, ch), jnp.float32)
+  coverage = jnp.zeros((b, ho * wo), jnp.float32)
+  for dy, wy in ((0, 1.0 - fy), (1, fy)):
+    for dx, wx in ((0, 1.0 - fx), (1, fx)):
+      xi, yi = x0 + dx, y0 + dy
+      inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+      wgt = jnp.where(inside, wx * wy, 0.0)
+      idx = jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)
+      out = out + wgt[..., None] * take(flat, idx).astype(jnp.float32)
+      coverage = coverage + wgt
+  fill = jnp.broadcast_to(jnp.asarray(fill, jnp.float32), (ch,))
+  out = out + (1.0 - coverage)[..., None] * fill
+  return out.reshape(b, ho, wo, ch)
 
 
 # --------------------------------------------------------------------------
@@ -260,105 +260,105 @@ def warp(images, matrix, out_size: Union[int, tuple[int, int]],
 
 
 def _rgb_to_hsv_planes(r, g, b) -> tuple[Array, Array, Array]:
-    """RGB planes in [0, 1] -> (h, s, v) planes in [0, 1] (``colorsys``)."""
-    maxc = jnp.maximum(jnp.maximum(r, g), b)
-    delta = maxc - jnp.minimum(jnp.minimum(r, g), b)
-    s = jnp.where(maxc > 0, delta / jnp.where(maxc > 0, maxc, 1.0), 0.0)
-    inv = 1.0 / jnp.where(delta > 0, delta, 1.0)  # grey: hue 0, no NaN grads
-    h = jnp.where(r == maxc, (g - b) * inv,
-                  jnp.where(g == maxc, 2.0 + (b - r) * inv,
-                            4.0 + (r - g) * inv))
-    # h / 6 lies in [-1/6, 5/6]: only the red sector's negative half wraps.
-    h = h * (1.0 / 6.0)
-    h = jnp.where(delta > 0, jnp.where(h < 0, h + 1.0, h), 0.0)
-    return h, s, maxc
+  """RGB planes in [0, 1] -> (h, s, v) planes in [0, 1] (``colorsys``)."""
+  maxc = jnp.maximum(jnp.maximum(r, g), b)
+  delta = maxc - jnp.minimum(jnp.minimum(r, g), b)
+  s = jnp.where(maxc > 0, delta / jnp.where(maxc > 0, maxc, 1.0), 0.0)
+  inv = 1.0 / jnp.where(delta > 0, delta, 1.0)  # grey: hue 0, no NaN grads
+  h = jnp.where(r == maxc, (g - b) * inv,
+                jnp.where(g == maxc, 2.0 + (b - r) * inv,
+                          4.0 + (r - g) * inv))
+  # h / 6 lies in [-1/6, 5/6]: only the red sector's negative half wraps.
+  h = h * (1.0 / 6.0)
+  h = jnp.where(delta > 0, jnp.where(h < 0, h + 1.0, h), 0.0)
+  return h, s, maxc
 
 
 def _hsv_to_rgb_planes(h, s, v) -> tuple[Array, Array, Array]:
-    """(h, s, v) planes in [0, 1] -> RGB planes (branch-free sector formula)."""
-    h6 = 6.0 * h
+  """(h, s, v) planes in [0, 1] -> RGB planes (branch-free sector formula)."""
+  h6 = 6.0 * h
 
-    def channel(n):  # k = (n + 6h) mod 6; n + 6h in [1, 11] for h in [0, 1]
-        k = n + h6
-        k = jnp.where(k >= 6.0, k - 6.0, k)
-        return v - v * s * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
+  def channel(n):  # k = (n + 6h) mod 6; n + 6h in [1, 11] for h in [0, 1]
+    k = n + h6
+    k = jnp.where(k >= 6.0, k - 6.0, k)
+    return v - v * s * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
 
-    return channel(5.0), channel(3.0), channel(1.0)
+  return channel(5.0), channel(3.0), channel(1.0)
 
 
 def rgb_to_hsv(rgb) -> Array:
-    """[..., 3] RGB in [0, 1] -> HSV in [0, 1] (``colorsys`` convention)."""
-    return jnp.stack(_rgb_to_hsv_planes(rgb[..., 0], rgb[..., 1], rgb[..., 2]),
-                     -1)
+  """[..., 3] RGB in [0, 1] -> HSV in [0, 1] (``colorsys`` convention)."""
+  return jnp.stack(_rgb_to_hsv_planes(rgb[..., 0], rgb[..., 1], rgb[..., 2]),
+                   -1)
 
 
 def hsv_to_rgb(hsv) -> Array:
-    """[..., 3] HSV in [0, 1] -> RGB in [0, 1] (hue in [0, 1]: not wrapped)."""
-    return jnp.stack(_hsv_to_rgb_planes(hsv[..., 0], hsv[..., 1], hsv[..., 2]),
-                     -1)
+  """[..., 3] HSV in [0, 1] -> RGB in [0, 1] (hue in [0, 1]: not wrapped)."""
+  return jnp.stack(_hsv_to_rgb_planes(hsv[..., 0], hsv[..., 1], hsv[..., 2]),
+                   -1)
 
 
 def hsv_jitter(images, hue, sat, alpha, beta) -> Array:
-    """PeCLR colour jitter: h *= hue, s *= sat, v = v * alpha + beta, clipped.
+  """PeCLR colour jitter: h *= hue, s *= sat, v = v * alpha + beta, clipped.
 
-    Args:
-        images: [B, H, W, 3] RGB in [0, 1].
-        hue, sat, alpha: [B] multiplicative factors.
-        beta: [B] additive value shift on the 0..1 scale (paper: U(5, 20)/255).
+  Args:
+      images: [B, H, W, 3] RGB in [0, 1].
+      hue, sat, alpha: [B] multiplicative factors.
+      beta: [B] additive value shift on the 0..1 scale (paper: U(5, 20)/255).
 
-    Returns:
-        [B, H, W, 3] RGB in [0, 1].
-    """
-    # Every output channel reads all three input channels. Unmaterialised,
-    # XLA:CPU fuses the producer (the bilinear warp's gathers) into each of
-    # those reads and recomputes it; on CPU this stores it once instead.
-    images = materialise(images)
-    e = lambda a: jnp.asarray(a, jnp.float32)[:, None, None]
-    h, s, v = _rgb_to_hsv_planes(images[..., 0], images[..., 1], images[..., 2])
-    h = jnp.clip(h * e(hue), 0.0, 1.0)
-    s = jnp.clip(s * e(sat), 0.0, 1.0)
-    v = jnp.clip(v * e(alpha) + e(beta), 0.0, 1.0)
-    return jnp.stack(_hsv_to_rgb_planes(h, s, v), -1)
+  Returns:
+      [B, H, W, 3] RGB in [0, 1].
+  """
+  # Every output channel reads all three input channels. Unmaterialised,
+  # XLA:CPU fuses the producer (the bilinear warp's gathers) into each of
+  # those reads and recomputes it; on CPU this stores it once instead.
+  images = materialise(images)
+  e = lambda a: jnp.asarray(a, jnp.float32)[:, None, None]
+  h, s, v = _rgb_to_hsv_planes(images[..., 0], images[..., 1], images[..., 2])
+  h = jnp.clip(h * e(hue), 0.0, 1.0)
+  s = jnp.clip(s * e(sat), 0.0, 1.0)
+  v = jnp.clip(v * e(alpha) + e(beta), 0.0, 1.0)
+  return jnp.stack(_hsv_to_rgb_planes(h, s, v), -1)
 
 
 def gaussian_blur(images, sigma, kernel_size: int) -> Array:
-    """Separable Gaussian blur with a per-sample sigma (cv2.GaussianBlur-like).
+  """Separable Gaussian blur with a per-sample sigma (cv2.GaussianBlur-like).
 
-    Args:
-        images: [B, H, W, C] float.
-        sigma: [B] standard deviation, px.
-        kernel_size: odd number of taps. Borders reflect without repeating the
-            edge pixel (OpenCV's default BORDER_REFLECT_101).
+  Args:
+      images: [B, H, W, C] float.
+      sigma: [B] standard deviation, px.
+      kernel_size: odd number of taps. Borders reflect without repeating the
+          edge pixel (OpenCV's default BORDER_REFLECT_101).
 
-    Returns:
-        [B, H, W, C] float32.
-    """
-    x = jnp.asarray(images, jnp.float32)
-    r = kernel_size // 2
-    if r == 0:
-        return x
-    offs = jnp.arange(-r, r + 1, dtype=jnp.float32)
-    k = jnp.exp(-0.5 * (offs / jnp.asarray(sigma, jnp.float32)[:, None]) ** 2)
-    k = (k / jnp.sum(k, -1, keepdims=True))[:, :, None, None, None]  # [B,K,1,1,1]
-    _, h, w, _ = x.shape
-    # Shifted sums of a padded array: 2K cheap slices for K ~ 13 taps.
-    xp = jnp.pad(x, ((0, 0), (r, r), (0, 0), (0, 0)), mode='reflect')
-    x = sum(k[:, t] * xp[:, t:t + h] for t in range(2 * r + 1))
-    xp = jnp.pad(x, ((0, 0), (0, 0), (r, r), (0, 0)), mode='reflect')
-    return sum(k[:, t] * xp[:, :, t:t + w] for t in range(2 * r + 1))
+  Returns:
+      [B, H, W, C] float32.
+  """
+  x = jnp.asarray(images, jnp.float32)
+  r = kernel_size // 2
+  if r == 0:
+    return x
+  offs = jnp.arange(-r, r + 1, dtype=jnp.float32)
+  k = jnp.exp(-0.5 * (offs / jnp.asarray(sigma, jnp.float32)[:, None]) ** 2)
+  k = (k / jnp.sum(k, -1, keepdims=True))[:, :, None, None, None]  # [B,K,1,1,1]
+  _, h, w, _ = x.shape
+  # Shifted sums of a padded array: 2K cheap slices for K ~ 13 taps.
+  xp = jnp.pad(x, ((0, 0), (r, r), (0, 0), (0, 0)), mode='reflect')
+  x = sum(k[:, t] * xp[:, t:t + h] for t in range(2 * r + 1))
+  xp = jnp.pad(x, ((0, 0), (0, 0), (r, r), (0, 0)), mode='reflect')
+  return sum(k[:, t] * xp[:, :, t:t + w] for t in range(2 * r + 1))
 
 
 def grayscale(images) -> Array:
-    """ITU-R 601 luma (cv2 RGB2GRAY weights) replicated over 3 channels."""
-    y = jnp.asarray(images, jnp.float32) @ jnp.array([0.299, 0.587, 0.114])
-    return jnp.repeat(y[..., None], 3, -1)
+  """ITU-R 601 luma (cv2 RGB2GRAY weights) replicated over 3 channels."""
+  y = jnp.asarray(images, jnp.float32) @ jnp.array([0.299, 0.587, 0.114])
+  return jnp.repeat(y[..., None], 3, -1)
 
 
 def normalise(images, mean: Sequence[float] = IMAGENET_MEAN,
               std: Sequence[float] = IMAGENET_STD) -> Array:
-    """(x - mean) / std per channel, for images in [0, 1]."""
-    return ((images - jnp.asarray(mean, jnp.float32))
-            / jnp.asarray(std, jnp.float32))
+  """(x - mean) / std per channel, for images in [0, 1]."""
+  return ((images - jnp.asarray(mean, jnp.float32))
+          / jnp.asarray(std, jnp.float32))
 
 
 # --------------------------------------------------------------------------
@@ -367,124 +367,124 @@ def normalise(images, mean: Sequence[float] = IMAGENET_MEAN,
 
 
 def _uniform(key, shape, bounds) -> Array:
-    return jax.random.uniform(key, shape, jnp.float32, bounds[0], bounds[1])
+  return jax.random.uniform(key, shape, jnp.float32, bounds[0], bounds[1])
 
 
 def sample_geometry(key, keypoints_2d, image_hw: tuple[int, int],
                     cfg: AugmentConfig) -> tuple[dict[str, Array], Array]:
-    """Draws one view's geometry per sample.
+  """Draws one view's geometry per sample.
 
-    Args:
-        key: PRNG key.
-        keypoints_2d: [B, J, 2] source pixels.
-        image_hw: (H, W) of the sources (fallback for degenerate keypoints).
-        cfg: settings.
+  Args:
+      key: PRNG key.
+      keypoints_2d: [B, J, 2] source pixels.
+      image_hw: (H, W) of the sources (fallback for degenerate keypoints).
+      cfg: settings.
 
-    Returns:
-        params {'rotation' [B] deg, 'scale' [B], 'translation' [B, 2]} and
-        source -> view matrices [B, 3, 3].
-    """
-    bsz = keypoints_2d.shape[0]
-    s = cfg.out_size
-    k_rot, k_margin, k_jit = jax.random.split(key, 3)
-    if cfg.rotate:
-        r = int(math.floor(cfg.rotation_range))
-        theta = jax.random.randint(k_rot, (bsz,), -r, r + 1).astype(jnp.float32)
-    else:
-        theta = jnp.zeros((bsz,), jnp.float32)
-    if cfg.crop:
-        margin = _uniform(k_margin, (bsz,), cfg.margin_range)
-        jitter = _uniform(k_jit, (bsz, 2), (0.0, cfg.jitter_max))
-    else:
-        margin = jnp.full((bsz,), cfg.fixed_margin, jnp.float32)
-        jitter = jnp.zeros((bsz, 2), jnp.float32)
-    center, h0 = hand_box(keypoints_2d, image_hw)
-    half = margin * h0
-    matrix = crop_matrix(center, half, s, theta, jitter)
-    z = s / (2.0 * half)
-    params = {'rotation': theta, 'scale': 1.0 / margin,
-              'translation': -z[:, None] * jitter / s}
-    return params, matrix
+  Returns:
+      params {'rotation' [B] deg, 'scale' [B], 'translation' [B, 2]} and
+      source -> view matrices [B, 3, 3].
+  """
+  bsz = keypoints_2d.shape[0]
+  s = cfg.out_size
+  k_rot, k_margin, k_jit = jax.random.split(key, 3)
+  if cfg.rotate:
+    r = int(math.floor(cfg.rotation_range))
+    theta = jax.random.randint(k_rot, (bsz,), -r, r + 1).astype(jnp.float32)
+  else:
+    theta = jnp.zeros((bsz,), jnp.float32)
+  if cfg.crop:
+    margin = _uniform(k_margin, (bsz,), cfg.margin_range)
+    jitter = _uniform(k_jit, (bsz, 2), (0.0, cfg.jitter_max))
+  else:
+    margin = jnp.full((bsz,), cfg.fixed_margin, jnp.float32)
+    jitter = jnp.zeros((bsz, 2), jnp.float32)
+  center, h0 = hand_box(keypoints_2d, image_hw)
+  half = margin * h0
+  matrix = crop_matrix(center, half, s, theta, jitter)
+  z = s / (2.0 * half)
+  params = {'rotation': theta, 'scale': 1.0 / margin,
+            'translation': -z[:, None] * jitter / s}
+  return params, matrix
 
 
 def _appearance(key, x, kp_view, cfg: AugmentConfig) -> Array:
-    """Appearance augmentations of views [B, S, S, 3] in [0, 1] (public order)."""
-    bsz, s = x.shape[0], x.shape[1]
-    keys = jax.random.split(key, 8)
+  """Appearance augmentations of views [B, S, S, 3] in [0, 1] (public order)."""
+  bsz, s = x.shape[0], x.shape[1]
+  keys = jax.random.split(key, 8)
 
-    def coin(k):  # per-sample Bernoulli, broadcast over the image
-        return jax.random.bernoulli(k, cfg.apply_prob, (bsz,))[:, None, None, None]
+  def coin(k):  # per-sample Bernoulli, broadcast over the image
+    return jax.random.bernoulli(k, cfg.apply_prob, (bsz,))[:, None, None, None]
 
-    if cfg.cutout:
-        # A square of one random grey, centred on a random keypoint (as public).
-        kj, ks, kv = jax.random.split(keys[0], 3)
-        joint = jax.random.randint(kj, (bsz,), 0, kp_view.shape[1])
-        centre = jnp.take_along_axis(kp_view, joint[:, None, None], 1)[:, 0]
-        half = 0.5 * s * _uniform(ks, (bsz,), cfg.cutout_fraction)
-        grey = jax.random.uniform(kv, (bsz, 1, 1, 1))
-        pos = jnp.arange(s, dtype=jnp.float32)
-        in_x = jnp.abs(pos - centre[:, 0:1]) < half[:, None]  # [B, S]
-        in_y = jnp.abs(pos - centre[:, 1:2]) < half[:, None]
-        box = (in_y[:, :, None] & in_x[:, None, :])[..., None]
-        x = jnp.where(box & coin(keys[1]), grey, x)
-    if cfg.blur:
-        taps = int(s * cfg.blur_kernel_fraction)
-        taps += 1 - taps % 2
-        sigma = _uniform(keys[2], (bsz,), cfg.blur_sigma_range)
-        x = jnp.where(coin(keys[3]), gaussian_blur(x, sigma, taps), x)
-    if cfg.color_jitter:
-        kh, ks, ka, kb = jax.random.split(keys[4], 4)
-        x = hsv_jitter(x, _uniform(kh, (bsz,), cfg.hue_range),
-                       _uniform(ks, (bsz,), cfg.sat_range),
-                       _uniform(ka, (bsz,), cfg.value_alpha_range),
-                       _uniform(kb, (bsz,), cfg.value_beta_range) / 255.0)
-    if cfg.noise:
-        eps = jax.random.normal(keys[5], x.shape) * (cfg.noise_std / 255.0)
-        x = jnp.where(coin(keys[6]), jnp.clip(x + eps, 0.0, 1.0), x)
-    if cfg.color_drop:
-        x = jnp.where(coin(keys[7]), grayscale(x), x)
-    return x
+  if cfg.cutout:
+    # A square of one random grey, centred on a random keypoint (as public).
+    kj, ks, kv = jax.random.split(keys[0], 3)
+    joint = jax.random.randint(kj, (bsz,), 0, kp_view.shape[1])
+    centre = jnp.take_along_axis(kp_view, joint[:, None, None], 1)[:, 0]
+    half = 0.5 * s * _uniform(ks, (bsz,), cfg.cutout_fraction)
+    grey = jax.random.uniform(kv, (bsz, 1, 1, 1))
+    pos = jnp.arange(s, dtype=jnp.float32)
+    in_x = jnp.abs(pos - centre[:, 0:1]) < half[:, None]  # [B, S]
+    in_y = jnp.abs(pos - centre[:, 1:2]) < half[:, None]
+    box = (in_y[:, :, None] & in_x[:, None, :])[..., None]
+    x = jnp.where(box & coin(keys[1]), grey, x)
+  if cfg.blur:
+    taps = int(s * cfg.blur_kernel_fraction)
+    taps += 1 - taps % 2
+    sigma = _uniform(keys[2], (bsz,), cfg.blur_sigma_range)
+    x = jnp.where(coin(keys[3]), gaussian_blur(x, sigma, taps), x)
+  if cfg.color_jitter:
+    kh, ks, ka, kb = jax.random.split(keys[4], 4)
+    x = hsv_jitter(x, _uniform(kh, (bsz,), cfg.hue_range),
+                   _uniform(ks, (bsz,), cfg.sat_range),
+                   _uniform(ka, (bsz,), cfg.value_alpha_range),
+                   _uniform(kb, (bsz,), cfg.value_beta_range) / 255.0)
+  if cfg.noise:
+    eps = jax.random.normal(keys[5], x.shape) * (cfg.noise_std / 255.0)
+    x = jnp.where(coin(keys[6]), jnp.clip(x + eps, 0.0, 1.0), x)
+  if cfg.color_drop:
+    x = jnp.where(coin(keys[7]), grayscale(x), x)
+  return x
 
 
 def augment_view(key, images, keypoints_2d, cfg: AugmentConfig = AugmentConfig(),
                  *, photometric: bool = True
                  ) -> tuple[Array, dict[str, Array], Array]:
-    """One random view per sample: warp, appearance, ImageNet normalisation.
+  """One random view per sample: warp, appearance, ImageNet normalisation.
 
-    Args:
-        key: PRNG key (same key -> same views).
-        images: [B, H, W, 3] uint8 RGB (floats are read as 0..255).
-        keypoints_2d: [B, J, 2] (x, y) pixels of ``images``; only their centre
-            and extent are used.
-        cfg: settings (static under jit).
-        photometric: False skips every appearance augmentation (colour jitter,
-            cut-out, blur, noise, colour drop): geometric-only views, e.g. for
-            fine-tuning.
+  Args:
+      key: PRNG key (same key -> same views).
+      images: [B, H, W, 3] uint8 RGB (floats are read as 0..255).
+      keypoints_2d: [B, J, 2] (x, y) pixels of ``images``; only their centre
+          and extent are used.
+      cfg: settings (static under jit).
+      photometric: False skips every appearance augmentation (colour jitter,
+          cut-out, blur, noise, colour drop): geometric-only views, e.g. for
+          fine-tuning.
 
-    Returns:
-        view [B, S, S, 3] float32, normalised;
-        params {'rotation' [B] deg, 'scale' [B], 'translation' [B, 2]};
-        matrix [B, 3, 3] float32, source pixel -> view pixel.
-    """
-    k_geo, k_app = jax.random.split(key)
-    params, matrix = sample_geometry(k_geo, keypoints_2d, images.shape[1:3], cfg)
-    x = warp(images, matrix, cfg.out_size, cfg.fill_value) * (1.0 / 255.0)
-    if photometric:
-        kp_view = apply_affine(matrix, jnp.asarray(keypoints_2d, jnp.float32))
-        x = _appearance(k_app, x, kp_view, cfg)
-    return normalise(x, cfg.mean, cfg.std), params, matrix
+  Returns:
+      view [B, S, S, 3] float32, normalised;
+      params {'rotation' [B] deg, 'scale' [B], 'translation' [B, 2]};
+      matrix [B, 3, 3] float32, source pixel -> view pixel.
+  """
+  k_geo, k_app = jax.random.split(key)
+  params, matrix = sample_geometry(k_geo, keypoints_2d, images.shape[1:3], cfg)
+  x = warp(images, matrix, cfg.out_size, cfg.fill_value) * (1.0 / 255.0)
+  if photometric:
+    kp_view = apply_affine(matrix, jnp.asarray(keypoints_2d, jnp.float32))
+    x = _appearance(k_app, x, kp_view, cfg)
+  return normalise(x, cfg.mean, cfg.std), params, matrix
 
 
 def augment_pair(key, images, keypoints_2d, cfg: AugmentConfig = AugmentConfig()
                  ) -> tuple[tuple[Array, Array],
                             tuple[dict[str, Any], dict[str, Any]],
                             tuple[Array, Array]]:
-    """Two independent views of every image (PeCLR step 2).
+  """Two independent views of every image (PeCLR step 2).
 
-    Returns:
-        (view1, view2) [B, S, S, 3] each; (params1, params2); (matrix1, matrix2).
-    """
-    k1, k2 = jax.random.split(key)
-    v1, p1, m1 = augment_view(k1, images, keypoints_2d, cfg)
-    v2, p2, m2 = augment_view(k2, images, keypoints_2d, cfg)
-    return (v1, v2), (p1, p2), (m1, m2)
+  Returns:
+      (view1, view2) [B, S, S, 3] each; (params1, params2); (matrix1, matrix2).
+  """
+  k1, k2 = jax.random.split(key)
+  v1, p1, m1 = augment_view(k1, images, keypoints_2d, cfg)
+  v2, p2, m2 = augment_view(k2, images, keypoints_2d, cfg)
+  return (v1, v2), (p1, p2), (m1, m2)
