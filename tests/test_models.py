@@ -12,9 +12,11 @@ import pytest
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
 from peclr_jax import geometry
 from peclr_jax import models
+from peclr_jax.cpu_fusion import materialise
 from peclr_jax.models import heads as heads_lib
 from peclr_jax.models import resnet as resnet_lib
 
@@ -134,9 +136,14 @@ def test_conv_init_is_kaiming_fan_out():
 
 
 def torch_resnet_forward(sd, x_nhwc, *, bottleneck, train):
-  """Functional torchvision ResNet (v1.5) forward on a state dict."""
+  """Functional torchvision ResNet (v1.5) forward on a state dict (numpy)."""
   sd = {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}
   x = torch.from_numpy(np.array(x_nhwc)).permute(0, 3, 1, 2)
+  return torch_resnet(sd, x, bottleneck=bottleneck, train=train).numpy()
+
+
+def torch_resnet(sd, x, *, bottleneck, train):
+  """The same on torch tensors (NCHW): differentiable with torch autograd."""
 
   def bn(h, p):
     # Clones: torch updates running stats in place in training mode.
@@ -165,7 +172,7 @@ def torch_resnet_forward(sd, x_nhwc, *, bottleneck, train):
         x = bn(conv(x, p + '.downsample.0', s, 0), p + '.downsample.1')
       x = F.relu(x + y)
       i += 1
-  return x.mean(dim=(2, 3)).numpy()
+  return x.mean(dim=(2, 3))
 
 
 def _randomise_bn_stats(model, seed):
@@ -200,6 +207,226 @@ def test_parity_with_torch_functional_resnet(bottleneck, train):
   ours = np.asarray(model(x))
   ref = torch_resnet_forward(sd, x, bottleneck=bottleneck, train=train)
   np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('bottleneck', [False, True], ids=['basic', 'bottleneck'])
+def test_gradients_match_torch_autograd(bottleneck):
+  # Train mode (batch statistics, as in PeCLR training): the gradients w.r.t.
+  # the input and every parameter go through the 1x1-as-matmul convs (both
+  # strides), the stem max-pool's custom VJP and the blocks' `materialise`.
+  if bottleneck:
+    model = resnet_lib.ResNet(resnet_lib.Bottleneck, (1, 2, 1, 1), width=4,
+                              rngs=nnx.Rngs(1))
+  else:
+    model = models.get_backbone('resnet_tiny', rngs=nnx.Rngs(1))
+  _randomise_bn_stats(model, seed=2)
+  sd = {k: torch.tensor(v, requires_grad=not k.endswith(('running_mean',
+                                                           'running_var')))
+        for k, v in to_torch_state_dict(model).items()}
+  x = jax.random.normal(jax.random.key(3), (3, 40, 40, 3))
+  r = jax.random.normal(jax.random.key(4), (3, model.num_features))
+
+  def loss(m, x):
+    return jnp.sum(m(x) * r)
+
+  # Jitted: eagerly, every cond and custom VJP compiles on its own (~5x).
+  g_model, g_x = nnx.jit(nnx.grad(loss, argnums=(0, 1)))(model, x)
+  xt = torch.tensor(np.array(x)).permute(0, 3, 1, 2).requires_grad_()
+  # Without oneDNN: its AVX-512 1x1 kernel-gradient segfaulted on these tiny
+  # channel counts (torch 2.13 CPU; intermittently, depending on what ran
+  # before in the process).
+  mkldnn_enabled = torch.backends.mkldnn.enabled
+  torch.backends.mkldnn.enabled = False
+  try:
+    out = torch_resnet(sd, xt, bottleneck=bottleneck, train=True)
+    (out * torch.tensor(np.array(r))).sum().backward()
+  finally:
+    torch.backends.mkldnn.enabled = mkldnn_enabled
+
+  def check(ours, ref):
+    ref = ref.detach().numpy()
+    np.testing.assert_allclose(ours, ref, rtol=1e-3,
+                               atol=1e-4 * np.abs(ref).max())
+
+  check(np.asarray(g_x), xt.grad.permute(0, 2, 3, 1))
+  ours = to_torch_state_dict(g_model)
+  assert len(ours) == sum(v.requires_grad for v in sd.values())
+  for key, value in ours.items():
+    check(value, sd[key].grad)
+
+
+# --------------------------------------------------------------------------
+# CPU formulations: 1x1 conv hook, stem max-pool, block materialisation
+# --------------------------------------------------------------------------
+
+def _primitive_counts(fn, *args):
+  """{primitive name: count} over the jaxpr of fn, sub-jaxprs included."""
+  counts = {}
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      counts[eqn.primitive.name] = counts.get(eqn.primitive.name, 0) + 1
+      for param in eqn.params.values():
+        for p in (param if isinstance(param, (tuple, list)) else (param,)):
+          if hasattr(p, 'eqns'):
+            walk(p)
+          elif hasattr(getattr(p, 'jaxpr', None), 'eqns'):
+            walk(p.jaxpr)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return counts
+
+
+_DN = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _lax_conv(x, w, stride, pad, **kw):
+  return lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad),) * 2,
+                                  dimension_numbers=_DN, **kw)
+
+
+def _hook_conv(x, w, stride, pad, **kw):
+  # As nnx.Conv calls it (ConvDimensionNumbers, list of pairs, out_sharding).
+  dn = lax.conv_dimension_numbers(x.shape, w.shape, _DN)
+  return resnet_lib.conv_general_dilated(
+      x, w, (stride, stride), [(pad, pad)] * 2, lhs_dilation=(1, 1),
+      rhs_dilation=(1, 1), dimension_numbers=dn, feature_group_count=1,
+      out_sharding=None, **kw)
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+def test_conv_hook_1x1_is_a_matmul_with_lax_values_and_gradients(stride):
+  kx, kw, kr = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, (2, 7, 9, 5))  # odd sizes: stride 2 rounds up
+  w = jax.random.normal(kw, (1, 1, 5, 6))
+  out_hw = (7 - 1) // stride + 1, (9 - 1) // stride + 1
+  r = jax.random.normal(kr, (2,) + out_hw + (6,))
+
+  def loss(conv):
+    return lambda x, w: jnp.sum(jnp.sin(conv(x, w, stride, 0)) * r)
+
+  counts = _primitive_counts(loss(_hook_conv), x, w)
+  assert counts.get('dot_general') == 1
+  assert 'conv_general_dilated' not in counts
+  y, y_ref = _hook_conv(x, w, stride, 0), _lax_conv(x, w, stride, 0)
+  assert y.shape == y_ref.shape == (2,) + out_hw + (6,)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  grads = jax.grad(loss(_hook_conv), argnums=(0, 1))(x, w)
+  grads_ref = jax.grad(loss(_lax_conv), argnums=(0, 1))(x, w)
+  for g, g_ref in zip(grads, grads_ref):
+    assert g.shape == g_ref.shape
+    np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5)
+  if stride == 2:  # rows / columns the stride skips get no gradient
+    assert float(jnp.abs(grads[0][:, 1::2]).max()) == 0.0
+
+
+@pytest.mark.parametrize('kernel,stride,pad', [(3, 1, 1), (3, 2, 1), (1, 1, 1)])
+def test_conv_hook_other_convolutions_go_to_lax_unchanged(kernel, stride, pad):
+  # (1, 1, 1): a padded 1x1 kernel is not a plain matmul either.
+  x = jax.random.normal(jax.random.key(1), (2, 7, 8, 4))
+  w = jax.random.normal(jax.random.key(2), (kernel, kernel, 4, 3))
+  counts = _primitive_counts(lambda x, w: _hook_conv(x, w, stride, pad), x, w)
+  assert counts == {'conv_general_dilated': 1}
+  np.testing.assert_array_equal(_hook_conv(x, w, stride, pad),
+                                _lax_conv(x, w, stride, pad))
+
+
+def test_conv_hook_dtypes_and_precision():
+  x = jax.random.normal(jax.random.key(0), (2, 6, 6, 8))
+  w = jax.random.normal(jax.random.key(1), (1, 1, 8, 4))
+  x16, w16 = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  y16 = _hook_conv(x16, w16, 2, 0)
+  assert y16.dtype == jnp.bfloat16
+  ref = _lax_conv(x16.astype(jnp.float32), w16.astype(jnp.float32), 2, 0)
+  np.testing.assert_allclose(y16.astype(jnp.float32), ref, rtol=2e-2,
+                             atol=2e-2)
+  y32 = _hook_conv(x16, w16, 2, 0, preferred_element_type=jnp.float32)
+  assert y32.dtype == jnp.float32
+  np.testing.assert_allclose(y32, ref, rtol=1e-5, atol=1e-5)
+  # The precision flax passes reaches the dot.
+  jaxpr = jax.make_jaxpr(lambda x, w: _hook_conv(
+      x, w, 1, 0, precision=lax.Precision.HIGHEST))(x, w)
+  dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == 'dot_general']
+  assert len(dots) == 1
+  assert dots[0].params['precision'] == (lax.Precision.HIGHEST,) * 2
+  # Through nnx.Conv, as the backbone builds it: bf16 compute, f32 params.
+  conv = resnet_lib._conv(8, 4, 1, 2, 0, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+  assert conv.kernel.get_value().dtype == jnp.float32
+  y = conv(x)
+  assert y.dtype == jnp.bfloat16 and y.shape == (2, 3, 3, 4)
+  k16 = conv.kernel.get_value().astype(jnp.bfloat16)
+  np.testing.assert_allclose(
+      y.astype(jnp.float32),
+      _lax_conv(x16, k16, 2, 0, preferred_element_type=jnp.float32),
+      rtol=2e-2, atol=2e-2)
+
+
+def _reference_max_pool(x):
+  return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+@pytest.mark.parametrize('shape', [(2, 9, 8, 3), (1, 10, 11, 2), (1, 1, 2, 1)])
+def test_max_pool_matches_reduce_window(shape):
+  x = jax.random.normal(jax.random.key(0), shape)  # no ties
+  y = resnet_lib.max_pool_3x3_s2(x)
+  y_ref = _reference_max_pool(x)
+  assert y.shape == y_ref.shape
+  np.testing.assert_array_equal(y, y_ref)
+  r = jax.random.normal(jax.random.key(1), y.shape)
+  grad = lambda pool: jax.jit(jax.grad(lambda x: jnp.sum(pool(x) * r)))(x)
+  g, g_ref = grad(resnet_lib.max_pool_3x3_s2), grad(_reference_max_pool)
+  np.testing.assert_allclose(g, g_ref, rtol=1e-6, atol=1e-6)
+  assert 'reduce_window_max' not in _primitive_counts(
+      jax.grad(lambda x: jnp.sum(resnet_lib.max_pool_3x3_s2(x))), x)
+
+
+def test_max_pool_gradient_goes_to_every_tied_maximum():
+  x = jnp.array([[1., 5., 2.],
+                 [5., 0., 3.],
+                 [4., 1., 2.]])[None, :, :, None]
+  # Windows (rows/cols -1..1 and 1..3 of the -inf padded input):
+  # top-left {1, 5, 5, 0}: both 5s; top-right {5, 2, 0, 3}: the 5 at (0, 1);
+  # bottom-left {5, 0, 4, 1}: the 5 at (1, 0); bottom-right {0, 3, 1, 2}: 3.
+  np.testing.assert_array_equal(resnet_lib.max_pool_3x3_s2(x)[0, :, :, 0],
+                                [[5., 5.], [5., 3.]])
+  g = jnp.array([[1., 10.], [100., 1000.]])[None, :, :, None]
+  _, vjp = jax.vjp(resnet_lib.max_pool_3x3_s2, x)
+  dx, = vjp(g)
+  np.testing.assert_array_equal(dx[0, :, :, 0], [[0., 11., 0.],
+                                                 [101., 0., 1000.],
+                                                 [0., 0., 0.]])
+  # reduce_window's VJP (like torch) gives the top-left window's cotangent
+  # to one of the two 5s only.
+  _, vjp_ref = jax.vjp(_reference_max_pool, x)
+  assert float(vjp_ref(g)[0].sum()) == float(dx.sum()) - 1.0
+
+
+def test_materialise_is_identity_and_a_conditional_on_cpu():
+  x = jax.random.normal(jax.random.key(0), (2, 3, 4))
+  np.testing.assert_array_equal(materialise(x), x)
+  f = lambda x: jnp.sum(jnp.sin(materialise(x) * 2.0))
+  np.testing.assert_allclose(jax.grad(f)(x), 2.0 * jnp.cos(2.0 * x),
+                             rtol=1e-6, atol=1e-6)
+  hlo = jax.jit(f).lower(x).compile().as_text()
+  if jax.default_backend() == 'cpu':
+    assert 'conditional' in hlo
+  else:
+    assert 'conditional' not in hlo
+
+
+def test_resnet_uses_the_cpu_formulations():
+  model = resnet_lib.ResNet(resnet_lib.Bottleneck, (1, 1, 1, 1), width=4,
+                            rngs=nnx.Rngs(0))
+  model.eval()  # no batch-statistic updates inside make_jaxpr
+  counts = _primitive_counts(lambda x: model(x), jnp.ones((2, 20, 20, 3)))
+  # Native: the 7x7 stem and the four 3x3 convs; the 12 1x1 convs (conv1,
+  # conv3 and downsample of each block) are dots.
+  assert counts.get('conv_general_dilated') == 5
+  assert counts.get('dot_general') == 12
+  assert not any(k.startswith('reduce_window') for k in counts)
+  # One conditional per block input on CPU (none elsewhere).
+  cpu = jax.default_backend() == 'cpu'
+  assert counts.get('cond', 0) == (4 if cpu else 0)
 
 
 def test_batchnorm_statistics_train_vs_eval():

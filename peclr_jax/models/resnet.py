@@ -8,6 +8,12 @@ symmetric, exactly as torch's, so converted weights give the same outputs.
 The ``fc`` layer is omitted: a backbone returns globally average-pooled
 features ``[N, C]``.
 
+CPU-friendly formulations (BENCHMARKS.md, section 2; each keeps parameters
+and outputs, and is harmless on GPU/TPU): 1x1 convolutions run as 2-D
+matmuls (`conv_general_dilated`), the stem max-pool is a max of strided slices
+with an elementwise VJP (`max_pool_3x3_s2`), and every residual block's input
+is `cpu_fusion.materialise`d (the identity off CPU).
+
 Train/eval mode: BatchNorm layers are created in train mode
 (``use_running_average=False``). Call ``model.eval()`` to switch every nested
 BatchNorm to its running averages and ``model.train()`` to switch back (flax
@@ -23,6 +29,9 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
+
+from peclr_jax.cpu_fusion import materialise
 
 # torchvision: kaiming_normal_(mode='fan_out', nonlinearity='relu'), i.e. an
 # untruncated normal with variance 2 / (out_channels * kh * kw).
@@ -34,13 +43,73 @@ BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
 
+_NHWC_HWIO = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _is_plain_1x1(lhs, rhs, padding, lhs_dilation, rhs_dilation,
+                  dimension_numbers, feature_group_count, kwargs) -> bool:
+  """An NHWC/HWIO 1x1 kernel, unpadded, undilated, ungrouped, unsharded."""
+  if lhs.ndim != 4 or rhs.shape[:2] != (1, 1):
+    return False
+  nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC_HWIO)
+  if lax.conv_dimension_numbers(lhs.shape, rhs.shape,
+                                dimension_numbers) != nhwc:
+    return False
+  unit = lambda d: d is None or all(v == 1 for v in d)
+  if isinstance(padding, str):
+    unpadded = padding.upper() == 'VALID'
+  else:
+    unpadded = all(tuple(p) == (0, 0) for p in padding)
+  # flax always passes out_sharding (None unless explicit sharding is used).
+  return (unpadded and unit(lhs_dilation) and unit(rhs_dilation)
+          and feature_group_count == 1
+          and kwargs.get('batch_group_count', 1) == 1
+          and kwargs.get('out_sharding') is None)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None,
+                         feature_group_count=1, precision=None,
+                         preferred_element_type=None, **kwargs):
+  """`lax.conv_general_dilated`, with unpadded 1x1 kernels as a 2-D matmul.
+
+  The hook `nnx.Conv(conv_general_dilated=...)` calls, with the same
+  signature. For an NHWC/HWIO 1x1 kernel with any stride, no padding, no
+  dilation and no groups, the result is
+  `x[:, ::s, ::s, :].reshape(-1, Cin) @ w.reshape(Cin, Cout)` reshaped back,
+  the same arithmetic (same dtypes and precision). Why: XLA:CPU computes a
+  convolution's kernel gradient as another convolution with batch and
+  feature axes swapped, and materialises transposed copies of both operands
+  for it (recomputing the producers' BatchNorm/ReLU chains into them); as a
+  2-D matmul, dW = X^T dY is one GEMM that reads the transposed operand in
+  place. ResNet-50 fwd+bwd on one core: 4.66 -> 2.63 s. A 4-D `dot_general`
+  does not get this (about 2x slower than the 2-D form). On GPU/TPU a 1x1
+  convolution is a matmul anyway. Everything else goes to
+  `lax.conv_general_dilated` unchanged.
+  """
+  if not _is_plain_1x1(lhs, rhs, padding, lhs_dilation, rhs_dilation,
+                       dimension_numbers, feature_group_count, kwargs):
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count, precision=precision,
+        preferred_element_type=preferred_element_type, **kwargs)
+  sh, sw = window_strides
+  x = lhs if sh == sw == 1 else lhs[:, ::sh, ::sw, :]
+  cin, cout = rhs.shape[2:]
+  y = lax.dot(x.reshape(-1, cin), rhs.reshape(cin, cout), precision=precision,
+              preferred_element_type=preferred_element_type)
+  return y.reshape(x.shape[:3] + (cout,))
+
+
 def _conv(in_ch: int, out_ch: int, kernel: int, stride: int, pad: int, *,
           rngs: nnx.Rngs, dtype) -> nnx.Conv:
   """Bias-free conv with torch-style explicit symmetric padding."""
   return nnx.Conv(
       in_ch, out_ch, kernel_size=(kernel, kernel), strides=(stride, stride),
       padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
-      param_dtype=jnp.float32, kernel_init=conv_init, rngs=rngs)
+      param_dtype=jnp.float32, kernel_init=conv_init, rngs=rngs,
+      conv_general_dilated=conv_general_dilated)
 
 
 def _bn(num_features: int, *, rngs: nnx.Rngs, dtype) -> nnx.BatchNorm:
@@ -66,6 +135,65 @@ def _shortcut(downsample, x: jax.Array) -> jax.Array:
     return x
   conv, bn = downsample
   return bn(conv(x))
+
+
+def _pool_windows(x: jax.Array, out_hw: tuple[int, int]):
+  """The 9 [N, Ho, Wo, C] strided views of the -inf padded x, with offsets."""
+  ho, wo = out_hw
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  for i in range(3):
+    for j in range(3):
+      yield i, j, xp[:, i:i + 2 * ho - 1:2, j:j + 2 * wo - 1:2, :]
+
+
+def _pool_out_hw(x: jax.Array) -> tuple[int, int]:
+  return (x.shape[1] - 1) // 2 + 1, (x.shape[2] - 1) // 2 + 1
+
+
+@jax.custom_vjp
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+  """torch's MaxPool2d(3, stride=2, padding=1) on [N, H, W, C].
+
+  The same values as `nnx.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))`
+  (padding is -inf, as torch's), computed as the max of 9 strided slices.
+  The VJP sends the cotangent to every input equal to its window's max: 9
+  compares and interior-padded adds that fuse into one pass. Why: XLA:CPU
+  lowers the `reduce_window` VJP to a variadic reduce-window carrying int32
+  iota index arrays plus a scatter, ~0.7 s of a ResNet-50 step on one core
+  (this: ~0.05 s). The only difference from torch's gradient is a window
+  with two equal maximal floats, where torch picks one; after the stem ReLU
+  such ties are almost always zeros, whose gradient the ReLU drops anyway.
+  """
+  out = None
+  for _, _, s in _pool_windows(x, _pool_out_hw(x)):
+    out = s if out is None else jnp.maximum(out, s)
+  return out
+
+
+def _max_pool_fwd(x):
+  out = max_pool_3x3_s2(x)
+  return out, (x, out)
+
+
+def _max_pool_bwd(res, g):
+  x, out = res
+  h, w = x.shape[1:3]
+  ho, wo = out.shape[1:3]
+  zero = jnp.zeros((), g.dtype)
+  dxp = None
+  for i, j, s in _pool_windows(x, (ho, wo)):
+    contrib = jnp.where(s == out, g, zero)
+    # Back onto the padded grid: rows i, i + 2, ..., i.e. low padding i,
+    # one interior zero between neighbours, the rest high padding.
+    back = lax.pad(contrib, zero, ((0, 0, 0),
+                                   (i, h + 1 - i - 2 * (ho - 1), 1),
+                                   (j, w + 1 - j - 2 * (wo - 1), 1),
+                                   (0, 0, 0)))
+    dxp = back if dxp is None else dxp + back
+  return (dxp[:, 1:h + 1, 1:w + 1, :],)
+
+
+max_pool_3x3_s2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 class BasicBlock(nnx.Module):
@@ -95,6 +223,10 @@ class BasicBlock(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """[N, H, W, in_ch] -> [N, H/stride, W/stride, out_ch]."""
+    # Computed once into a buffer on CPU: x feeds conv1 and the shortcut, and
+    # XLA:CPU would otherwise recompute the earlier blocks' BN/add/ReLU chain
+    # inside each consumer (see cpu_fusion).
+    x = materialise(x)
     y = jax.nn.relu(self.bn1(self.conv1(x)))
     y = self.bn2(self.conv2(y))
     return jax.nn.relu(y + _shortcut(self.downsample, x))
@@ -128,6 +260,7 @@ class Bottleneck(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """[N, H, W, in_ch] -> [N, H/stride, W/stride, 4 * width]."""
+    x = materialise(x)  # as in BasicBlock: computed once on CPU
     y = jax.nn.relu(self.bn1(self.conv1(x)))
     y = jax.nn.relu(self.bn2(self.conv2(y)))
     y = self.bn3(self.conv3(y))
@@ -180,8 +313,8 @@ class ResNet(nnx.Module):
     """
     x = jnp.asarray(x, self.dtype)
     x = jax.nn.relu(self.bn1(self.conv1(x)))
-    # torch pads max-pool inputs with -inf (flax's max_pool does the same).
-    x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    # MaxPool2d(3, 2, padding=1) with -inf padding, as torch's.
+    x = max_pool_3x3_s2(x)
     for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
       for blk in layer:
         x = blk(x)
