@@ -59,8 +59,6 @@ def main():
   ap.add_argument("--peak_tflops", type=float, default=0.0,
                   help="override the chip's dense peak (TFLOP/s per device)")
   ap.add_argument("--max_devices", type=int, default=0)
-  ap.add_argument("--jax_variants", default="package",
-                  help="kept for pretrain_step.make_jax_step; 'package' here")
   ap.add_argument("--smoke", action="store_true",
                   help="tiny sizes for a CPU check: resnet_tiny, 2 pairs, 32 px")
   args = ap.parse_args()
@@ -89,7 +87,7 @@ def main():
     step_args.pairs = args.pairs * n
     info = {}
     run, flops, compile_s = pretrain_step.make_jax_step(
-        step_args, "package", devices=devices[:n], info=info)
+        step_args, devices=devices[:n], info=info)
     if n == 1:
       flops_per_image = flops / (2 * args.pairs)  # views through the network
     for _ in range(args.warmup):

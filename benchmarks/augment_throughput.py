@@ -4,8 +4,10 @@ per-sample reimplementation of the public OpenCV augmentation; prints JSON.
 Both start from uint8 224 x 224 RGB images with 2D keypoints and end with two
 normalised 128 x 128 float32 views per image plus their parameters:
 
-* ours: `augment.augment_pair` under `jax.jit` over a batch (rotation, scale
-  and translation in one bilinear warp per view, HSV jitter, normalisation);
+* ours: the package's `augment.augment_pair` as it is, under `jax.jit` over
+  a batch (rotation, scale and translation in one bilinear warp per view,
+  the warped view materialised on CPU, HSV jitter without float mods,
+  normalisation);
 * the original: `torch_reference.OriginalAugmenter.pair` per sample
   (cv2.warpAffine of the whole image, crop, cv2.resize INTER_AREA,
   uint8 HSV jitter, ToTensor + Normalize); needs
@@ -29,53 +31,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def hsv_jitter_fast(images, hue, sat, alpha, beta):
-  """`augment.hsv_jitter` without float `mod`s, on channel planes (same
-  values to ~1e-6). Standalone on one core: 6.5x the package's speed."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  e = lambda a: jnp.asarray(a, jnp.float32)[:, None, None]
-  r, g, b = images[..., 0], images[..., 1], images[..., 2]
-  maxc = jnp.maximum(jnp.maximum(r, g), b)
-  delta = maxc - jnp.minimum(jnp.minimum(r, g), b)
-  s = jnp.where(maxc > 0, delta / jnp.where(maxc > 0, maxc, 1.0), 0.0)
-  inv = 1.0 / jnp.where(delta > 0, delta, 1.0)
-  h = jnp.where(r == maxc, (g - b) * inv,
-                jnp.where(g == maxc, 2.0 + (b - r) * inv, 4.0 + (r - g) * inv))
-  h = h * (1.0 / 6.0)
-  h = jnp.where(delta > 0, jnp.where(h < 0, h + 1.0, h), 0.0)
-  h6 = 6.0 * jnp.clip(h * e(hue), 0.0, 1.0)
-  s = jnp.clip(s * e(sat), 0.0, 1.0)
-  v = jnp.clip(maxc * e(alpha) + e(beta), 0.0, 1.0)
-
-  def channel(n):  # k = (n + 6h) mod 6 with 0 <= 6h <= 6, n in {1, 3, 5}
-    k = n + h6
-    k = jnp.where(k >= 6.0, k - 6.0, k)
-    return v - v * s * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
-
-  return jnp.stack([channel(5.0), channel(3.0), channel(1.0)], -1)
-
-
-def install_fast_variant():
-  """Suggested augment.py change: `hsv_jitter_fast`, and the warped view
-  materialised before the colour jitter (`cpu_conv.materialise`, a
-  conditional). XLA:CPU otherwise fuses the bilinear warp (4 gathers per
-  channel) into each HSV consumer fusion and recomputes it there;
-  optimization_barrier cannot stop that on CPU (it is expanded before
-  fusion). Views equal the package's up to float rounding (max |diff| 3e-6).
-  Measured alternatives: a 3x3 identity matmul as the materialisation point
-  (970 pairs/cpu-s at batch 16, the matmul itself is slow), lax.sort (466),
-  no materialisation (335: the fast HSV alone is slower once fused)."""
-  import cpu_conv  # pylint: disable=g-import-not-at-top
-  from peclr_jax import augment  # pylint: disable=g-import-not-at-top
-  original_warp = augment.warp
-
-  def warp(images, matrix, out_size, fill=0.0):
-    return cpu_conv.materialise(original_warp(images, matrix, out_size, fill))
-
-  augment.warp = warp
-  augment.hsv_jitter = hsv_jitter_fast
-
-
 def main():
   common.ensure_glibc_tunables()
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -86,16 +41,12 @@ def main():
   ap.add_argument("--core", type=int, default=0)
   ap.add_argument("--size", type=int, default=224)
   ap.add_argument("--out_size", type=int, default=128)
-  ap.add_argument("--variant", default="package", choices=["package", "fast"],
-                  help="fast: the suggested augment.py change (install_fast_variant)")
   args = ap.parse_args()
 
   common.pin_to_one_core(args.core)
   common.set_xla_flags(single_thread=True)
   import jax  # pylint: disable=g-import-not-at-top
   from peclr_jax import augment  # pylint: disable=g-import-not-at-top
-  if args.variant == "fast":
-    install_fast_variant()
 
   rng = np.random.default_rng(0)
   n = max(args.batch, args.samples)
@@ -156,7 +107,7 @@ def main():
       (c_ours if side == "ours" else c_orig).append(probe.cpu)
       (o_ours if side == "ours" else o_orig).append(round(probe.others_frac, 2))
   out = {"benchmark": "augment_throughput", **common.machine(),
-         "core": args.core, "batch": args.batch, "variant": args.variant, "source_px": args.size,
+         "core": args.core, "batch": args.batch, "source_px": args.size,
          "view_px": args.out_size, "ours_compile_s": round(compile_s, 1)}
   so = common.summary(t_ours, args.batch)
   sc = common.summary(c_ours, args.batch)

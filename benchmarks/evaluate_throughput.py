@@ -3,8 +3,9 @@
 Times `evaluate.two_pass_predict` with the predict function `evaluate_mode`
 uses (`predict.Predictor.predict_crops`: eval-mode `KeypointModel`, jitted,
 224 px crops; both passes, the host-side box and geometry maths) on batches
-of uint8 224 x 224 images, after a warm-up; optionally with the `cpu_conv`
-formulations.
+of uint8 224 x 224 images, after a warm-up. The model code is the package's
+as it is (its CPU formulations included: 1x1 convolutions as matmuls, the
+slice max-pool, materialised block inputs).
 
   .venv/bin/python benchmarks/evaluate_throughput.py --batch 32 --rounds 5
 """
@@ -28,17 +29,14 @@ def main():
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--crop_size", type=int, default=224)
   ap.add_argument("--xla_flags", default="")
-  ap.add_argument("--conv_impl", default="package")
   args = ap.parse_args()
   common.set_xla_flags(args.xla_flags)
 
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  import cpu_conv  # pylint: disable=g-import-not-at-top
   from peclr_jax import evaluate, models, predict, training  # pylint: disable=g-import-not-at-top
 
-  cpu_conv.install(args.conv_impl)
   model = models.KeypointModel(args.backbone, rngs=nnx.Rngs(0),
                                dtype=training.compute_dtype(args.dtype))
   model.eval()
@@ -69,7 +67,7 @@ def main():
   print(json.dumps({
       "benchmark": "evaluate_throughput", **common.machine(),
       "backbone": args.backbone, "batch": n, "crop_px": args.crop_size,
-      "dtype": args.dtype, "conv_impl": args.conv_impl,
+      "dtype": args.dtype,
       "first_call_s": round(first_s, 1),
       "images_per_s": s_["rate_at_median"],
       "images_per_s_min_max": s_["rate_min_max"],

@@ -10,12 +10,17 @@ warm-up/cosine schedule), the state donated, the host batch sharded onto the
 pre-augmented, as from the public data loader's workers). Both update the
 weights every step (no gradient accumulation).
 
-Variants alternate in one process, round by round, in rotating order, after
-warm-up; "images" are views through the network (2 per pair).
+The two steps ("jax", the package as it is, and "torch") alternate in one
+process, round by round, in rotating order, after warm-up; "images" are views
+through the network (2 per pair).
 
-  .venv/bin/python benchmarks/pretrain_step.py --pairs 16 --dtype float32
-  .venv/bin/python benchmarks/pretrain_step.py --pairs 16 \
-      --jax_variants package,dot1x1 --xla_flags=--xla_cpu_experimental_ynn_fusion_type=
+  .venv/bin/python benchmarks/pretrain_step.py --pairs 16 --dtype float32 \
+      --rounds 9 --wait_idle
+  # Work per image (CPU time) on one core, robust to other users' load:
+  .venv/bin/python benchmarks/pretrain_step.py --pairs 16 --one_core
+  # An XLA flag on the JAX side alone (here: Eigen instead of YNNPACK):
+  .venv/bin/python benchmarks/pretrain_step.py --pairs 16 --no_torch \
+      --xla_flags=--xla_cpu_experimental_ynn_fusion_type=
 
 GLIBC_TUNABLES is set for the whole process (the script re-executes itself).
 """
@@ -41,8 +46,6 @@ def parse():
   ap.add_argument("--source_size", type=int, default=224)
   ap.add_argument("--rounds", type=int, default=7)
   ap.add_argument("--warmup", type=int, default=2)
-  ap.add_argument("--jax_variants", default="package",
-                  help="comma list of cpu_conv.IMPLS names (package = the code as is)")
   ap.add_argument("--xla_flags", default="", help="appended to XLA_FLAGS")
   ap.add_argument("--no_torch", action="store_true")
   ap.add_argument("--torch_channels_last", action="store_true")
@@ -59,25 +62,12 @@ def parse():
   return ap.parse_args()
 
 
-def make_jax_step(args, impl, devices=None, info=None):
+def make_jax_step(args, devices=None, info=None):
   """(run_one_step() -> loss, XLA flops per step, compile seconds).
 
   `devices`: the mesh's devices (default all); the global batch is
   args.pairs. `info`, a dict, receives the compiled memory analysis.
   """
-  import cpu_conv  # pylint: disable=g-import-not-at-top
-
-  # The variant is installed while the model is built and traced, then
-  # removed, so variants compiled in one process do not see each other's.
-  saved = cpu_conv.saved_state()
-  cpu_conv.install(impl)
-  try:
-    return _build_jax_step(args, devices, info)
-  finally:
-    cpu_conv.restore(saved)
-
-
-def _build_jax_step(args, devices, info):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -129,8 +119,9 @@ def _build_jax_step(args, devices, info):
     with jax.set_mesh(mesh):
       holder["step"] += 1
       batch = training.shard_batch(host_batch, mesh)
-      # The AOT-compiled executable: calling the jitted function again would
-      # trace anew, after the variant has been uninstalled.
+      # The AOT-compiled executable, the one timed and cost-analysed above:
+      # `lower().compile()` need not fill the jitted function's dispatch
+      # cache, so calling `train_step` could trace and compile it again.
       holder["state"], metrics = compiled(
           holder["state"], batch, rng, jnp.int32(holder["step"]))
       return float(jax.device_get(metrics["train_loss"]))
@@ -162,13 +153,10 @@ def main():
          "images_per_step": 2 * args.pairs, "dtype": args.dtype,
          "backbone": args.backbone, "out_size": args.out_size,
          "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
-  runners, flops = {}, None
-  for impl in args.jax_variants.split(","):
-    run, f, compile_s = make_jax_step(args, impl)
-    runners[f"jax:{impl}"] = run
-    out[f"jax:{impl}:compile_s"] = round(compile_s, 1)
-    out[f"jax:{impl}:xla_flops_per_step"] = f
-    flops = flops or f
+  runners = {}
+  runners["jax"], flops, compile_s = make_jax_step(args)
+  out["jax_compile_s"] = round(compile_s, 1)
+  out["xla_flops_per_step"] = flops
   if not args.no_torch:
     runners["torch"], out["torch_threads"] = make_torch_step(args)
   names = list(runners)
@@ -211,22 +199,22 @@ def main():
     if flops:
       out[n]["gflops_per_s_at_median"] = round(flops / s["median_s"] / 1e9, 1)
   if "torch" in runners:
-    for n in names:
-      if n == "torch":
-        continue
-      per_round = [tt / tj for tj, tt in zip(times[n], times["torch"])]
-      out[f"ratio {n} / torch"] = {
-          "at_medians": round(statistics.median(times["torch"])
-                              / statistics.median(times[n]), 3),
-          "median_of_rounds": round(statistics.median(per_round), 3),
-          "min_max_of_rounds": [round(min(per_round), 3), round(max(per_round), 3)],
-          "at_median_cpu_s": round(statistics.median(cpu["torch"])
-                                   / statistics.median(cpu[n]), 3)}
-      both = [tt / tj for tj, tt, oj, ot in zip(times[n], times["torch"], others[n], others["torch"])
-              if oj < args.clean and ot < args.clean]
-      if both:
-        out[f"ratio {n} / torch"]["clean_rounds"] = len(both)
-        out[f"ratio {n} / torch"]["median_of_clean_rounds"] = round(statistics.median(both), 3)
+    # Per-round ratios pair each JAX step with the torch step of the same
+    # round, so load that comes and goes hits both sides alike.
+    per_round = [tt / tj for tj, tt in zip(times["jax"], times["torch"])]
+    ratio = out["ratio jax / torch"] = {
+        "at_medians": round(statistics.median(times["torch"])
+                            / statistics.median(times["jax"]), 3),
+        "median_of_rounds": round(statistics.median(per_round), 3),
+        "min_max_of_rounds": [round(min(per_round), 3), round(max(per_round), 3)],
+        "at_median_cpu_s": round(statistics.median(cpu["torch"])
+                                 / statistics.median(cpu["jax"]), 3)}
+    both = [tt / tj for tj, tt, oj, ot in zip(times["jax"], times["torch"],
+                                               others["jax"], others["torch"])
+            if oj < args.clean and ot < args.clean]
+    if both:
+      ratio["clean_rounds"] = len(both)
+      ratio["median_of_clean_rounds"] = round(statistics.median(both), 3)
   print(json.dumps(out))
 
 
