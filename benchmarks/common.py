@@ -14,10 +14,15 @@ import sys
 import time
 
 # glibc's malloc returns freed big blocks to the OS by default (mmap/trim),
-# so every step pays page faults again; both sides of every CPU comparison
-# run with this setting (BENCHMARKS.md).
+# so every step pays page faults again. mmap_max=0 and a huge trim threshold
+# stop that for the main arena only: XLA's worker threads allocate from
+# per-thread arenas (64 MiB heaps), which still mmap every bigger buffer and
+# unmap it when freed (~760k page faults, ~1.4 s of system time per 32-pair
+# ResNet-50 step). arena_max=1 sends every thread to the main arena. Both
+# sides of every CPU comparison run with this setting (BENCHMARKS.md).
 GLIBC_TUNABLES = ("glibc.malloc.mmap_max=0:"
-                  "glibc.malloc.trim_threshold=34359738368")
+                  "glibc.malloc.trim_threshold=34359738368:"
+                  "glibc.malloc.arena_max=1")
 
 
 def ensure_glibc_tunables():

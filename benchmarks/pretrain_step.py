@@ -59,6 +59,10 @@ def parse():
   ap.add_argument("--clean", type=float, default=0.1,
                   help="a step is 'clean' when other processes used less than "
                        "this fraction of the machine's CPU during it")
+  ap.add_argument("--settle_s", type=float, default=1.0,
+                  help="pause before each timed step: the other side's worker "
+                       "threads (torch's OpenMP, XLA's pool) spin-wait for a "
+                       "while after their step and would slow the next one")
   return ap.parse_args()
 
 
@@ -173,6 +177,7 @@ def main():
   for r in range(args.rounds):
     order = names[r % len(names):] + names[:r % len(names)]
     for n in order:
+      time.sleep(args.settle_s)
       with common.Interference() as probe:
         losses[n].append(runners[n]())
       times[n].append(probe.wall)
