@@ -15,13 +15,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# On CPU, glibc's malloc would map and unmap XLA's big buffers every step
+# (per-thread arenas ignore mmap_max): one arena, no trimming, no mmap.
+# BENCHMARKS.md section 1.
+CPU_MALLOC := GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=34359738368:glibc.malloc.arena_max=1
+
 # Pre-train, fine-tune and evaluate a tiny ResNet on the embedded synthetic hands.
 demo: $(STAMP)
-	$(PY) -m peclr_jax.main --config configs/demo.py --workdir workdirs/demo
+	$(CPU_MALLOC) $(PY) -m peclr_jax.main --config configs/demo.py --workdir workdirs/demo
 
 # Simulated CPU devices let the data-parallel tests run without accelerators.
 test: $(STAMP)
-	XLA_FLAGS=--xla_force_host_platform_device_count=4 $(PY) -m pytest -n 2 -q tests
+	$(CPU_MALLOC) XLA_FLAGS=--xla_force_host_platform_device_count=4 $(PY) -m pytest -n 2 -q tests
 
 clean:
 	rm -rf $(VENV) workdirs
