@@ -12,7 +12,7 @@ CPU-friendly formulations (BENCHMARKS.md, section 2; each keeps parameters
 and outputs, and is harmless on GPU/TPU): 1x1 convolutions run as 2-D
 matmuls (`conv_general_dilated`), the stem max-pool is a max of strided slices
 with an elementwise VJP (`max_pool_3x3_s2`), and every residual block's input
-is `cpu_fusion.materialise`d (the identity off CPU).
+is `cpu_fusion.materialise`d (the identity except on a single CPU device).
 
 Train/eval mode: BatchNorm layers are created in train mode
 (``use_running_average=False``). Call ``model.eval()`` to switch every nested
