@@ -52,6 +52,23 @@ def run(config, workdir: str):
   return demo.run(config, workdir)
 
 
+# README "Running on a CPU"; BENCHMARKS.md section 1.
+CPU_GLIBC_TUNABLES = ("glibc.malloc.mmap_max=0:"
+                      "glibc.malloc.trim_threshold=34359738368:"
+                      "glibc.malloc.arena_max=1")
+
+
+def cpu_malloc_hint(backend: str, glibc_tunables: str | None) -> str | None:
+  """A note for CPU runs started without the malloc settings, else None.
+
+  glibc cannot change them once the process runs, so this can only advise.
+  """
+  if backend != "cpu" or "arena_max" in (glibc_tunables or ""):
+    return None
+  return ("note: on CPU, start with GLIBC_TUNABLES=" + CPU_GLIBC_TUNABLES +
+          " for a faster step (README: Running on a CPU)")
+
+
 def initialize_distributed():
   """`jax.distributed.initialize`, with explicit settings from the environment.
 
@@ -84,6 +101,10 @@ def main(argv):
         "PECLR_DISTRIBUTED"):
       # Multi-host: every process runs this same command.
       initialize_distributed()
+    hint = cpu_malloc_hint(jax.default_backend(),
+                           os.environ.get("GLIBC_TUNABLES"))
+    if hint:
+      print(hint, flush=True)
     run(FLAGS.config, FLAGS.workdir)
   except training.Preempted as e:
     # SIGTERM: the checkpoint is saved; a scheduler that re-runs the same

@@ -209,3 +209,18 @@ def test_non_finite_loss_stops_with_a_message(synthetic_data_dir, tmp_path):
   config.optim.warmup_epochs = 0.0
   with pytest.raises(training.NonFiniteLossError, match="train_loss"):
     pretrain.train_and_evaluate(config, str(tmp_path / "nan"))
+
+
+def test_cpu_malloc_hint():
+  tunables = main_lib.CPU_GLIBC_TUNABLES
+  assert main_lib.cpu_malloc_hint("gpu", None) is None
+  assert main_lib.cpu_malloc_hint("cpu", tunables) is None
+  hint = main_lib.cpu_malloc_hint("cpu", "glibc.malloc.mmap_max=0")
+  assert hint is not None and f"GLIBC_TUNABLES={tunables}" in hint
+  # The Makefile and the benchmarks use the same settings (three copies: the
+  # benchmarks must set them before jax is imported, so cannot import main).
+  with open(os.path.join(REPO, "Makefile")) as f:
+    assert f"GLIBC_TUNABLES={tunables}\n" in f.read()
+  with open(os.path.join(REPO, "benchmarks", "common.py")) as f:
+    common = f.read().replace('"\n                  "', "")
+  assert f'GLIBC_TUNABLES = ("{tunables}")' in common
