@@ -441,3 +441,36 @@ def write_metrics_csv(metrics: Mapping[str, Any], path: str,
       writer.writerow([i, joint] + [f"{values[i]:.6f}" for _, values in columns])
     writer.writerow(["", "mean"] + [f"{values.mean():.6f}" for _, values in columns])
   return path
+
+
+def plot_training_curves(workdirs: Mapping[str, str], path: str,
+                         keys: Sequence[str] = ("train_loss",)) -> str:
+  """One panel per metric, one line per run, from the runs' metrics.jsonl.
+
+  Args:
+    workdirs: {label: workdir} of runs written by `training.fit`.
+    path: output PNG.
+    keys: metric names; rows without a key are skipped for that panel.
+
+  Returns:
+    ``path``.
+  """
+  from peclr_jax import training  # pylint: disable=g-import-not-at-top
+
+  rows = {label: training.read_metrics(w) for label, w in workdirs.items()}
+  fig = _new_figure(4.2 * len(keys), 3.2)
+  for i, key in enumerate(keys):
+    ax = fig.add_subplot(1, len(keys), i + 1)
+    for label, run in rows.items():
+      points = [(r["step"], r[key]) for r in run if key in r]
+      if points:
+        steps, values = zip(*points)
+        ax.plot(steps, values, marker="." if len(points) < 30 else None,
+                label=label)
+    ax.set_xlabel("step")
+    ax.set_title(key, fontsize=9)
+    ax.grid(alpha=0.3)
+    if len(rows) > 1:
+      ax.legend(fontsize=7)
+  fig.tight_layout()
+  return _save(fig, path)

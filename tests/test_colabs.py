@@ -109,20 +109,6 @@ def test_keypoint_latent_is_undone_by_undo_transforms(jitter, min_cos):
   assert np.mean(after) > np.mean(before) + 0.05, (before, after)
 
 
-def test_plot_training_curves(tmp_path):
-  workdir = tmp_path / "run"
-  workdir.mkdir()
-  with open(workdir / "metrics.jsonl", "w") as f:
-    for step in range(1, 5):
-      f.write(json.dumps({"step": step, "train_loss": 5.0 / step}) + "\n")
-    f.write(json.dumps({"step": 4, "eval_pa_epe_cm": 2.0}) + "\n")
-  path = notebook_utils.plot_training_curves(
-      {"a": str(workdir)}, str(tmp_path / "fig" / "c.png"),
-      keys=("train_loss", "eval_pa_epe_cm"))
-  with open(path, "rb") as f:
-    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-
-
 # -------------------------------------------------------------- execution --
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """Tests for peclr_jax.visualize: every figure is a real, non-uniform PNG."""
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -117,3 +118,17 @@ def test_pck_curve_and_csv(tmp_path):
   np.testing.assert_allclose(body[:, 1], m["per_keypoint_pa_epe_cm"], atol=1e-6)
   assert rows[-1][1] == "mean"
   assert float(rows[-1][2]) == pytest.approx(m["epe_cm"], abs=1e-6)
+
+
+def test_plot_training_curves(tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  with open(workdir / "metrics.jsonl", "w") as f:
+    for step in range(1, 5):
+      f.write(json.dumps({"step": step, "train_loss": 5.0 / step}) + "\n")
+    f.write(json.dumps({"step": 4, "eval_pa_epe_cm": 2.0}) + "\n")
+  path = visualize.plot_training_curves(
+      {"a": str(workdir)}, str(tmp_path / "fig" / "c.png"),
+      keys=("train_loss", "eval_pa_epe_cm"))
+  with open(path, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
