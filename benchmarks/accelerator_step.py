@@ -29,6 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pretrain_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Dense peak TFLOP/s per chip, (bfloat16, float32), from the vendors' sheets.
 # float32 on NVIDIA is the non-tensor-core rate (XLA uses TF32 only when
@@ -49,11 +50,8 @@ def peak_for(kind: str, dtype: str):
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--pairs", type=int, default=128, help="images per step per device")
-  ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-  ap.add_argument("--backbone", default="resnet50")
-  ap.add_argument("--out_size", type=int, default=128)
-  ap.add_argument("--source_size", type=int, default=224)
+  pretrain_step.add_step_arguments(ap, pairs=128, dtype="bfloat16",
+                                   pairs_help="images per step per device")
   ap.add_argument("--steps", type=int, default=20)
   ap.add_argument("--warmup", type=int, default=3)
   ap.add_argument("--peak_tflops", type=float, default=0.0,
@@ -67,7 +65,6 @@ def main():
     args.steps, args.warmup = 3, 1
 
   import jax  # pylint: disable=g-import-not-at-top
-  import pretrain_step  # pylint: disable=g-import-not-at-top
 
   devices = jax.devices()
   if args.max_devices:

@@ -37,13 +37,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def parse():
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--pairs", type=int, default=16, help="images per step (each gives 2 views)")
-  ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+def add_step_arguments(ap, *, pairs: int, dtype: str, pairs_help: str):
+  """The arguments `make_jax_step` reads (shared with accelerator_step.py)."""
+  ap.add_argument("--pairs", type=int, default=pairs, help=pairs_help)
+  ap.add_argument("--dtype", default=dtype, choices=["float32", "bfloat16"])
   ap.add_argument("--backbone", default="resnet50")
   ap.add_argument("--out_size", type=int, default=128)
   ap.add_argument("--source_size", type=int, default=224)
+
+
+def parse():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  add_step_arguments(ap, pairs=16, dtype="float32",
+                     pairs_help="images per step (each gives 2 views)")
   ap.add_argument("--rounds", type=int, default=7)
   ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--xla_flags", default="", help="appended to XLA_FLAGS")
