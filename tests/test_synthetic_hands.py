@@ -94,7 +94,7 @@ def test_dataset_matches_generator(dataset):
       err_other = np.abs(ex['image'].astype(float) - other).mean()
       assert err < 10 and err < 0.3 * err_other, (err, err_other)  # JPEG only
       # The decoded image is exactly the decoding of the generator's bytes.
-      raw = shb.make_example((0, S, 92, 2), split, i)['image']
+      raw = shb.make_example((0, S, 92, 2, 180.0), split, i)['image']
       np.testing.assert_array_equal(ex['image'],
                                     tfds.features.Image().decode_example_np(raw))
 
@@ -110,20 +110,20 @@ def test_images_not_degenerate(dataset):
 
 # ------------------------------------------------------------- determinism --
 def test_determinism():
-  a = shb.make_example((3, 48, 90, 2), 'validation', 5)
-  b = shb.make_example((3, 48, 90, 2), 'validation', 5)
+  a = shb.make_example((3, 48, 90, 2, 180.0), 'validation', 5)
+  b = shb.make_example((3, 48, 90, 2, 180.0), 'validation', 5)
   assert a['image'] == b['image']  # identical JPEG bytes
   for key in a:
     np.testing.assert_array_equal(a[key], b[key])
-  for other in (shb.make_example((3, 48, 90, 2), 'validation', 6),
-                shb.make_example((3, 48, 90, 2), 'train', 5),
-                shb.make_example((4, 48, 90, 2), 'validation', 5)):
+  for other in (shb.make_example((3, 48, 90, 2, 180.0), 'validation', 6),
+                shb.make_example((3, 48, 90, 2, 180.0), 'train', 5),
+                shb.make_example((4, 48, 90, 2, 180.0), 'validation', 5)):
     assert other['image'] != a['image']
     assert np.abs(other['keypoints_3d'] - a['keypoints_3d']).max() > 1e-3
 
 
 def test_parallel_generation_is_identical():
-  values = (1, 32, 90, 2)
+  values = (1, 32, 90, 2, 180.0)
   serial = list(shb.generate(values, 'train', 7, workers=1))
   pooled = list(shb.generate(values, 'train', 7, workers=2, min_parallel=0,
                              chunk=3))
@@ -210,6 +210,31 @@ def test_rotation_and_placement_vary(label_samples):
   assert (normals[:, 2] > 0.3).any() and (normals[:, 2] < -0.3).any()
   centres = np.stack([s['keypoints_2d'].mean(0) for s in label_samples]) / 32
   assert centres.std(0).min() > 0.04
+
+
+def _angle_from_up(samples):
+  """In-image angle (degrees) of wrist -> middle MCP from 'fingers up'."""
+  d = np.stack([s['keypoints_2d'][3] - s['keypoints_2d'][0] for s in samples])
+  return np.degrees(np.arctan2(d[:, 0], -d[:, 1]))
+
+
+def test_upright_configs_keep_fingers_up(label_samples):
+  upright = [render_sample(seed, 32, max_roll_deg=60.0)
+             for seed in LABEL_SEEDS]
+  up, anywhere = np.abs(_angle_from_up(upright)), np.abs(
+      _angle_from_up(label_samples))
+  # Out-of-plane tilt (up to 80 degrees) bends the projected direction a
+  # little beyond the roll range; any roll reaches upside down.
+  assert np.quantile(up, 0.9) < 75 and up.max() < 120
+  assert (anywhere > 120).mean() > 0.2
+  # Only the roll changes: the same seed gives the same hand pose and size.
+  for a, b in zip(upright[:5], label_samples[:5]):
+    np.testing.assert_allclose(a['scale'], b['scale'], rtol=1e-6)
+  configs = {c.name: c for c in shb.Builder.BUILDER_CONFIGS}
+  assert configs['demo_upright'].max_roll_deg == 60.0
+  assert configs['demo'].max_roll_deg == 180.0  # older builds unchanged
+  assert (configs['demo_upright'].render_values[:4]
+          == configs['demo'].render_values[:4])
 
 
 # --------------------------------------------------- image vs. the labels --

@@ -197,12 +197,20 @@ def forward_kinematics(hand: dict) -> np.ndarray:
   return kp
 
 
-def random_rotation(rng: np.random.Generator) -> np.ndarray:
+def random_rotation(rng: np.random.Generator,
+                    max_roll_deg: float = 180.0) -> np.ndarray:
   """Hand-to-camera rotation [3, 3]: palm or back towards the camera, tilted
-  up to 80 degrees about a random in-image axis, any in-plane roll."""
+  up to 80 degrees about a random in-image axis, rolled in the image plane.
+
+  The roll is uniform within `max_roll_deg` of upright (fingers up in the
+  image, roll 180); 180 gives any roll. Real hand datasets are mostly
+  upright: FreiHAND's hands lie within about 60 degrees of it.
+  """
   face = np.diag([1.0, 1.0, 1.0]) if rng.uniform() < 0.5 else np.diag(
       [-1.0, 1.0, -1.0])  # back / palm towards the camera (det stays +1)
-  roll = _rot(np.array([0.0, 0.0, 1.0]), rng.uniform(0, 360))
+  # 180 +- max_roll: with 180 the same draw as U(0, 360) (older builds).
+  roll = _rot(np.array([0.0, 0.0, 1.0]),
+              rng.uniform(180.0 - max_roll_deg, 180.0 + max_roll_deg))
   phi = rng.uniform(0, 2 * np.pi)
   tilt_axis = np.array([np.cos(phi), np.sin(phi), 0.0])
   tilt = _rot(tilt_axis, 80 * np.sqrt(rng.uniform()))
@@ -226,8 +234,9 @@ def project(xyz: np.ndarray, K: np.ndarray) -> np.ndarray:
 
 
 def place_in_camera(rng: np.random.Generator, kp_hand: np.ndarray,
-                    K: np.ndarray, image_size: int,
-                    max_tries: int = 30) -> tuple[np.ndarray, np.ndarray]:
+                    K: np.ndarray, image_size: int, max_tries: int = 30,
+                    max_roll_deg: float = 180.0
+                    ) -> tuple[np.ndarray, np.ndarray]:
   """Rotates the hand and moves it in front of the camera, inside the image.
 
   The wrist goes to a depth in `ROOT_DEPTH_RANGE`, the keypoints' centre to a
@@ -238,7 +247,7 @@ def place_in_camera(rng: np.random.Generator, kp_hand: np.ndarray,
   Returns:
     (R [3, 3], t [3]) with camera = R @ hand + t.
   """
-  R = random_rotation(rng)
+  R = random_rotation(rng, max_roll_deg)
   rel = kp_hand @ R.T
   lo = BORDER_MARGIN * image_size
   hi = image_size - 1 - lo

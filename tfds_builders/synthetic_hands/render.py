@@ -254,7 +254,7 @@ def _joint_radii(hand: dict) -> np.ndarray:
 
 
 def render_sample(seed_or_rng, image_size: int, *, draw_hand: bool = True,
-                  supersample: int = 2) -> dict:
+                  supersample: int = 2, max_roll_deg: float = 180.0) -> dict:
   """Renders one synthetic hand image with its labels.
 
   Args:
@@ -265,6 +265,8 @@ def render_sample(seed_or_rng, image_size: int, *, draw_hand: bool = True,
     draw_hand: False renders the background (and sensor noise) alone, with the
       same labels; for tests and visualisation.
     supersample: anti-aliasing factor of the rasteriser.
+    max_roll_deg: in-plane roll within this many degrees of upright (180:
+      any roll; see `hand_model.random_rotation`).
 
   Returns:
     dict with image uint8 [S, S, 3]; K float32 [3, 3]; keypoints_3d float32
@@ -281,7 +283,8 @@ def render_sample(seed_or_rng, image_size: int, *, draw_hand: bool = True,
   hand = hm.sample_hand(pose_rng)
   kp_hand = hm.forward_kinematics(hand)
   K = hm.random_intrinsics(pose_rng, image_size)
-  R, t = hm.place_in_camera(pose_rng, kp_hand, K, image_size)
+  R, t = hm.place_in_camera(pose_rng, kp_hand, K, image_size,
+                            max_roll_deg=max_roll_deg)
   kp3d = kp_hand @ R.T + t
   look = _sample_look(look_rng)
   bg = backgrounds.random_background(bg_rng, image_size)
