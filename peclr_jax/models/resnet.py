@@ -6,7 +6,7 @@ so converted PyTorch weights can be loaded by name. Padding is explicit and
 symmetric, exactly as torch's, so converted weights give the same outputs.
 
 The ``fc`` layer is omitted: a backbone returns globally average-pooled
-features ``[N, C]``.
+features ``[N, C]``; ``feature_map`` gives the unpooled last stage.
 
 CPU-friendly formulations (BENCHMARKS.md, section 2; each keeps parameters
 and outputs, and is harmless on GPU/TPU): 1x1 convolutions run as 2-D
@@ -46,63 +46,93 @@ BN_EPSILON = 1e-5
 _NHWC_HWIO = ('NHWC', 'HWIO', 'NHWC')
 
 
-def _is_plain_1x1(lhs, rhs, padding, lhs_dilation, rhs_dilation,
-                  dimension_numbers, feature_group_count, kwargs) -> bool:
-  """An NHWC/HWIO 1x1 kernel, unpadded, undilated, ungrouped, unsharded."""
-  if lhs.ndim != 4 or rhs.shape[:2] != (1, 1):
+def _is_plain_nhwc(lhs, rhs, padding, lhs_dilation, rhs_dilation,
+                   dimension_numbers, feature_group_count, kwargs) -> bool:
+  """NHWC/HWIO, explicit padding, undilated, ungrouped, unsharded."""
+  if lhs.ndim != 4 or isinstance(padding, str):
     return False
   nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC_HWIO)
   if lax.conv_dimension_numbers(lhs.shape, rhs.shape,
                                 dimension_numbers) != nhwc:
     return False
   unit = lambda d: d is None or all(v == 1 for v in d)
-  if isinstance(padding, str):
-    unpadded = padding.upper() == 'VALID'
-  else:
-    unpadded = all(tuple(p) == (0, 0) for p in padding)
   # flax always passes out_sharding (None unless explicit sharding is used).
-  return (unpadded and unit(lhs_dilation) and unit(rhs_dilation)
+  return (unit(lhs_dilation) and unit(rhs_dilation)
           and feature_group_count == 1
           and kwargs.get('batch_group_count', 1) == 1
           and kwargs.get('out_sharding') is None)
+
+
+# Output maps of at most this many pixels go through im2col on CPU.
+_IM2COL_MAX_OUTPUT_PIXELS = 4
+
+
+def _im2col_conv(x, rhs, strides, padding, precision, preferred_element_type):
+  """A kh x kw convolution as one matmul over the kh*kw shifted slices."""
+  kh, kw, cin, cout = rhs.shape
+  sh, sw = strides
+  x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  ho = (x.shape[1] - kh) // sh + 1
+  wo = (x.shape[2] - kw) // sw + 1
+  # Tap order (row, column, channel) is the HWIO kernel's reshape order.
+  cols = jnp.concatenate(
+      [x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :]
+       for i in range(kh) for j in range(kw)], axis=-1)
+  y = lax.dot(cols.reshape(-1, kh * kw * cin), rhs.reshape(-1, cout),
+              precision=precision,
+              preferred_element_type=preferred_element_type)
+  return y.reshape(x.shape[0], ho, wo, cout)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None,
                          feature_group_count=1, precision=None,
                          preferred_element_type=None, **kwargs):
-  """`lax.conv_general_dilated`, with unpadded 1x1 kernels as a 2-D matmul.
+  """`lax.conv_general_dilated`, with two CPU-friendly rewrites as matmuls.
 
   The hook `nnx.Conv(conv_general_dilated=...)` calls, with the same
-  signature. For an NHWC/HWIO 1x1 kernel with any stride, no padding, no
-  dilation and no groups, the result is
-  `x[:, ::s, ::s, :].reshape(-1, Cin) @ w.reshape(Cin, Cout)` reshaped back,
-  the same arithmetic (same dtypes and precision). Why: XLA:CPU computes a
-  convolution's kernel gradient as another convolution with batch and
-  feature axes swapped, and materialises transposed copies of both operands
-  for it (recomputing the producers' BatchNorm/ReLU chains into them); as a
-  2-D matmul, dW = X^T dY is one GEMM that reads the transposed operand in
-  place. ResNet-50 fwd+bwd on one core: 4.66 -> 2.63 s. A 4-D `dot_general`
-  does not get this (about 2x slower than the 2-D form). On GPU/TPU a 1x1
-  convolution is a matmul anyway. Everything else goes to
-  `lax.conv_general_dilated` unchanged.
+  signature; both rewrites do the same products and sums (in another order)
+  for plain NHWC/HWIO convolutions (explicit padding, no dilation or groups):
+
+  * an unpadded 1x1 kernel, any stride, is
+    `x[:, ::s, ::s, :].reshape(-1, Cin) @ w.reshape(Cin, Cout)`. XLA:CPU
+    computes a convolution's kernel gradient as another convolution with
+    batch and feature axes swapped, and materialises transposed copies of
+    both operands for it; as a 2-D matmul, dW = X^T dY is one GEMM that
+    reads the transposed operand in place. ResNet-50 fwd+bwd on one core:
+    4.66 -> 2.63 s. (A 4-D `dot_general` is about 2x slower than 2-D.)
+  * on CPU, any kernel with an output of at most 2 x 2 pixels is im2col +
+    one matmul. XLA:CPU runs such convolutions at 3-12 GFLOP/s against
+    ~170 at 4 x 4 (fwd+bwd, batch 32, jaxlib 0.10.2): a 3x3x512 convolution
+    on 2 x 2 maps took 539 ms, so a ResNet's last stage on 64 px inputs
+    dominated the step.
+  Everything else goes to `lax.conv_general_dilated` unchanged.
   """
-  if not _is_plain_1x1(lhs, rhs, padding, lhs_dilation, rhs_dilation,
-                       dimension_numbers, feature_group_count, kwargs):
-    return lax.conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-        feature_group_count=feature_group_count, precision=precision,
-        preferred_element_type=preferred_element_type, **kwargs)
+  plain = _is_plain_nhwc(lhs, rhs, padding, lhs_dilation, rhs_dilation,
+                         dimension_numbers, feature_group_count, kwargs)
   sh, sw = window_strides
-  x = lhs if sh == sw == 1 else lhs[:, ::sh, ::sw, :]
-  cin, cout = rhs.shape[2:]
-  y = lax.dot(x.reshape(-1, cin), rhs.reshape(cin, cout), precision=precision,
-              preferred_element_type=preferred_element_type)
-  return y.reshape(x.shape[:3] + (cout,))
+  if plain and rhs.shape[:2] == (1, 1) and all(
+      tuple(p) == (0, 0) for p in padding):
+    x = lhs if sh == sw == 1 else lhs[:, ::sh, ::sw, :]
+    cin, cout = rhs.shape[2:]
+    y = lax.dot(x.reshape(-1, cin), rhs.reshape(cin, cout),
+                precision=precision,
+                preferred_element_type=preferred_element_type)
+    return y.reshape(x.shape[:3] + (cout,))
+  if plain and jax.default_backend() == 'cpu':
+    out_hw = [(lhs.shape[1 + a] + sum(padding[a]) - rhs.shape[a])
+              // window_strides[a] + 1 for a in (0, 1)]
+    if out_hw[0] * out_hw[1] <= _IM2COL_MAX_OUTPUT_PIXELS:
+      return _im2col_conv(lhs, rhs, window_strides, padding, precision,
+                          preferred_element_type)
+  return lax.conv_general_dilated(
+      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count, precision=precision,
+      preferred_element_type=preferred_element_type, **kwargs)
 
 
-def _conv(in_ch: int, out_ch: int, kernel: int, stride: int, pad: int, *,
+def conv_layer(in_ch: int, out_ch: int, kernel: int, stride: int, pad: int, *,
           rngs: nnx.Rngs, dtype) -> nnx.Conv:
   """Bias-free conv with torch-style explicit symmetric padding."""
   return nnx.Conv(
@@ -112,7 +142,7 @@ def _conv(in_ch: int, out_ch: int, kernel: int, stride: int, pad: int, *,
       conv_general_dilated=conv_general_dilated)
 
 
-def _bn(num_features: int, *, rngs: nnx.Rngs, dtype) -> nnx.BatchNorm:
+def batch_norm(num_features: int, *, rngs: nnx.Rngs, dtype) -> nnx.BatchNorm:
   """BatchNorm matching torch's defaults (eps 1e-5, momentum 0.1)."""
   # use_fast_variance=False: E[(x - mean)^2] rather than E[x^2] - mean^2,
   # closer to torch for large activations (statistics are float32 anyway).
@@ -126,8 +156,8 @@ def _downsample(in_ch: int, out_ch: int, stride: int, *, rngs, dtype):
   """torchvision's ``downsample = Sequential(conv1x1, bn)`` or None."""
   if stride == 1 and in_ch == out_ch:
     return None
-  return nnx.List([_conv(in_ch, out_ch, 1, stride, 0, rngs=rngs, dtype=dtype),
-                   _bn(out_ch, rngs=rngs, dtype=dtype)])
+  return nnx.List([conv_layer(in_ch, out_ch, 1, stride, 0, rngs=rngs, dtype=dtype),
+                   batch_norm(out_ch, rngs=rngs, dtype=dtype)])
 
 
 def _shortcut(downsample, x: jax.Array) -> jax.Array:
@@ -213,10 +243,10 @@ class BasicBlock(nnx.Module):
       dtype: compute dtype.
     """
     out_ch = width * self.expansion
-    self.conv1 = _conv(in_ch, width, 3, stride, 1, rngs=rngs, dtype=dtype)
-    self.bn1 = _bn(width, rngs=rngs, dtype=dtype)
-    self.conv2 = _conv(width, out_ch, 3, 1, 1, rngs=rngs, dtype=dtype)
-    self.bn2 = _bn(out_ch, rngs=rngs, dtype=dtype)
+    self.conv1 = conv_layer(in_ch, width, 3, stride, 1, rngs=rngs, dtype=dtype)
+    self.bn1 = batch_norm(width, rngs=rngs, dtype=dtype)
+    self.conv2 = conv_layer(width, out_ch, 3, 1, 1, rngs=rngs, dtype=dtype)
+    self.bn2 = batch_norm(out_ch, rngs=rngs, dtype=dtype)
     # nnx.data: the attribute is a module on some paths and None on others.
     self.downsample = nnx.data(
         _downsample(in_ch, out_ch, stride, rngs=rngs, dtype=dtype))
@@ -249,12 +279,12 @@ class Bottleneck(nnx.Module):
       dtype: compute dtype.
     """
     out_ch = width * self.expansion
-    self.conv1 = _conv(in_ch, width, 1, 1, 0, rngs=rngs, dtype=dtype)
-    self.bn1 = _bn(width, rngs=rngs, dtype=dtype)
-    self.conv2 = _conv(width, width, 3, stride, 1, rngs=rngs, dtype=dtype)
-    self.bn2 = _bn(width, rngs=rngs, dtype=dtype)
-    self.conv3 = _conv(width, out_ch, 1, 1, 0, rngs=rngs, dtype=dtype)
-    self.bn3 = _bn(out_ch, rngs=rngs, dtype=dtype)
+    self.conv1 = conv_layer(in_ch, width, 1, 1, 0, rngs=rngs, dtype=dtype)
+    self.bn1 = batch_norm(width, rngs=rngs, dtype=dtype)
+    self.conv2 = conv_layer(width, width, 3, stride, 1, rngs=rngs, dtype=dtype)
+    self.bn2 = batch_norm(width, rngs=rngs, dtype=dtype)
+    self.conv3 = conv_layer(width, out_ch, 1, 1, 0, rngs=rngs, dtype=dtype)
+    self.bn3 = batch_norm(out_ch, rngs=rngs, dtype=dtype)
     self.downsample = nnx.data(
         _downsample(in_ch, out_ch, stride, rngs=rngs, dtype=dtype))
 
@@ -288,8 +318,8 @@ class ResNet(nnx.Module):
         statistics stay float32.
     """
     self.dtype = dtype
-    self.conv1 = _conv(3, width, 7, 2, 3, rngs=rngs, dtype=dtype)
-    self.bn1 = _bn(width, rngs=rngs, dtype=dtype)
+    self.conv1 = conv_layer(3, width, 7, 2, 3, rngs=rngs, dtype=dtype)
+    self.bn1 = batch_norm(width, rngs=rngs, dtype=dtype)
     in_ch = width
     for stage, n_blocks in enumerate(layers):
       stage_width = width * 2**stage
@@ -302,15 +332,9 @@ class ResNet(nnx.Module):
       setattr(self, f'layer{stage + 1}', nnx.List(blocks))
     self.num_features = in_ch
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """Forward pass.
-
-    Args:
-      x: images ``[N, H, W, 3]`` (any float dtype; normalised).
-
-    Returns:
-      Globally average-pooled features ``[N, num_features]``, float32.
-    """
+  def feature_map(self, x: jax.Array) -> jax.Array:
+    """Images ``[N, H, W, 3]`` (normalised) -> last stage's features
+    ``[N, H/32, W/32, num_features]`` in the compute dtype."""
     x = jnp.asarray(x, self.dtype)
     x = jax.nn.relu(self.bn1(self.conv1(x)))
     # MaxPool2d(3, 2, padding=1) with -inf padding, as torch's.
@@ -318,8 +342,13 @@ class ResNet(nnx.Module):
     for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
       for blk in layer:
         x = blk(x)
+    return x
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Images ``[N, H, W, 3]`` -> average-pooled features
+    ``[N, num_features]``, float32."""
     # Pool in float32: the mean over many bf16 values loses precision.
-    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    return jnp.mean(self.feature_map(x).astype(jnp.float32), axis=(1, 2))
 
 
 _SPECS: dict[str, tuple[type, tuple[int, ...], int]] = {
