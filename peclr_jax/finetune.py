@@ -42,7 +42,7 @@ def make_model(config, rngs: nnx.Rngs) -> models.KeypointModel:
   return models.KeypointModel(
       config.model.backbone, rngs=rngs,
       dtype=training.compute_dtype(config.model.dtype),
-      uv_units=config.model.uv_units)
+      uv_units=config.model.uv_units, head=config.model.head)
 
 
 def keypoint_targets(keypoints_3d, K):
@@ -168,7 +168,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     evaluator = make_evaluator(config, mesh, eval_sources, aug_cfg.out_size,
                                max_batches=config.eval_batches)
   meta = {"kind": "finetune", "backbone": config.model.backbone,
-          "uv_units": config.model.uv_units,
+          "uv_units": model.uv_units, "head": config.model.head,
           "input_size": aug_cfg.out_size}
   print(f"Fine-tuning {config.model.backbone} "
         f"({'from ' + config.init if config.init else 'from scratch'}) on "

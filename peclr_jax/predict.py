@@ -287,7 +287,8 @@ class Predictor:
     uv_units = meta.get("uv_units") or ("pixels" if meta["kind"] == "keypoint" else "normalized")
     # Abstract build (no random init of a ResNet-152), then real arrays.
     model = nnx.eval_shape(lambda: models.KeypointModel(
-        meta["backbone"], rngs=nnx.Rngs(0), dtype=dtype, uv_units=uv_units))
+        meta["backbone"], rngs=nnx.Rngs(0), dtype=dtype, uv_units=uv_units,
+        head=meta.get("head", "linear")))
     checkpoints.restore_module(path, model)
     # restore_module leaves host NumPy arrays; put them on the device once
     # rather than transferring the weights at every model call.

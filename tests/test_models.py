@@ -336,6 +336,32 @@ def test_conv_hook_other_convolutions_go_to_lax_unchanged(kernel, stride, pad):
                                 _lax_conv(x, w, stride, pad))
 
 
+@pytest.mark.parametrize('hw,stride,pad', [(2, 1, 1), (4, 2, 1), (3, 2, 1),
+                                           (1, 1, 1), (4, 1, 0)])
+def test_conv_hook_small_outputs_are_im2col_with_lax_values_and_gradients(
+    hw, stride, pad):
+  # Outputs of at most 2 x 2 pixels. In float64 the rewrite must agree with
+  # lax to rounding (~1e-15 relative): any wrong tap or stride is O(1).
+  with jax.enable_x64(True):
+    kx, kw, kr = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (3, hw, hw, 5), jnp.float64)
+    w = jax.random.normal(kw, (3, 3, 5, 4), jnp.float64)
+    y_ref = _lax_conv(x, w, stride, pad)
+    assert y_ref.shape[1] * y_ref.shape[2] <= 4
+    r = jax.random.normal(kr, y_ref.shape, jnp.float64)
+    loss = lambda conv: lambda x, w: jnp.sum(jnp.sin(conv(x, w, stride, pad)) * r)
+    counts = _primitive_counts(loss(_hook_conv), x, w)
+    if jax.default_backend() == 'cpu':
+      assert 'conv_general_dilated' not in counts
+    y = _hook_conv(x, w, stride, pad)
+    assert y.shape == y_ref.shape
+    np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+    grads = jax.grad(loss(_hook_conv), argnums=(0, 1))(x, w)
+    grads_ref = jax.grad(loss(_lax_conv), argnums=(0, 1))(x, w)
+    for g, g_ref in zip(grads, grads_ref):
+      np.testing.assert_allclose(g, g_ref, rtol=1e-12, atol=1e-12)
+
+
 def test_conv_hook_dtypes_and_precision():
   x = jax.random.normal(jax.random.key(0), (2, 6, 6, 8))
   w = jax.random.normal(jax.random.key(1), (1, 1, 8, 4))
@@ -355,7 +381,7 @@ def test_conv_hook_dtypes_and_precision():
   assert len(dots) == 1
   assert dots[0].params['precision'] == (lax.Precision.HIGHEST,) * 2
   # Through nnx.Conv, as the backbone builds it: bf16 compute, f32 params.
-  conv = resnet_lib._conv(8, 4, 1, 2, 0, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+  conv = resnet_lib.conv_layer(8, 4, 1, 2, 0, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
   assert conv.kernel.get_value().dtype == jnp.float32
   y = conv(x)
   assert y.dtype == jnp.bfloat16 and y.shape == (2, 3, 3, 4)
@@ -443,10 +469,13 @@ def test_resnet_uses_the_cpu_formulations():
                             rngs=nnx.Rngs(0))
   model.eval()  # no batch-statistic updates inside make_jaxpr
   counts = _primitive_counts(lambda x: model(x), jnp.ones((2, 20, 20, 3)))
-  # Native: the 7x7 stem and the four 3x3 convs; the 12 1x1 convs (conv1,
-  # conv3 and downsample of each block) are dots.
-  assert counts.get('conv_general_dilated') == 5
-  assert counts.get('dot_general') == 12
+  # 20 px: stages at 5, 3, 2 and 1 px. Native: the 7x7 stem and the 3x3
+  # convs of the first two stages; the 12 1x1 convs (conv1, conv3 and
+  # downsample of each block) and, on CPU, the last two stages' 3x3 convs
+  # (outputs of at most 2 x 2 pixels) are dots.
+  im2col = 2 if jax.default_backend() == 'cpu' else 0
+  assert counts.get('conv_general_dilated') == 5 - im2col
+  assert counts.get('dot_general') == 12 + im2col
   assert not any(k.startswith('reduce_window') for k in counts)
   # One conditional per block input on one CPU device (none elsewhere).
   one_cpu = jax.default_backend() == 'cpu' and jax.device_count() == 1
@@ -754,3 +783,50 @@ def test_identical_models_share_graphdef():
   make = lambda seed: nnx.eval_shape(lambda: models.KeypointModel(
       'resnet_tiny', rngs=nnx.Rngs(seed), dtype='bfloat16'))
   assert nnx.graphdef(make(0)) == nnx.graphdef(make(1))
+
+
+# ------------------------------------------------------------ heatmap head --
+
+
+def test_integral_2p5d_known_answers():
+  n, h, w, j, s = 2, 4, 4, 21, 8
+  depth = jax.random.normal(jax.random.key(0), (n, h, w, j))
+  # One-hot heatmaps: joint k peaks at cell (row k % h, column k // h % w).
+  rows, cols = np.arange(j) % h, (np.arange(j) // h) % w
+  logits = np.full((n, h, w, j), -1e4, np.float32)
+  logits[:, rows, cols, np.arange(j)] = 0.0
+  out = heads_lib.integral_2p5d(jnp.asarray(logits), depth, s)
+  assert out.shape == (n, j, 3) and out.dtype == jnp.float32
+  # Cell (i, c) covers pixels [c s, c s + s): centre c s + (s - 1) / 2.
+  np.testing.assert_allclose(out[0, :, 0], cols * s + (s - 1) / 2)
+  np.testing.assert_allclose(out[0, :, 1], rows * s + (s - 1) / 2)
+  np.testing.assert_allclose(out[..., 2], depth[:, rows, cols, np.arange(j)],
+                             rtol=1e-6)
+  # Uniform heatmaps: the image centre (S - 1) / 2 and the mean depth.
+  flat = heads_lib.integral_2p5d(jnp.zeros((n, h, w, j)), depth, s)
+  np.testing.assert_allclose(flat[..., :2], (h * s - 1) / 2, rtol=1e-6)
+  np.testing.assert_allclose(flat[..., 2], depth.mean(axis=(1, 2)), rtol=1e-5,
+                             atol=1e-6)
+
+
+def test_heatmap_keypoint_model_outputs_and_gradients():
+  size = 64
+  model = models.KeypointModel('resnet_tiny', rngs=nnx.Rngs(0), head='heatmap')
+  assert model.uv_units == 'pixels'
+  assert model.keypoint_head.stride == 4
+  images = jax.random.normal(jax.random.key(0), (3, size, size, 3))
+  K = jnp.broadcast_to(models.default_intrinsics(size), (3, 3, 3))
+  out = model(images, K)
+  assert out['kp2d'].shape == (3, 21, 2) and out['kp3d'].shape == (3, 21, 3)
+  # Soft-argmax stays inside the outermost cell centres.
+  assert float(out['kp2d'].min()) >= 1.5 and float(out['kp2d'].max()) <= 62.5
+  assert float(jnp.abs(out['zrel'][:, 0]).max()) == 0.0
+  rays = geometry.unproject(out['kp2d'], jnp.ones((3, 21)), K)
+  np.testing.assert_allclose(
+      out['kp3d'], rays * (out['zrel'] + out['zroot'][:, None])[..., None],
+      rtol=1e-5, atol=1e-5)
+  grads = nnx.grad(lambda m: jnp.sum(m(images, K)['kp2d']))(model)
+  stem = grads['backbone']['conv1']['kernel'].get_value()
+  assert float(jnp.abs(stem).max()) > 0  # the 2D loss reaches the backbone
+  with pytest.raises(ValueError, match='head'):
+    models.KeypointModel('resnet_tiny', rngs=nnx.Rngs(0), head='deconv')

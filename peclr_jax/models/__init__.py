@@ -19,14 +19,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peclr_jax import geometry
-from peclr_jax.models.heads import (NUM_JOINTS, KeypointHead, ProjectionHead,
-                                    ZRootRefiner)
+from peclr_jax.models.heads import (NUM_JOINTS, HeatmapHead, KeypointHead,
+                                    ProjectionHead, ZRootRefiner)
 from peclr_jax.models.resnet import (BACKBONES, BasicBlock, Bottleneck, ResNet,
                                      get_backbone)
 
 __all__ = [
     'BACKBONES', 'BasicBlock', 'Bottleneck', 'ResNet', 'get_backbone',
-    'ProjectionHead', 'KeypointHead', 'ZRootRefiner', 'PeCLRModel',
+    'ProjectionHead', 'KeypointHead', 'HeatmapHead', 'ZRootRefiner',
+    'PeCLRModel', 'KEYPOINT_HEADS',
     'KeypointModel', 'default_intrinsics', 'NUM_JOINTS',
 ]
 
@@ -79,6 +80,11 @@ class PeCLRModel(nnx.Module):
     return self.projection(self.backbone(images))
 
 
+#: 'linear': the paper's Linear on pooled features; 'heatmap': integral
+#: regression over 2.5D heatmaps (``HeatmapHead``).
+KEYPOINT_HEADS = ('linear', 'heatmap')
+
+
 class KeypointModel(nnx.Module):
   """2.5D keypoint model (Iqbal et al. 2018) with z-root refinement.
 
@@ -87,7 +93,8 @@ class KeypointModel(nnx.Module):
   """
 
   def __init__(self, backbone_name: str, *, rngs: nnx.Rngs,
-               dtype=jnp.float32, uv_units: str = 'normalized'):
+               dtype=jnp.float32, uv_units: str = 'normalized',
+               head: str = 'linear'):
     """Builds the model.
 
     Args:
@@ -97,13 +104,22 @@ class KeypointModel(nnx.Module):
       uv_units: 'normalized': raw head outputs r map to pixels as
         (r + 1) * S / 2 (targets O(1) when training from scratch);
         'pixels': raw outputs are pixels (the released PyTorch weights).
+        The heatmap head always gives pixels.
+      head: one of ``KEYPOINT_HEADS``.
     """
     if uv_units not in ('normalized', 'pixels'):
       raise ValueError(f'uv_units={uv_units!r}')
-    self.uv_units = uv_units
+    if head not in KEYPOINT_HEADS:
+      raise ValueError(f'head={head!r}; expected one of {KEYPOINT_HEADS}')
+    self.uv_units = 'pixels' if head == 'heatmap' else uv_units
+    self.head = head
     self.backbone = get_backbone(backbone_name, rngs=rngs,
                                  dtype=jnp.dtype(dtype))
-    self.keypoint_head = KeypointHead(self.backbone.num_features, rngs=rngs)
+    if head == 'heatmap':
+      self.keypoint_head = HeatmapHead(self.backbone.num_features, rngs=rngs,
+                                       dtype=jnp.dtype(dtype))
+    else:
+      self.keypoint_head = KeypointHead(self.backbone.num_features, rngs=rngs)
     self.zroot_refiner = ZRootRefiner(rngs=rngs)
 
   def __call__(self, images: jax.Array,
@@ -126,7 +142,10 @@ class KeypointModel(nnx.Module):
     if K is None:
       K = jnp.broadcast_to(default_intrinsics(h, w), (n, 3, 3))
     K = jnp.asarray(K, jnp.float32)
-    raw = self.keypoint_head(self.backbone(images))  # [N, 21, 3]
+    if self.head == 'heatmap':
+      raw = self.keypoint_head(self.backbone.feature_map(images))
+    else:
+      raw = self.keypoint_head(self.backbone(images))  # [N, 21, 3]
     uv = raw[..., :2]
     if self.uv_units == 'normalized':
       uv = (uv + 1.0) * jnp.array([w, h], jnp.float32) / 2.0

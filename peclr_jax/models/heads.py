@@ -2,6 +2,8 @@
 
 * ``ProjectionHead``: the PeCLR/SimCLR projection MLP (PAPER.md step 4).
 * ``KeypointHead``: one Linear to the 2.5D representation (u, v, z_rel) x 21.
+* ``HeatmapHead``: the same representation by integral regression over
+  upsampled 2.5D heatmaps (a config choice; the paper uses the linear head).
 * ``ZRootRefiner``: closed-form scale-normalised root depth from the
   reference bone (Iqbal et al. 2018, eq. 6-7), gradient stopped, clamped to
   [4, 50], then refined by a small MLP (PAPER.md "Fine-tuning").
@@ -20,7 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peclr_jax import geometry
-from peclr_jax.models.resnet import BN_EPSILON, BN_MOMENTUM
+from peclr_jax.models import resnet
+from peclr_jax.models.resnet import BN_EPSILON, BN_MOMENTUM, conv_init
 
 NUM_JOINTS = 21
 # Clamp range of the closed-form root depth (bone units), as the public code.
@@ -106,6 +109,79 @@ class KeypointHead(nnx.Module):
     y = self.linear(x).astype(jnp.float32)
     # Row-major view: output 3j + k is joint j, component k (torch .view).
     return y.reshape(y.shape[:-1] + (NUM_JOINTS, 3))
+
+
+class HeatmapHead(nnx.Module):
+  """2.5D heatmaps with integral regression on the last feature map.
+
+  The stride-32 map is upsampled ``num_upsample`` times (nearest x2, 3x3 conv,
+  BatchNorm, ReLU), then a 1x1 conv gives per joint a heatmap logit and a
+  depth map. (u, v) is the soft-argmax of the heatmap (its expectation over
+  the cell centres, in input pixels) and z_rel the heatmap-weighted depth
+  (Iqbal et al. 2018's 2.5D heatmaps, Sun et al. 2018's integral
+  regression). Unlike the pooled linear head it keeps where things are in
+  the image, so a small network learns positions from few examples.
+  """
+
+  def __init__(self, in_features: int, *, width: int = 64,
+               num_upsample: int = 3, rngs: nnx.Rngs, dtype=jnp.float32):
+    """Builds the head.
+
+    Args:
+      in_features: channels of the backbone's last feature map.
+      width: channels of the upsampling convolutions.
+      num_upsample: x2 upsamplings of the stride-32 map (3: stride 4).
+      rngs: parameter RNGs.
+      dtype: compute dtype of the convolutions; the soft-argmax is float32.
+    """
+    self.stride = 32 // 2**num_upsample
+    convs, bns = [], []
+    for i in range(num_upsample):
+      # The backbone's conv (its CPU-friendly hook) and BatchNorm.
+      convs.append(resnet.conv_layer(in_features if i == 0 else width, width,
+                                     3, 1, 1, rngs=rngs, dtype=dtype))
+      bns.append(resnet.batch_norm(width, rngs=rngs, dtype=dtype))
+    self.up_convs = nnx.List(convs)
+    self.up_bns = nnx.List(bns)
+    self.out = nnx.Conv(width if num_upsample else in_features,
+                        2 * NUM_JOINTS, (1, 1), dtype=jnp.float32,
+                        param_dtype=jnp.float32, kernel_init=conv_init,
+                        rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """[N, h, w, C] -> [N, 21, 3] float32, last axis (u, v, z_rel), (u, v)
+    in pixels of the network's input (pixel centres at integers)."""
+    for conv, bn in zip(self.up_convs, self.up_bns):
+      x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+      x = jax.nn.relu(bn(conv(x)))
+    y = self.out(x.astype(jnp.float32))  # [N, H, W, 42]
+    return integral_2p5d(y[..., :NUM_JOINTS], y[..., NUM_JOINTS:], self.stride)
+
+
+def integral_2p5d(logits: jax.Array, depth: jax.Array,
+                  stride: int) -> jax.Array:
+  """Soft-argmax (u, v) and heatmap-weighted z_rel.
+
+  Args:
+    logits: [N, H, W, J] heatmap logits (softmax over H x W).
+    depth: [N, H, W, J] per-cell relative depth.
+    stride: input pixels per cell. Cell (i, j) covers input pixels
+      [j s, j s + s) x [i s, i s + s); its centre, j s + (s - 1) / 2, is
+      where a one-hot heatmap puts the joint (pixel centres at integers), so
+      the grid is symmetric about the image centre.
+
+  Returns:
+    [N, J, 3] float32: (u, v) input pixels, z_rel.
+  """
+  n, h, w, j = logits.shape
+  prob = jax.nn.softmax(logits.reshape(n, h * w, j).astype(jnp.float32), 1)
+  centre = lambda k: jnp.arange(k, dtype=jnp.float32) * stride + (stride - 1) / 2
+  cy, cx = jnp.meshgrid(centre(h), centre(w), indexing='ij')
+  grid = jnp.stack([cx.ravel(), cy.ravel()], -1)  # [H*W, 2] (x, y)
+  uv = jnp.einsum('npj,pc->njc', prob, grid)
+  zrel = jnp.einsum('npj,npj->nj', prob,
+                    depth.reshape(n, h * w, j).astype(jnp.float32))
+  return jnp.concatenate([uv, zrel[..., None]], axis=-1)
 
 
 class ZRootRefiner(nnx.Module):
