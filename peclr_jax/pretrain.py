@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from peclr_jax import augment
+from peclr_jax import checkpoints
 from peclr_jax import datasets
 from peclr_jax import input_pipeline
 from peclr_jax import losses
@@ -49,6 +50,14 @@ def make_model(config, rngs: nnx.Rngs) -> models.PeCLRModel:
       config.model.backbone, rngs=rngs,
       dtype=training.compute_dtype(config.model.dtype),
       proj_hidden=config.model.proj_hidden, proj_dim=config.model.proj_dim)
+
+
+def restore_encoder(config, path: str) -> models.PeCLRModel:
+  """The PeCLRModel of `config` with the weights of the pre-training
+  checkpoint (workdir) at `path`."""
+  model = make_model(config, nnx.Rngs(config.seed))
+  checkpoints.restore_module(path, model)
+  return model
 
 
 def contrastive_loss(model, batch, key, *, aug_cfg, loss_cfg):
