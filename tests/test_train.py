@@ -13,10 +13,13 @@ import pytest
 from flax import nnx
 from ml_collections import config_flags
 
+from peclr_jax import augment
 from peclr_jax import checkpoints
 from peclr_jax import finetune
 from peclr_jax import input_pipeline
+from peclr_jax import losses
 from peclr_jax import main as main_lib
+from peclr_jax import models
 from peclr_jax import pretrain
 from peclr_jax import training
 from iterator_hooks import HookedIterator
@@ -115,7 +118,31 @@ def test_finetune_rejects_backbone_of_other_architecture(synthetic_data_dir,
     finetune.load_backbone(model, pre_dir, config.model.backbone)
 
 
+# The data-parallel comparison below runs the model in float64. In float32 a
+# re-associated sum (BatchNorm statistics and gradients are all-reduced over
+# devices) moves activations by ~1e-7 relative, which flips ReLU gates and
+# max-pool winners that happen to be that close: each flip reroutes a whole
+# term of a parameter's gradient, so one step's parameters differed by 2e-3
+# between 1 and 4 devices on an AVX2-only CPU. In float64 a flip needs two
+# values within ~1e-16 of each other: among the ~1e6 activations here, odds of
+# ~1e-9 per run. Exact ties (the zeros after a ReLU that the max-pool reads)
+# are decided the same way on every device.
+F32_EPS = float(np.finfo(np.float32).eps)
+F64_EPS = float(np.finfo(np.float64).eps)
+VIEW_PARAMS = ("rotation", "scale", "translation")
+
+
 def test_data_parallel_step_equals_single_device(synthetic_data_dir):
+  """One train step on 4 devices equals the step on 1 device: same loss, same
+  BatchNorm statistics (global, not per device), same update (mean over the
+  whole batch, every shard counted once).
+
+  The views are made once, outside the compared steps: the augmentation is
+  float32 by design, and its sharded output equals the unsharded one only up
+  to float32 rounding (test_augment.py::test_sharded_batch_needs_no_collectives
+  checks that), which would again move ties. From the views on, the step is
+  `pretrain.contrastive_loss`'s: the model on both views, `losses.peclr_loss`.
+  """
   if jax.device_count() < 4:
     pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=4")
   config = tiny_pretrain_config(synthetic_data_dir, 1)
@@ -123,30 +150,85 @@ def test_data_parallel_step_equals_single_device(synthetic_data_dir):
       "synthetic_hands/small", "train", synthetic_data_dir))]
   batch = next(input_pipeline.make_pretrain_iterator(
       sources, global_batch=8, source_size=config.data.source_size, seed=0))
-  loss_fn = pretrain.functools.partial(
-      pretrain.contrastive_loss, aug_cfg=pretrain.augment_config(config),
-      loss_cfg=pretrain.LossSettings.from_config(config.loss))
-  # Plain SGD with lr 1 makes the parameter change the gradient itself; Adam's
-  # first step, g / (|g| + eps), would magnify float noise in tiny gradients.
+  (v1, v2), (t1, t2), _ = jax.jit(augment.augment_pair, static_argnums=3)(
+      jax.random.key(0), batch["image"], batch["keypoints_2d"],
+      pretrain.augment_config(config))
+  views = {"view1": np.float64(v1), "view2": np.float64(v2)}
+  for i, t in ((1, t1), (2, t2)):
+    views.update({f"t{i}_{k}": np.asarray(t[k]) for k in VIEW_PARAMS})
+  loss_cfg = pretrain.LossSettings.from_config(config.loss)
+
+  def loss_fn(model, views, key):
+    del key  # the views are fixed
+    z = model(jnp.concatenate([views["view1"], views["view2"]], axis=0))
+    z1, z2 = jnp.split(z, 2, axis=0)
+    t1, t2 = ({k: views[f"t{i}_{k}"] for k in VIEW_PARAMS} for i in (1, 2))
+    loss = losses.peclr_loss(z1, z2, t1, t2, temperature=loss_cfg.temperature,
+                             invert=loss_cfg.invert,
+                             translation_mode=loss_cfg.translation_mode)
+    return loss, {"train_loss": loss}
+
+  # Plain SGD with lr 1: the parameter change is the gradient itself (Adam's
+  # first step, g / (|g| + eps), would magnify float noise in tiny gradients).
   tx = optax.sgd(1.0)
 
   def one_step(devices):
     mesh = training.make_mesh(devices)
-    model = pretrain.make_model(config, nnx.Rngs(0))
+    model = models.PeCLRModel(
+        config.model.backbone, rngs=nnx.Rngs(0), dtype=jnp.float64,
+        proj_hidden=config.model.proj_hidden, proj_dim=config.model.proj_dim)
+    graphdef, state = nnx.split(model)
+    state = jax.tree.map(
+        lambda x: x.astype(jnp.float64)
+        if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+    model = nnx.merge(graphdef, state)
+    before = jax.device_get(nnx.state(model))
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     graphdef, state = nnx.split((model, optimizer))
     step = training.make_train_step(graphdef, loss_fn)
     with jax.set_mesh(mesh):
       state, metrics = step(training.replicate(state, mesh),
-                            training.shard_batch(batch, mesh),
+                            training.shard_batch(views, mesh),
                             jax.random.key(0), jnp.int32(1))
-    return jax.device_get(state), float(metrics["train_loss"])
+    model, _ = nnx.merge(graphdef, state)
+    after = jax.device_get(nnx.state(model))
+    return before, after, float(metrics["train_loss"])
 
-  state1, loss1 = one_step(jax.devices()[:1])
-  state4, loss4 = one_step(jax.devices()[:4])
-  np.testing.assert_allclose(loss4, loss1, rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(state4), jax.tree.leaves(state1)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  with jax.enable_x64(True):
+    before, after1, loss1 = one_step(jax.devices()[:1])
+    _, after4, loss4 = one_step(jax.devices()[:4])
+
+  # What stays float32: the model casts its pooled features (a 1 x 1 map
+  # here) and projections to float32, and losses.peclr_loss works in float32.
+  # The casts round the same float64 values to the same float32 (or, at odds
+  # of ~1e-9, one ulp apart). The loss then runs float32 reductions of at most
+  # D terms (L2 norms, centroids, the D-term similarities, the 2B-term
+  # softmax), fewer than 8 in a row, each of which a partitioned program may
+  # sum in another order: worst case D eps each, relative. So the loss
+  # (logits up to 1/T) agrees within 8 D eps / T, and the float32 cotangent it
+  # sends back into the model within RHO = 8 D eps of its size. The backward
+  # pass is linear in that cotangent, so each leaf's change agrees within RHO
+  # times its own largest entry. The float64 rest adds at most N eps64 of the
+  # largest change (sums of N <= 2B * H * W terms): the floor for leaves whose
+  # gradient is 0 by construction (a bias feeding a BatchNorm). A per-device
+  # BatchNorm or a lost shard moves the loss by ~1e-2, the updates by ~1e-1.
+  d = config.model.proj_dim
+  rho = 8 * d * F32_EPS
+  np.testing.assert_allclose(loss4, loss1, rtol=0,
+                             atol=rho / loss_cfg.temperature)
+  leaves = lambda tree: {jax.tree_util.keystr(p): np.asarray(x) for p, x
+                         in jax.tree_util.tree_leaves_with_path(tree)
+                         if jnp.issubdtype(x.dtype, jnp.floating)}
+  before, after1, after4 = leaves(before), leaves(after1), leaves(after4)
+  assert after1 and after4.keys() == after1.keys()
+  assert all(x.dtype == np.float64 for x in after1.values())
+  change = {k: np.abs(after1[k] - before[k]).max() for k in before}
+  largest = max(change.values())
+  n_terms = 2 * views["view1"].shape[0] * views["view1"].shape[1] ** 2
+  for k in after1:
+    tol = rho * change[k] + n_terms * F64_EPS * largest
+    np.testing.assert_allclose(after4[k], after1[k], rtol=0, atol=tol,
+                               err_msg=k)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
