@@ -101,7 +101,10 @@ def finetune_config() -> ml_collections.ConfigDict:
   # Fraction of the labelled training examples used (semi-supervised runs).
   config.data.labels_fraction = 1.0
   config.model = ml_collections.ConfigDict(dict(
-      backbone="resnet50", dtype="float32", uv_units="normalized"))
+      backbone="resnet50", dtype="float32", uv_units="normalized",
+      # 'linear' (the paper: pooled features -> Linear) or 'heatmap'
+      # (integral regression over 2.5D heatmaps; models.KEYPOINT_HEADS).
+      head="linear"))
   # Checkpoint directory to take the backbone from: a pre-training workdir
   # or a converted PyTorch checkpoint. Empty: train from scratch.
   config.init = ""
@@ -200,14 +203,18 @@ def make_runlocal(config: ml_collections.ConfigDict):
   config.eval_batches = 2
 
 
-#: Notebook sizes. Each is also the name of the synthetic_hands builder config
-#: it trains on (small: 64 px, 32/8/8 images; demo: 128 px, 4000/500/500;
-#: full: 224 px, 50000/2000/4000).
+#: Notebook and demo sizes, and the synthetic_hands builder config each
+#: trains on (small: 64 px, 32/8/8 images, any roll; demo_upright: 128 px,
+#: 4000/500/500; full_upright: 224 px, 50000/2000/4000; hands within 60
+#: degrees of upright, docs/finetuning.md).
 SIZES = ("small", "demo", "full")
+DATASET_OF_SIZE = {"small": "small", "demo": "demo_upright",
+                   "full": "full_upright"}
 
 
-def _synthetic_stage(config, size: str, data_dir: str, backbone: str, source_size: int):
-  use_synthetic(config, size)
+def _synthetic_stage(config, size: str, data_dir: str, backbone: str,
+                     source_size: int):
+  use_synthetic(config, DATASET_OF_SIZE[size])
   config.data.data_dir = data_dir
   config.data.source_size = source_size
   config.model.backbone = backbone
@@ -215,16 +222,18 @@ def _synthetic_stage(config, size: str, data_dir: str, backbone: str, source_siz
 
 def demo_config(size: str = "demo", data_dir: str = "data/tfds",
                 labels: float = 0.1) -> ml_collections.ConfigDict:
-  """The demo: pre-train, fine-tune (pre-trained and from scratch), evaluate.
+  """The demo: SimCLR and PeCLR pre-training against training from scratch.
 
-  configs/demo.py is the "demo" size; the notebooks in colabs/ pick one (the
-  configs/ folder is not installed with the package, so they use this).
+  configs/demo.py is the "demo" size and configs/label_efficiency.py the
+  same recipe over more label fractions and seeds; the notebooks in colabs/
+  pick a size.
 
   Sizes (runtimes on 2 CPU cores unless said otherwise):
     small: resnet_tiny, 32 px views, 16 + 16 steps of 8 images: about a
       minute, mostly compilation. Checks the whole pipeline, learns little.
-    demo: the settings of configs/demo.py (resnet_tiny, 64 px views, 300 +
-      300 steps): the `make demo` run.
+    demo: the `make demo` run: resnet_tiny with the heatmap head, 64 px
+      views, 500 pre-training steps of 64 images per method and 1000
+      fine-tuning steps of 32 (README "Demo").
     full: ResNet-50, 128 px pre-training views and 224 px fine-tuning crops
       as the paper, 5000 + 5000 steps: for a GPU or TPU runtime; not timed.
 
@@ -234,10 +243,12 @@ def demo_config(size: str = "demo", data_dir: str = "data/tfds",
     labels: fraction of the training labels used for fine-tuning.
 
   Returns:
-    A mode='demo' ConfigDict (so `main.run(config, workdir)` runs the whole
-    demo) whose `pretrain`, `finetune` and `evaluate` entries are complete
-    configs for `main.run`; `finetune.init` and `evaluate.checkpoint` are
-    left empty for the caller to point at the previous stage's workdir.
+    A mode='demo' ConfigDict (`main.run(config, workdir)` runs the whole
+    comparison) whose `pretrain`, `finetune` and `evaluate` entries are
+    complete configs for `main.run`; `finetune.init` and
+    `evaluate.checkpoint` are left empty for the caller to point at the
+    previous stage's workdir. `label_fractions`, `seeds` (fine-tuning seeds)
+    and `methods` span the comparison.
   """
   if size not in SIZES:
     raise ValueError(f"size={size!r}; expected one of {SIZES}")
@@ -245,6 +256,16 @@ def demo_config(size: str = "demo", data_dir: str = "data/tfds",
   ft = finetune_config()
   ev = evaluate_config()
   ev.write_submission = False
+  # The recipe that learns at small scale (docs/finetuning.md): integral
+  # regression over heatmaps; the uv term weighted up to the size of the
+  # depth term (uv errors are divided by the crop side, so a 6 px error at
+  # 64 px weighs 0.1 against ~0.7 bone units of depth error); a light kp3d
+  # weight (early on its gradient on uv comes from the unlearned root
+  # depth); mild extra rotation.
+  ft.model.head = "heatmap"
+  ft.loss.uv_weight = 10.0
+  ft.loss.kp3d_weight = 0.1
+  ft.augment.rotation_range = 15.0
 
   if size == "small":
     for c in (pre, ft):
@@ -267,20 +288,20 @@ def demo_config(size: str = "demo", data_dir: str = "data/tfds",
     pre.augment.out_size = 64
     pre.batch_size = 64
     pre.grad_accum_steps = 1
-    pre.num_train_steps = 300
+    pre.num_train_steps = 500
     pre.optim.base_lr = 2e-4
     pre.optim.warmup_epochs = 1.0
-    pre.log_every_steps = 25
+    pre.log_every_steps = 50
     pre.eval_every_steps = -1
-    pre.checkpoint_every_steps = 100
+    pre.checkpoint_every_steps = 500
     ft.augment.out_size = 64
     ft.batch_size = 32
-    ft.num_train_steps = 300
-    ft.optim.base_lr = 1e-3
-    ft.log_every_steps = 25
-    ft.eval_every_steps = 100
+    ft.num_train_steps = 1000
+    ft.optim.base_lr = 2e-3
+    ft.log_every_steps = 50
+    ft.eval_every_steps = 250
     ft.eval_batches = 4
-    ft.checkpoint_every_steps = 100
+    ft.checkpoint_every_steps = 500
     ev.batch_size = 64
   else:  # full
     for c in (pre, ft, ev):
@@ -296,10 +317,14 @@ def demo_config(size: str = "demo", data_dir: str = "data/tfds",
     ft.checkpoint_every_steps = 1000
     ev.batch_size = 64
 
-  ft.data.labels_fraction = labels
   config = ml_collections.ConfigDict()
   config.mode = "demo"
   config.pretrain = pre
   config.finetune = ft
   config.evaluate = ev
+  config.label_fractions = (labels,)
+  config.seeds = (0,)
+  config.methods = ("scratch", "SimCLR", "PeCLR")
+  # Evaluation images in the encoders' equivariance measure.
+  config.equivariance_batch = 8 if size == "small" else 64
   return config

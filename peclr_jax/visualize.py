@@ -474,3 +474,38 @@ def plot_training_curves(workdirs: Mapping[str, str], path: str,
       ax.legend(fontsize=7)
   fig.tight_layout()
   return _save(fig, path)
+
+
+def plot_label_efficiency(rows: Sequence[Mapping[str, Any]],
+                          constant: Mapping[str, float], path: str,
+                          key: str = "two_pass_pa_epe_cm") -> str:
+  """PA-EPE against the fraction of labels, one line per initialisation.
+
+  Args:
+    rows: `demo.aggregate` rows ({'method', 'labels', key: (mean, std)}).
+    constant: {baseline name: PA-EPE cm}, drawn as horizontal lines.
+    path: output PNG.
+    key: the (mean, std) entry to plot.
+
+  Returns:
+    ``path``.
+  """
+  fig = _new_figure(5.0, 3.6)
+  ax = fig.add_subplot(1, 1, 1)
+  for method in dict.fromkeys(r["method"] for r in rows):
+    mine = sorted((r for r in rows if r["method"] == method),
+                  key=lambda r: r["labels"])
+    x = [100 * r["labels"] for r in mine]
+    mean = np.array([r[key][0] for r in mine])
+    std = np.array([r[key][1] for r in mine])
+    ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=method)
+  for i, (name, value) in enumerate(constant.items()):
+    ax.axhline(value, color="grey", linestyle=(0, (4, 2 + 2 * i)), lw=1,
+               label=name)
+  ax.set_xscale("log")
+  ax.set_xlabel("labelled training images (%)")
+  ax.set_ylabel("PA-EPE (cm)")
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  return _save(fig, path)

@@ -79,7 +79,8 @@ def test_sizes_are_consistent(size):
   config = defaults.demo_config(size, "/data")
   for stage in ("pretrain", "finetune", "evaluate"):
     c = config[stage]
-    assert c.data.sources == (f"synthetic_hands/{size}",)
+    assert c.data.sources == (
+        f"synthetic_hands/{defaults.DATASET_OF_SIZE[size]}",)
     assert c.data.data_dir == "/data" and c.data.build_if_missing
     assert c.model.backbone == config.pretrain.model.backbone
   assert config.finetune.init == "" and config.evaluate.checkpoint == ""
@@ -173,11 +174,23 @@ def test_quickstart_runs(tmp_path, kernel_env):
 def test_equivariance_runs(tmp_path, kernel_env):
   figures = tmp_path / "figures"
   nb, stdout = execute("equivariance", tmp_path, SIZE="small",
-                       WORKDIR=str(figures))
+                       WORKDIR=str(figures), DATA_DIR=str(tmp_path / "tfds"),
+                       PRETRAIN_DIR=str(tmp_path / "pretrain"))
   for png in ("hand.png", "views.png", "latent_network.png",
-              "latent_equivariant.png"):
+              "latent_equivariant.png", "latent_simclr.png",
+              "latent_peclr.png"):
     assert (figures / png).is_file(), png
-  assert images_shown(nb) == 4
+  assert images_shown(nb) == 6
+  # Both encoders were pre-trained to their last step, each with its loss.
+  from peclr_jax import training  # pylint: disable=g-import-not-at-top
+  for kind in ("simclr", "peclr"):
+    rows = training.read_metrics(str(tmp_path / "pretrain" / f"pretrain_{kind}"))
+    assert max(r["step"] for r in rows) == 16
+  table = re.findall(r"^(random resnet_tiny|SimCLR|PeCLR)\s+((?:\S+\s*){6})$",
+                     stdout, re.M)
+  assert [name for name, _ in table] == ["random resnet_tiny", "SimCLR", "PeCLR"]
+  for _, numbers in table:
+    assert all(-1 <= float(v) <= 1 for v in numbers.split())
   values = {name.strip(): (float(simclr), float(peclr)) for name, simclr, peclr
             in re.findall(r"^(.+?)\s+SimCLR \(invariant\) (\S+)\s+"
                           r"PeCLR \(equivariant\) (\S+)$", stdout, re.M)}

@@ -132,3 +132,14 @@ def test_plot_training_curves(tmp_path):
       keys=("train_loss", "eval_pa_epe_cm"))
   with open(path, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_label_efficiency(tmp_path):
+  rows = [{"method": m, "labels": l, "two_pass_pa_epe_cm": (v, 0.1)}
+          for m, base in (("scratch", 3.0), ("PeCLR", 2.5))
+          for l, v in ((0.01, base), (0.1, base - 0.5), (1.0, base - 1.0))]
+  path = visualize.plot_label_efficiency(
+      rows, {"mean pose": 3.2, "canonical hand": 1.5},
+      str(tmp_path / "le.png"))
+  with open(path, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"

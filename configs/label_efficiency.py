@@ -1,0 +1,34 @@
+r"""Label efficiency: scratch vs SimCLR vs PeCLR at 1%, 10% and 100% labels.
+
+Command:
+  python -m peclr_jax.main --config configs/label_efficiency.py \
+      --workdir workdirs/label_efficiency
+The recipe of `make demo` (configs/demo.py) over a grid: one SimCLR and one
+PeCLR pre-training on the unlabelled synthetic_hands/demo_upright training
+images, then fine-tuning from each and from scratch on 1%, 10% and 100% of
+the labels (40, 400, 4000 images) with `seeds` fine-tuning seeds, each
+evaluated with the FreiHAND protocol on the 500 evaluation images. Writes
+results.md (mean ± std over seeds, with the mean-pose and canonical-hand
+constants), results.json (every run, and how equivariant each encoder is)
+and label_efficiency.png (PA-EPE against the label fraction). Finished runs
+are reused: re-running the command continues an interrupted grid.
+Arguments: seeds=<n> (default 3), pretrain_steps, finetune_steps, labels
+  (comma-free: '1,10,100' is written 'labels=1/10/100', in percent).
+Expected runtime and result: BENCHMARKS.md "Label efficiency" (2 CPU cores:
+  about 2 hours with the defaults; the measured table is there).
+"""
+
+from peclr_jax import defaults
+
+
+def get_config(arg=None):
+  args = defaults.parse_arg(arg, seeds=3, pretrain_steps=1200,
+                            finetune_steps=1000, labels="1/10/100")
+  config = defaults.demo_config("demo", "data/tfds")
+  config.label_fractions = tuple(float(p) / 100
+                                 for p in args.labels.split("/"))
+  config.seeds = tuple(range(args.seeds))
+  config.pretrain.num_train_steps = args.pretrain_steps
+  config.pretrain.checkpoint_every_steps = args.pretrain_steps
+  config.finetune.num_train_steps = args.finetune_steps
+  return config
