@@ -186,8 +186,9 @@ def test_equivariance_runs(tmp_path, kernel_env):
   for kind in ("simclr", "peclr"):
     rows = training.read_metrics(str(tmp_path / "pretrain" / f"pretrain_{kind}"))
     assert max(r["step"] for r in rows) == 16
-  table = re.findall(r"^(random resnet_tiny|SimCLR|PeCLR)\s+((?:\S+\s*){6})$",
-                     stdout, re.M)
+  number = r"-?\d+\.\d+"
+  table = re.findall(rf"^(random resnet_tiny|SimCLR|PeCLR)\s+((?:{number}\s+){{5}}"
+                     rf"{number})$", stdout, re.M)
   assert [name for name, _ in table] == ["random resnet_tiny", "SimCLR", "PeCLR"]
   for _, numbers in table:
     assert all(-1 <= float(v) <= 1 for v in numbers.split())
