@@ -3,17 +3,23 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# The demo installs what it runs; the tests add their extras (torch, ...).
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: demo test install clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e .
 	touch $(STAMP)
 
-install: $(STAMP)
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(TEST_STAMP)
+
+install: $(TEST_STAMP)
 
 # On CPU, glibc's malloc would map and unmap XLA's big buffers every step
 # (per-thread arenas ignore mmap_max): one arena, no trimming, no mmap.
@@ -25,7 +31,7 @@ demo: $(STAMP)
 	$(CPU_MALLOC) $(PY) -m peclr_jax.main --config configs/demo.py --workdir workdirs/demo
 
 # Simulated CPU devices let the data-parallel tests run without accelerators.
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(CPU_MALLOC) XLA_FLAGS=--xla_force_host_platform_device_count=4 $(PY) -m pytest -n 2 -q tests
 
 clean:
