@@ -12,8 +12,10 @@ results.md (mean ± std over seeds, with the mean-pose and canonical-hand
 constants), results.json (every run, and how equivariant each encoder is)
 and label_efficiency.png (PA-EPE against the label fraction). Finished runs
 are reused: re-running the command continues an interrupted grid.
-Arguments: seeds=<n> (default 3), pretrain_steps, finetune_steps, labels
-  (comma-free: '1,10,100' is written 'labels=1/10/100', in percent).
+Arguments (comma separated): seeds=<n> (default 3), pretrain_steps,
+  finetune_steps, labels=<percentages separated by '/'> (default 1/10/100),
+  size=demo|full (full: ResNet-50, 224 px crops, synthetic_hands/full_upright,
+  for a GPU or TPU; pass larger pretrain_steps/finetune_steps there).
 Expected runtime and result: BENCHMARKS.md "Label efficiency" (2 CPU cores:
   about 2 hours with the defaults; the measured table is there).
 """
@@ -23,8 +25,9 @@ from peclr_jax import defaults
 
 def get_config(arg=None):
   args = defaults.parse_arg(arg, seeds=3, pretrain_steps=1200,
-                            finetune_steps=1000, labels="1/10/100")
-  config = defaults.demo_config("demo", "data/tfds")
+                            finetune_steps=1000, labels="1/10/100",
+                            size="demo")
+  config = defaults.demo_config(args.size, "data/tfds")
   config.label_fractions = tuple(float(p) / 100
                                  for p in args.labels.split("/"))
   config.seeds = tuple(range(args.seeds))

@@ -1,5 +1,6 @@
 """The demo / label-efficiency comparison: aggregation, and one small run."""
 
+import importlib.util
 import json
 import os
 
@@ -74,3 +75,28 @@ def test_small_comparison_runs_and_resumes(tmp_path):
     assert len(training.read_metrics(run["finetune_dir"])) == before[
         run["finetune_dir"]]
   assert again["rows"] == results["rows"]
+
+
+def _load(name, arg=None):
+  spec = importlib.util.spec_from_file_location(
+      name, os.path.join(os.path.dirname(__file__), "..", "configs", name))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_demo_and_label_efficiency_configs():
+  demo_cfg = _load("demo.py", "labels=0.25")
+  assert demo_cfg.mode == "demo" and demo_cfg.label_fractions == (0.25,)
+  assert demo_cfg.finetune.model.head == "heatmap"
+  grid = _load("label_efficiency.py", "seeds=2,labels=1/100,finetune_steps=7")
+  assert grid.label_fractions == (0.01, 1.0) and grid.seeds == (0, 1)
+  assert grid.finetune.num_train_steps == 7
+  # The grid is the demo's recipe; only the grid and the lengths differ.
+  for stage in ("finetune", "evaluate"):
+    a, b = grid[stage].to_dict(), demo_cfg[stage].to_dict()
+    for key in ("num_train_steps", "data"):
+      a.pop(key, None), b.pop(key, None)
+    assert a == b, stage
+  assert _load("label_efficiency.py", "size=full").finetune.model.backbone == (
+      "resnet50")
