@@ -11,8 +11,14 @@ fine-tuning, evaluation and the Predictor read both the same way.
 """
 
 import contextlib
+import datetime
+import errno
+import fcntl
 import json
 import os
+import socket
+import sys
+import threading
 from typing import Any
 
 import grain
@@ -22,6 +28,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 CHECKPOINT_SUBDIR = "checkpoints"
+LOCK_FILE = ".lock"
 
 
 class CheckpointError(ValueError):
@@ -35,6 +42,119 @@ class CheckpointWriteError(OSError):
   directory renamed into place only when complete, so the steps before the
   failed one stay restorable.
   """
+
+
+class WorkdirBusyError(OSError):
+  """Another run (process) holds the workdir's lock.
+
+  An OSError, so main prints it as one `error:` line and exits 1.
+  """
+
+
+# realpath of a held lock file -> [fd (None: not lockable), count]. A run
+# locks its workdir in main.run and again in training.fit (and the demo's
+# stages lock their sub-workdirs): one process takes each lock once and
+# counts. flock alone is not re-entrant: two open() of one file are two
+# locks that exclude each other, even in one process.
+_held: dict[str, list] = {}
+_held_guard = threading.Lock()
+
+
+def _describe_holder(fd: int) -> str:
+  try:
+    info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+  except (OSError, ValueError):
+    info = {}
+  if not info.get("pid"):  # the holder is between its lock and its write
+    return "another process"
+  return (f"pid {info['pid']} on host {info.get('host', '?')}, since "
+          f"{info.get('since', '?')}")
+
+
+def _acquire(path: str):
+  directory = os.path.dirname(path)
+  os.makedirs(directory, exist_ok=True)
+  while True:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = _describe_holder(fd)
+      os.close(fd)
+      raise WorkdirBusyError(
+          f"{directory} is in use by another run ({holder}; lock file "
+          f"{path}). Wait for it to end, or use another directory.") from None
+    except OSError as e:
+      os.close(fd)
+      if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+        raise
+      print(f"warning: cannot lock {path} ({e.strerror}); nothing stops "
+            "another run from using this directory at the same time.",
+            file=sys.stderr, flush=True)
+      return None
+    # A holder that was releasing may have unlinked the file between our
+    # open and our lock: the lock is then on a file nobody else sees.
+    try:
+      same = os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+      same = False
+    if same:
+      break
+    os.close(fd)
+  info = {"pid": os.getpid(), "host": socket.gethostname(),
+          "since": datetime.datetime.now().isoformat(timespec="seconds"),
+          "argv": sys.argv}
+  os.ftruncate(fd, 0)
+  os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+  return fd
+
+
+def _release(path: str, fd):
+  if fd is None:
+    return
+  try:
+    # Unlinked while still locked (see _acquire), so that a finished run
+    # leaves nothing behind; a killed run leaves the file, but the kernel has
+    # dropped its lock, so the next run takes it.
+    os.unlink(path)
+  except FileNotFoundError:
+    pass
+  finally:
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def lock_workdir(workdir: str):
+  """Holds an exclusive lock on `workdir` (`<workdir>/.lock`) while inside.
+
+  Refuses at once, with WorkdirBusyError naming the holder (pid, host, start
+  time, written into the lock file), when another process holds it: two runs
+  in one workdir would delete each other's in-progress checkpoints at
+  start-up and write the metrics log twice. Re-entrant within a process.
+  The lock is `flock`, so the kernel drops it when its process dies: a killed
+  run leaves no stale lock. Only process 0 of a multi-process run takes it
+  (the processes of one run share the workdir; process 0 is the one that
+  cleans up and writes the arrays and the logs); other processes of a second
+  run stop when their process 0 is refused.
+  """
+  if jax.process_index() != 0:
+    yield
+    return
+  path = os.path.join(os.path.realpath(os.fspath(workdir)), LOCK_FILE)
+  with _held_guard:
+    if path in _held:
+      _held[path][1] += 1
+    else:
+      _held[path] = [_acquire(path), 1]
+  try:
+    yield
+  finally:
+    with _held_guard:
+      entry = _held[path]
+      entry[1] -= 1
+      if entry[1] == 0:
+        del _held[path]
+        _release(path, entry[0])
 
 
 def checkpoint_dir(path: str) -> str:

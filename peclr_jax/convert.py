@@ -18,12 +18,16 @@ of blocks per stage). The result is ``<out>/checkpoints/0``:
 
 No torch is needed; files are read with a restricted unpickler (see
 ``peclr_jax/convert_torch.py``). Exit status 2 on an unreadable, unsafe or
-mismatching file, with the reason (and the list of mismatching keys).
+mismatching file, with the reason (and the list of mismatching keys), and on
+an output directory that holds a checkpoint or is in use by a run (its lock,
+``peclr_jax.checkpoints.lock_workdir``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 
 from peclr_jax import convert_torch
@@ -47,11 +51,19 @@ def main(argv: list[str] | None = None) -> int:
                       help='resnet50 | resnet152 (or rn50, rn152, resnet18, '
                            '...); default: inferred from the keys')
   args = parser.parse_args(argv)
+  from peclr_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  created = not os.path.exists(args.out)
   try:
-    meta = convert_torch.convert(args.torch, args.out, kind=args.kind,
-                                 arch=args.arch)
+    # Locked as a training run's workdir (main.run): the checkpoint manager
+    # removes in-progress saves it finds, so --out must not be a live run's.
+    with checkpoints.lock_workdir(args.out):
+      meta = convert_torch.convert(args.torch, args.out, kind=args.kind,
+                                   arch=args.arch)
   except (convert_torch.TorchFileError, convert_torch.ConversionError,
-          FileExistsError, ValueError) as e:
+          FileExistsError, checkpoints.WorkdirBusyError, ValueError) as e:
+    if created:  # made for the lock: leave nothing behind
+      with contextlib.suppress(OSError):
+        os.rmdir(args.out)
     print(f'error: {e}', file=sys.stderr)
     return 2
   how = ('kind inferred from the keys' if args.kind is None

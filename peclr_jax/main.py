@@ -3,10 +3,11 @@
 Parses flags and hands the config to the mode's `train_and_evaluate` (or
 `run`); everything else lives in the modules named below.
 
-Exit status: 0 when done, and also when preempted (SIGTERM: the checkpoint
-is saved, re-running the same command continues); 1 with one `error: ...`
-line for a bad config, missing data, a workdir of another model, a failed
-checkpoint write or a diverged loss.
+Exit status: 0 when done, and also when preempted or interrupted (SIGTERM,
+or a first Ctrl-C: the checkpoint is saved, re-running the same command
+continues; a second Ctrl-C aborts at once); 1 with one `error: ...` line for
+a bad config, missing data, a workdir of another model or in use by another
+run, a failed checkpoint write or a diverged loss.
 
 Several processes (one per host, or several on one machine): run the same
 command in each with JAX_COORDINATOR_ADDRESS=<host of process 0>:<port>,
@@ -24,6 +25,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from peclr_jax import checkpoints
 from peclr_jax import defaults
 from peclr_jax import training
 
@@ -36,9 +38,20 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def run(config, workdir: str):
-  """Dispatches on config.mode; returns what the mode returns."""
+  """Dispatches on config.mode; returns what the mode returns.
+
+  The config is checked first, then the workdir is locked for the whole run
+  (`checkpoints.lock_workdir`): a second run on it is refused before it
+  touches anything.
+  """
   defaults.check_mode(config)
-  os.makedirs(workdir, exist_ok=True)
+  training.check_counts(config)
+  with checkpoints.lock_workdir(workdir):
+    os.makedirs(workdir, exist_ok=True)
+    return _run_mode(config, workdir)
+
+
+def _run_mode(config, workdir: str):
   if config.mode == "pretrain":
     from peclr_jax import pretrain  # pylint: disable=g-import-not-at-top
     return pretrain.train_and_evaluate(config, workdir)
@@ -107,14 +120,16 @@ def main(argv):
       print(hint, flush=True)
     run(FLAGS.config, FLAGS.workdir)
   except training.Preempted as e:
-    # SIGTERM: the checkpoint is saved; a scheduler that re-runs the same
-    # command continues, so this is a success, not a failure.
+    # SIGTERM or a first Ctrl-C: the checkpoint is saved; a scheduler that
+    # re-runs the same command continues, so this is a success, not a
+    # failure.
     print(e, flush=True)
     sys.exit(0)
   except (ValueError, OSError, FloatingPointError) as e:
     # Bad config, missing data, a foreign checkpoint (CheckpointError), a
-    # failed checkpoint write (CheckpointWriteError, an OSError), a diverged
-    # loss: one clear message rather than a traceback through the libraries.
+    # workdir in use (WorkdirBusyError, an OSError), a failed checkpoint
+    # write (CheckpointWriteError, an OSError), a diverged loss: one clear
+    # message rather than a traceback through the libraries.
     if os.environ.get("PECLR_TRACEBACK"):
       raise
     print(f"error: {e}\n(set PECLR_TRACEBACK=1 for the traceback)",

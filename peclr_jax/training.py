@@ -242,36 +242,46 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class Preempted(Exception):
-  """Training stopped on SIGTERM after saving a checkpoint of `step`.
+  """Training stopped on SIGTERM (or a first Ctrl-C) after saving a
+  checkpoint of `step`.
 
   An exception rather than a normal return, so that callers running several
   phases (the demo: pre-train, then fine-tune) stop too instead of starting
   the next phase on a machine that is going away; main exits 0 on it.
+  `cause` starts the message: 'Preempted' (SIGTERM) or 'Interrupted (Ctrl-C)'.
   """
 
-  def __init__(self, step: int, directory: str):
+  def __init__(self, step: int, directory: str, cause: str = "Preempted"):
     super().__init__(
-        f"Preempted at step {step}: checkpoint saved in {directory}; re-run "
+        f"{cause} at step {step}: checkpoint saved in {directory}; re-run "
         "the same command to continue.")
     self.step = step
     self.directory = directory
+    self.cause = cause
 
 
 class _PreemptionWatch:
-  """Whether a SIGTERM (the usual preemption notice) has arrived.
+  """Whether a SIGTERM (the usual preemption notice) or a Ctrl-C has arrived.
 
   One process: a SIGTERM handler that only sets a flag (the loop saves at the
   end of the step; dying mid-step would lose the steps since the last
-  checkpoint). Several processes: they must all stop after the same step, or
+  checkpoint). A first Ctrl-C (SIGINT) does the same; a second one goes to
+  the handler that was there before (Python's: KeyboardInterrupt), to abort
+  at once without the checkpoint. SIGINT is left alone where it was ignored
+  or set to the system default (a background job), as it was not Python's
+  to handle. Several processes: they must all stop after the same step, or
   the ones still training wait forever in the next step's collectives, so
   JAX's preemption sync manager is asked instead: `jax.distributed.initialize`
-  installs its own SIGTERM listener, which agrees on a step across processes.
+  installs its own SIGTERM listener, which agrees on a step across processes
+  (SIGINT keeps its default there: KeyboardInterrupt).
   """
+
+  INTERRUPTED = "Interrupted (Ctrl-C)"
 
   def __init__(self):
     self._signalled = False
-    self._previous = None
-    self._installed = False
+    self.cause = "Preempted"
+    self._previous = {}  # signal number -> handler to put back
     self._distributed = jax.distributed.is_initialized()
 
   def __enter__(self):
@@ -279,17 +289,28 @@ class _PreemptionWatch:
     # e.g. under a notebook kernel); there, preemption is not handled.
     if (not self._distributed
         and threading.current_thread() is threading.main_thread()):
-      self._previous = signal.signal(signal.SIGTERM, self._handler)
-      self._installed = True
+      self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM,
+                                                     self._handler)
+      if callable(signal.getsignal(signal.SIGINT)):
+        self._previous[signal.SIGINT] = signal.signal(signal.SIGINT,
+                                                      self._handler)
     return self
 
   def _handler(self, signum, frame):
-    del signum, frame
+    if signum == signal.SIGINT:
+      if self._signalled:  # the second Ctrl-C: abort now
+        return self._previous[signal.SIGINT](signum, frame)
+      self.cause = self.INTERRUPTED
+      # os.write: print() from a handler can hit stderr mid-write (the
+      # progress bar) and fail with a reentrant-call error.
+      os.write(2, b"\nCtrl-C: stopping after this step with a checkpoint; "
+               b"press Ctrl-C again to stop at once without one.\n")
     self._signalled = True
 
   @property
   def signalled(self) -> bool:
-    """One process: a SIGTERM has arrived (any time, e.g. after the loop)."""
+    """One process: a SIGTERM or Ctrl-C has arrived (any time, e.g. after
+    the loop)."""
     return self._signalled
 
   def reached(self, step: int) -> bool:
@@ -302,12 +323,48 @@ class _PreemptionWatch:
     return self._signalled
 
   def __exit__(self, *exc):
-    if self._installed:
+    for signum, previous in self._previous.items():
       # None: the previous handler was not set from Python; the default.
-      signal.signal(signal.SIGTERM,
-                    signal.SIG_DFL if self._previous is None
-                    else self._previous)
+      signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+    self._previous = {}
     return False
+
+
+# Config counts that must be positive, wherever they appear in a config
+# (the demo's holds one config per stage), and what they mean.
+POSITIVE_COUNTS = {
+    "batch_size": "images per step",
+    "grad_accum_steps": "micro-batches per optimiser update; 1: none",
+    "log_every_steps": "steps between logged metrics",
+    "checkpoint_every_steps": "steps between checkpoints",
+    "keep_checkpoints": "how many recent checkpoints are kept",
+}
+
+
+def check_counts(config: ml_collections.ConfigDict, prefix: str = "config"):
+  """Raises one ValueError naming every count of `config` (and of the
+  configs nested in it) that is not a positive integer.
+
+  Called by main.run before the workdir is touched or anything compiled,
+  and by fit for callers that go around main. Zero or negative values would
+  otherwise misbehave quietly: keep_checkpoints=0 trains and leaves no
+  checkpoint; *_every_steps=0 divides by zero at the first step.
+  """
+  problems = []
+
+  def visit(node, path):
+    for key, value in node.items():
+      if isinstance(value, ml_collections.ConfigDict):
+        visit(value, f"{path}.{key}")
+      elif key in POSITIVE_COUNTS and not (
+          isinstance(value, int) and not isinstance(value, bool)
+          and value >= 1):
+        problems.append(f"{path}.{key}={value!r}, but it must be an integer "
+                        f">= 1 ({POSITIVE_COUNTS[key]})")
+
+  visit(config, prefix)
+  if problems:
+    raise ValueError("; ".join(problems))
 
 
 def check_finite(step: int, metrics: Mapping[str, float], name="train_loss"):
@@ -377,12 +434,26 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, mesh, model, tx,
     (trained model, last logged metrics).
 
   Raises:
-    Preempted: on SIGTERM, once the checkpoint of the current step is saved.
+    Preempted: on SIGTERM or a first Ctrl-C, once the checkpoint of the
+      current step is saved (a second Ctrl-C: KeyboardInterrupt).
     NonFiniteLossError: on a NaN/inf training loss.
     checkpoints.CheckpointWriteError: a checkpoint could not be written; the
       previous one is left intact.
+    checkpoints.WorkdirBusyError: another process is running in `workdir`.
+    ValueError: a count of the config is not positive (`check_counts`).
   """
+  check_counts(config)
+  # Held for the whole loop (main.run already holds it for CLI runs; the
+  # lock is re-entrant): notebooks and the demo's stages call fit directly.
+  with checkpoints.lock_workdir(workdir):
+    return _fit(config, workdir, mesh=mesh, model=model, tx=tx,
+                train_iter=train_iter, loss_fn=loss_fn, num_steps=num_steps,
+                meta=meta, evaluate=evaluate, best_metric=best_metric,
+                desc=desc)
 
+
+def _fit(config, workdir, *, mesh, model, tx, train_iter, loss_fn, num_steps,
+         meta, evaluate, best_metric, desc):
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   graphdef, state = nnx.split((model, optimizer))
   rng = jax.random.key(config.seed)
@@ -451,7 +522,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, mesh, model, tx,
     # Unwound in reverse order, also on errors, each step even if another
     # fails: the checkpoint saves already started are finished (so the latest
     # one on disk is complete) while the SIGTERM handler is still ours, then
-    # the previous handler is put back.
+    # the previous handlers (SIGTERM, SIGINT) are put back.
     cleanup.callback(writer.close)
     preemption = cleanup.enter_context(_PreemptionWatch())
     if best_manager is not None:
@@ -492,10 +563,10 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, mesh, model, tx,
         if last_saved != step:
           save(step)
         manager.wait()
-        raise Preempted(step, manager.directory)
+        raise Preempted(step, manager.directory, preemption.cause)
     manager.wait()
     if preemption.signalled:  # while the last checkpoint was being written
-      raise Preempted(num_steps, manager.directory)
+      raise Preempted(num_steps, manager.directory, preemption.cause)
   return current_model(), last_metrics
 
 

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -165,7 +166,7 @@ def _entry():
   probe added (the functions below)."""
   entry, arg = sys.argv.pop(1), sys.argv.pop(1)
   {"kill_in_save": _kill_while_saving, "sigterm_at": _sigterm_at,
-   "record_batches": _record_batches}[entry](arg)
+   "sigint_at": _sigint_at, "record_batches": _record_batches}[entry](arg)
   from absl import app  # pylint: disable=g-import-not-at-top
   sys.argv[0] = "peclr_jax.main"
   app.run(main_lib.main)
@@ -202,6 +203,17 @@ def _sigterm_at(step):
     start = int(os.environ.get("RESTORED_STEP", "0"))
     if start + count == int(step):
       os.kill(os.getpid(), signal.SIGTERM)
+  _wrap_iterator(on_batch)
+
+
+def _sigint_at(step):
+  """Presses Ctrl-C (SIGINT to this process) while it trains step `step`.
+  SIGINT gets Python's handler first, as in a terminal: a test runner started
+  in the background may have passed it on ignored."""
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+  def on_batch(count, batch):
+    if count == int(step):
+      os.kill(os.getpid(), signal.SIGINT)
   _wrap_iterator(on_batch)
 
 
@@ -329,6 +341,72 @@ def test_finetune_killed_at_random_step_resumes_exactly(synthetic_data_dir,
   with open(os.path.join(best[0], "best.json")) as fa, open(
       os.path.join(best[1], "best.json")) as fb:
     assert json.load(fa) == json.load(fb)
+
+
+def test_ctrl_c_saves_and_exits_like_preemption(synthetic_data_dir, tmp_path,
+                                                capsys):
+  """A first Ctrl-C stops after the current step with a checkpoint of it and
+  exits 0 with a message, as SIGTERM does; re-running continues. (It used to
+  raise KeyboardInterrupt mid-step and lose the steps since the last
+  checkpoint.)"""
+  if threading.current_thread() is not threading.main_thread():
+    pytest.skip("signal handlers are set in the main thread only")
+  steps, stop = PRETRAIN_STEPS, 2
+  # A checkpoint at the last step only: the one at `stop` is the Ctrl-C's.
+  overrides = {"data.data_dir": synthetic_data_dir, "num_train_steps": steps,
+               "checkpoint_every_steps": steps, "eval_every_steps": -1}
+  work = tmp_path / "work"
+  rc, log = finish(launch(cli_args("pretrain", work, overrides),
+                          tmp_path / "a.log", entry="sigint_at",
+                          entry_args=[str(stop)]), tmp_path / "a.log")
+  assert rc == 0, log[-3000:]
+  assert "Ctrl-C: stopping after this step with a checkpoint" in log
+  assert (f"Interrupted (Ctrl-C) at step {stop}: checkpoint saved in "
+          f"{work}/checkpoints; re-run the same command to continue.") in log
+  assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
+  assert load_state(work)[0] == stop
+  assert logged_steps(work) == list(range(1, stop + 1))
+  assert not os.path.exists(work / ".lock")  # released on the way out
+
+  # Re-run (in-process through main.run: the command's code, its workdir lock
+  # taken again by fit); the caller's SIGINT handler is put back.
+  previous = signal.getsignal(signal.SIGINT)
+  capsys.readouterr()
+  main_lib.run(make_config("pretrain", overrides), str(work))
+  assert signal.getsignal(signal.SIGINT) is previous
+  assert f"Resumed from {work}/checkpoints/{stop}." in capsys.readouterr().out
+  assert load_state(work)[0] == steps
+  assert logged_steps(work) == list(range(1, steps + 1))
+  assert not os.path.exists(work / ".lock")
+
+
+def test_second_ctrl_c_aborts_at_once():
+  """The first Ctrl-C only asks fit to stop after the step; the second goes
+  to the handler that was there before (Python's: KeyboardInterrupt)."""
+  if threading.current_thread() is not threading.main_thread():
+    pytest.skip("signal handlers are set in the main thread only")
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    watch = training._PreemptionWatch()  # pylint: disable=protected-access
+    with watch:
+      try:
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(500):  # the handler runs between bytecodes
+          if watch.signalled:
+            break
+          time.sleep(0.01)
+      except KeyboardInterrupt:
+        pytest.fail("the first Ctrl-C raised KeyboardInterrupt")
+      assert watch.reached(1)
+      assert watch.cause == "Interrupted (Ctrl-C)"
+      with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(500):
+          time.sleep(0.01)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is not watch._handler  # pylint: disable=protected-access
+  finally:
+    signal.signal(signal.SIGINT, previous)
 
 
 def test_main_exit_status_and_message(monkeypatch, capsys):
@@ -512,6 +590,43 @@ def test_bad_config_value_is_a_value_error(synthetic_data_dir, tmp_path,
   assert os.listdir(tmp_path / "w") == []
 
 
+def test_cli_nonpositive_counts_are_one_line_error(synthetic_data_dir,
+                                                  tmp_path):
+  """keep_checkpoints=0 used to train, exit 0 and leave no checkpoint; the
+  other counts divided by zero or misbehaved later. Each bad field is named
+  with its value and what is allowed, in one `error:` line, before the
+  workdir is created; in the demo's nested configs too."""
+  def pretrain_args(name, **bad):
+    return cli_args("pretrain", tmp_path / name,
+                    {"data.data_dir": synthetic_data_dir, **bad})
+  cases = {
+      "keep": (pretrain_args("keep", keep_checkpoints=0),
+               ["config.keep_checkpoints=0, but it must be an integer >= 1"]),
+      "all": (pretrain_args("all", checkpoint_every_steps=0,
+                            log_every_steps=-1, batch_size=0,
+                            grad_accum_steps=0),
+              ["config.checkpoint_every_steps=0, but it must be an integer "
+               ">= 1", "config.log_every_steps=-1, but it must be",
+               "config.batch_size=0, but it must be",
+               "config.grad_accum_steps=0, but it must be"]),
+      "demo": (["--config=configs/demo.py", f"--workdir={tmp_path / 'demo'}",
+                "--config.finetune.keep_checkpoints=0"],
+               ["config.finetune.keep_checkpoints=0, but it must be an "
+                "integer >= 1"]),
+  }
+  procs = {name: launch(args, tmp_path / f"{name}.log")
+           for name, (args, _) in cases.items()}
+  for name, (_, messages) in cases.items():
+    rc, log = finish(procs[name], tmp_path / f"{name}.log")
+    assert rc == 1, (name, log[-2000:])
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, (name, log[-2000:])
+    for message in messages:
+      assert message in errors[0], (name, message, errors[0])
+    assert "Traceback" not in log, (name, log[-2000:])
+    assert not os.path.exists(tmp_path / name)  # no checkpoint, nothing
+
+
 def test_finetune_refuses_pretrain_workdir_and_keeps_it(synthetic_data_dir,
                                                         tmp_path):
   workdir = str(tmp_path / "w")
@@ -614,6 +729,77 @@ def test_convert_cli_rejects_pth_of_other_architecture(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err, err[:2000]
     assert not os.path.exists(out / "checkpoints" / "0")
+
+
+# ------------------------------------------------- one run per workdir --
+
+def tree_snapshot(root):
+  """Every path under root with its mtime (and a file's content hash)."""
+  snap = {}
+  for dirpath, dirnames, filenames in os.walk(root):
+    for name in dirnames + filenames:
+      path = os.path.join(dirpath, name)
+      stat = os.stat(path)
+      digest = None
+      if name in filenames:
+        with open(path, "rb") as f:
+          digest = hashlib.sha1(f.read()).hexdigest()
+      snap[os.path.relpath(path, root)] = (stat.st_mtime_ns, digest)
+  snap["."] = (os.stat(root).st_mtime_ns, None)
+  return snap
+
+
+def test_second_run_on_a_workdir_is_refused(synthetic_data_dir, tmp_path):
+  """While a process holds a workdir (its lock), `main` and `convert` on it
+  are refused at once with one `error:` line naming the holder, and leave
+  everything as it was: the live run's in-progress save (which orbax would
+  delete at start-up) and its metrics log (which a new run would truncate).
+  A holder killed with -9 leaves no stale lock."""
+  work = tmp_path / "work"
+  in_progress = work / "checkpoints" / "3.orbax-checkpoint-tmp-1764000000"
+  (in_progress / "state").mkdir(parents=True)
+  (in_progress / "state" / "part").write_bytes(b"being written")
+  (work / "metrics.jsonl").write_text("".join(
+      json.dumps({"step": s, "train_loss": 1.0}) + "\n" for s in (1, 2, 3)))
+  code = ("import sys, time; from peclr_jax import checkpoints; "
+          "lock = checkpoints.lock_workdir(sys.argv[1]); lock.__enter__(); "
+          "print('held', flush=True); time.sleep(600)")
+  holder = subprocess.Popen([sys.executable, "-c", code, str(work)], cwd=REPO,
+                            env=subprocess_env(), stdout=subprocess.PIPE)
+  try:
+    assert holder.stdout.readline() == b"held\n"
+    names_holder = f"pid {holder.pid} on host {socket.gethostname()}"
+    before = tree_snapshot(work)
+    with pytest.raises(checkpoints.WorkdirBusyError,
+                       match=re.escape(names_holder)):
+      with checkpoints.lock_workdir(work):
+        pass
+    procs = {"main": launch(cli_args("pretrain", work,
+                                     {"data.data_dir": synthetic_data_dir}),
+                            tmp_path / "main.log")}
+    with open(tmp_path / "convert.log", "w") as log:
+      procs["convert"] = subprocess.Popen(
+          [sys.executable, "-m", "peclr_jax.convert", "--torch",
+           str(tmp_path / "weights.pth"), "--out", str(work)], cwd=REPO,
+          env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
+    for name, status in (("main", 1), ("convert", 2)):
+      rc, log = finish(procs[name], tmp_path / f"{name}.log")
+      assert rc == status, (name, log[-2000:])
+      errors = [line for line in log.splitlines() if line.startswith("error:")]
+      assert len(errors) == 1 and f"{work} is in use by another run" in (
+          errors[0]) and names_holder in errors[0], (name, log[-2000:])
+      assert "Traceback" not in log, (name, log[-2000:])
+    assert tree_snapshot(work) == before
+  finally:
+    holder.kill()
+    holder.wait()
+  # Killed holding it: the kernel dropped the lock; the file stays, naming
+  # the dead holder, until the next holder rewrites it.
+  with checkpoints.lock_workdir(work):
+    with open(work / ".lock") as f:
+      assert json.load(f)["pid"] == os.getpid()
+  assert not os.path.exists(work / ".lock")
+  assert in_progress.exists()
 
 
 # ------------------------------------------------------------- metrics --
