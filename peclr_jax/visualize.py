@@ -503,6 +503,9 @@ def plot_label_efficiency(rows: Sequence[Mapping[str, Any]],
     ax.axhline(value, color="grey", linestyle=(0, (4, 2 + 2 * i)), lw=1,
                label=name)
   ax.set_xscale("log")
+  percents = sorted({100 * r["labels"] for r in rows})
+  ax.set_xticks(percents, [f"{p:g}" for p in percents])
+  ax.minorticks_off()
   ax.set_xlabel("labelled training images (%)")
   ax.set_ylabel("PA-EPE (cm)")
   ax.grid(alpha=0.3, which="both")
