@@ -76,7 +76,8 @@ def _encoder_equivariance(config, pre_dirs) -> dict:
   """equivariance.measure for a random encoder and each pre-trained one, on
   one batch of the evaluation split (the same views for all)."""
   pre = config.pretrain
-  (_, source), = datasets.open_sources(pre.data, config.evaluate.data.eval_split)
+  (_, source), = datasets.open_sources(pre.data,
+                                      config.evaluate.data.eval_split)
   it = input_pipeline.make_eval_iterator(
       source, global_batch=config.equivariance_batch,
       source_size=pre.data.source_size, process_index=0, process_count=1)

@@ -175,7 +175,8 @@ def integral_2p5d(logits: jax.Array, depth: jax.Array,
   """
   n, h, w, j = logits.shape
   prob = jax.nn.softmax(logits.reshape(n, h * w, j).astype(jnp.float32), 1)
-  centre = lambda k: jnp.arange(k, dtype=jnp.float32) * stride + (stride - 1) / 2
+  centre = lambda k: (jnp.arange(k, dtype=jnp.float32) * stride
+                      + (stride - 1) / 2)
   cy, cx = jnp.meshgrid(centre(h), centre(w), indexing='ij')
   grid = jnp.stack([cx.ravel(), cy.ravel()], -1)  # [H*W, 2] (x, y)
   uv = jnp.einsum('npj,pc->njc', prob, grid)

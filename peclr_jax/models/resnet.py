@@ -132,8 +132,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
       preferred_element_type=preferred_element_type, **kwargs)
 
 
-def conv_layer(in_ch: int, out_ch: int, kernel: int, stride: int, pad: int, *,
-          rngs: nnx.Rngs, dtype) -> nnx.Conv:
+def conv_layer(in_ch: int, out_ch: int, kernel: int, stride: int, pad: int,
+               *, rngs: nnx.Rngs, dtype) -> nnx.Conv:
   """Bias-free conv with torch-style explicit symmetric padding."""
   return nnx.Conv(
       in_ch, out_ch, kernel_size=(kernel, kernel), strides=(stride, stride),
@@ -156,8 +156,9 @@ def _downsample(in_ch: int, out_ch: int, stride: int, *, rngs, dtype):
   """torchvision's ``downsample = Sequential(conv1x1, bn)`` or None."""
   if stride == 1 and in_ch == out_ch:
     return None
-  return nnx.List([conv_layer(in_ch, out_ch, 1, stride, 0, rngs=rngs, dtype=dtype),
-                   batch_norm(out_ch, rngs=rngs, dtype=dtype)])
+  return nnx.List([
+      conv_layer(in_ch, out_ch, 1, stride, 0, rngs=rngs, dtype=dtype),
+      batch_norm(out_ch, rngs=rngs, dtype=dtype)])
 
 
 def _shortcut(downsample, x: jax.Array) -> jax.Array:
