@@ -317,6 +317,21 @@ def read_meta(path: str) -> dict:
         step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
 
 
+def read_config(path: str) -> dict | None:
+  """The config (as JSON) stored with the latest finished step under `path`,
+  None when there is no step or it holds no config; read-only."""
+  try:
+    directory, step = find_step(path)
+  except CheckpointError:
+    return None
+  if not os.path.isdir(os.path.join(directory, str(step), "config")):
+    return None
+  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      read_only=True, create=False)) as mgr:
+    return dict(mgr.restore(
+        step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
+
+
 def restore_subtree(path: str, subtree: tuple[str, ...], template: Any):
   """Partially restores state[subtree...] (e.g. ('model', 'backbone')) from
   the latest step under `path`; nothing else is read from disk."""

@@ -9,6 +9,17 @@ continues; a second Ctrl-C aborts at once); 1 with one `error: ...` line for
 a bad config, missing data, a workdir of another model or in use by another
 run, a failed checkpoint write or a diverged loss.
 
+Resuming with a changed config: a workdir's checkpoints store the config
+they were trained with. A re-run whose config differs in a key that changes
+the result (seed, learning rate, labels, model, data, ...) is refused with
+one `error:` line listing each changed key with its old and new value, before
+anything in the workdir is written. Changing only log_every_steps,
+checkpoint_every_steps, keep_checkpoints, eval_every_steps, eval_batches,
+data.num_workers or the run's length (num_train_steps, num_epochs: the
+learning-rate schedule is then recomputed for the new length) is allowed and
+the changed keys are printed in one line. Set PECLR_ALLOW_CONFIG_CHANGE=1 to
+continue with any other change anyway (`training.check_config_change`).
+
 Several processes (one per host, or several on one machine): run the same
 command in each with JAX_COORDINATOR_ADDRESS=<host of process 0>:<port>,
 JAX_NUM_PROCESSES=<n> and JAX_PROCESS_ID=<i> set (or PECLR_DISTRIBUTED=1 on a

@@ -815,3 +815,57 @@ def test_metrics_log_truncated_on_resume_and_torn_line_tolerated(tmp_path):
   path.write_text('{"step": 1\n' + text)  # not the last line: an error
   with pytest.raises(json.JSONDecodeError):
     training.read_metrics(tmp_path)
+
+
+# ------------------------------------------------- config change on resume --
+
+def test_resume_with_changed_config_is_refused_unless_safe(synthetic_data_dir,
+                                                           tmp_path):
+  """A re-run on a workdir with a config that changes the result (seed,
+  learning rate) used to resume silently and report the new values over the
+  old numbers. Now: one `error:` line naming every changed key with its old
+  and new value, exit 1, the workdir untouched. Changing only the logging
+  cadence and the run's length resumes and names the changed keys;
+  PECLR_ALLOW_CONFIG_CHANGE=1 lets a refused change continue."""
+  work = tmp_path / "w"
+  base = {"data.data_dir": synthetic_data_dir,
+          "num_train_steps": PRETRAIN_STEPS, "eval_every_steps": -1}
+
+  def run(name, overrides, **env):
+    proc = launch(cli_args("pretrain", work, {**base, **overrides}),
+                  tmp_path / f"{name}.log", env=subprocess_env(**env))
+    return finish(proc, tmp_path / f"{name}.log")
+
+  rc, log = run("first", {})
+  assert rc == 0, log[-2000:]
+
+  def snapshot():
+    snap = tree_snapshot(work)
+    del snap["."]  # the lock file comes and goes
+    return snap
+  before = snapshot()
+  rc, log = run("refused", {"seed": 7, "optim.base_lr": 0.5})
+  assert rc == 1, log[-2000:]
+  errors = [line for line in log.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1, log[-2000:]
+  assert re.search(r"seed: \d+ -> 7", errors[0]), errors[0]
+  assert re.search(r"optim\.base_lr: [0-9.e-]+ -> 0\.5", errors[0]), errors[0]
+  assert "PECLR_ALLOW_CONFIG_CHANGE=1" in errors[0], errors[0]
+  assert "Traceback" not in log, log[-2000:]
+  assert snapshot() == before
+
+  steps = PRETRAIN_STEPS + 2
+  rc, log = run("safe", {"log_every_steps": 2, "num_train_steps": steps})
+  assert rc == 0, log[-2000:]
+  line, = [l for l in log.splitlines() if "changed keys" in l]
+  assert "log_every_steps: " in line and (
+      f"num_train_steps: {PRETRAIN_STEPS} -> {steps}" in line), line
+  assert "error" not in log, log[-2000:]
+  assert logged_steps(work)[-1] == steps
+  assert load_state(work)[0] == steps
+
+  rc, log = run("allowed", {"log_every_steps": 2, "num_train_steps": steps,
+                            "seed": 7}, PECLR_ALLOW_CONFIG_CHANGE="1")
+  assert rc == 0, log[-2000:]
+  assert re.search(r"changed config .*seed: \d+ -> 7", log), log[-2000:]
+  assert "error:" not in log, log[-2000:]
