@@ -56,3 +56,34 @@ def test_canonical_hand_beats_mean_pose_on_rolling_hands(synthetic_data_dir):
   np.testing.assert_allclose(np.linalg.norm(hand - hand.mean(0)),
                              np.linalg.norm(centred, axis=(1, 2)).mean(),
                              rtol=1e-9)
+
+
+def test_oracle_2p5d_through_the_recovery_scores_zero(synthetic_data_dir):
+  # The evaluation path's oracle: the ground truth's own 2.5D representation
+  # (uv, z_rel), through the closed-form root depth, back-projection,
+  # palm -> wrist and metric scale, scores ~0 (float64 throughout).
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from peclr_jax import evaluate, finetune, geometry  # pylint: disable=g-import-not-at-top
+  source = input_pipeline.open_source('synthetic_hands/small', 'evaluation',
+                                      synthetic_data_dir)
+  rows = [source[i] for i in range(len(source))]
+  kp3d = np.stack([r['keypoints_3d'] for r in rows]).astype(np.float64)
+  K = np.stack([r['K'] for r in rows]).astype(np.float64)
+  scale = np.array([r['scale'] for r in rows], np.float64)
+  with jax.enable_x64(True):
+    t = finetune.keypoint_targets(jnp.asarray(kp3d), jnp.asarray(K))
+    zroot = geometry.solve_zroot(t['kp2d'], t['zrel'], jnp.asarray(K))
+    rays = geometry.unproject(t['kp2d'], jnp.ones_like(t['zrel']),
+                              jnp.asarray(K))
+    palm = rays * (t['zrel'] + zroot[:, None])[..., None]
+    pred = np.asarray(geometry.palm_to_wrist(palm)) * scale[:, None, None]
+  m = evaluate.keypoint_metrics(pred, kp3d)
+  # The labels are stored in float32: `scale` and the keypoints' own bone
+  # agree to a few eps32 (~1e-7 relative), ~1e-5 cm at a depth of 0.5-1 m.
+  assert m['epe_cm'] < 1e-4 and m['pa_epe_cm'] < 1e-4
+  # The canonical-hand constant is far from that.
+  assert baselines.baseline_metrics(
+      input_pipeline.open_source('synthetic_hands/small', 'train',
+                                 synthetic_data_dir),
+      source)['canonical hand']['pa_epe_cm'] > 0.5
