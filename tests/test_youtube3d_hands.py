@@ -357,3 +357,37 @@ def test_all_skipped_split_fails_and_leaves_nothing(fake):
   with pytest.raises(RuntimeError, match=r'validation\]: all 1 annotations'):
     build(tmp / 'out', tmp / 'manual', regressor_path=tmp / 'reg.npy')
   assert_not_prepared(tmp / 'out')
+
+
+def test_regressor_pickle_bomb_is_refused_before_allocating(tmp_path):
+  # A tiny pickle that would build a 1.5 GB bytearray (then a 12 GB float
+  # array): refused by its declared size, nothing allocated.
+  bomb = (b'\x80\x02}q\x00X\x0b\x00\x00\x00J_regressorq\x01c__builtin__\n'
+          b'bytearray\nq\x02J\x00/hY\x85q\x03Rq\x04s.')
+  assert len(bomb) < 100
+  (tmp_path / 'M.pkl').write_bytes(bomb)
+  with pytest.raises(ValueError, match='bytearray of 1500000000 bytes'):
+    yb.load_mano_regressor(tmp_path / 'M.pkl')
+  # A small non-matrix value is refused by type, not converted.
+  with open(tmp_path / 'L.pkl', 'wb') as f:
+    pickle.dump({'J_regressor': bytearray(10)}, f, protocol=2)
+  with pytest.raises(ValueError, match='J_regressor is a bytearray'):
+    yb.load_mano_regressor(tmp_path / 'L.pkl')
+
+
+def test_regressor_npy_and_sparse_shapes_checked_before_reading(tmp_path):
+  # An .npy whose header declares a huge array: refused from the header.
+  header = {'descr': '<f8', 'fortran_order': False,
+            'shape': (30000, 20000)}
+  with open(tmp_path / 'big.npy', 'wb') as f:
+    np.lib.format.write_array_header_1_0(f, header)
+  with pytest.raises(ValueError, match=r'shape \(30000, 20000\)'):
+    yb.load_mano_regressor(tmp_path / 'big.npy')
+  # A sparse matrix declaring another shape is refused before densifying.
+  import scipy.sparse  # pylint: disable=g-import-not-at-top
+  matrix = scipy.sparse.csc_matrix(np.eye(16, 778))
+  matrix._shape = (10**9, 10**9)  # pylint: disable=protected-access
+  with open(tmp_path / 'S.pkl', 'wb') as f:
+    pickle.dump({'J_regressor': matrix}, f, protocol=2)
+  with pytest.raises(ValueError, match=r'shape \(1000000000, 1000000000\)'):
+    yb.load_mano_regressor(tmp_path / 'S.pkl')

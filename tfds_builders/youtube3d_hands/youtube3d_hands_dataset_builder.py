@@ -111,11 +111,17 @@ class _SparseStub:
   def __setstate__(self, state):
     self.state = state
 
-  def toarray(self) -> np.ndarray:
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """The declared shape (check it before `toarray` allocates it)."""
     st = self.state
     if not isinstance(st, dict):
       raise ValueError(f'unexpected {self.fmt} matrix state {type(st)}')
-    shape = tuple(int(v) for v in st.get('_shape', st.get('shape', ())))
+    return tuple(int(v) for v in st.get('_shape', st.get('shape', ())))
+
+  def toarray(self) -> np.ndarray:
+    st = self.state
+    shape = self.shape
     if len(shape) != 2:
       raise ValueError(f'sparse matrix without a 2D shape: {shape}')
     data = np.asarray(st['data'], np.float64)
@@ -164,6 +170,19 @@ def _numpy_global(module: str, name: str):
   return getattr(getattr(core, module), name)
 
 
+# More than any MANO file holds: a pickled `bytearray(N)` is a few bytes on
+# disk for N bytes in memory, so sizes are checked before anything is made.
+_MAX_PICKLED_BYTES = 64 << 20
+
+
+def _bounded_bytearray(*args):
+  """`bytearray` for the unpickler, refusing a size beyond any MANO file."""
+  if args and isinstance(args[0], int) and args[0] > _MAX_PICKLED_BYTES:
+    raise pickle.UnpicklingError(
+        f'bytearray of {args[0]} bytes (more than a MANO file holds)')
+  return bytearray(*args)
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
   """Allow-list unpickler for MANO_RIGHT.pkl.
 
@@ -177,7 +196,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
   _NUMPY_FNS = {'_reconstruct': 'multiarray', 'scalar': 'multiarray',
                 '_frombuffer': 'numeric'}
   _BUILTINS = {'object': object, 'set': set, 'frozenset': frozenset,
-               'complex': complex, 'bytearray': bytearray, 'slice': slice}
+               'complex': complex, 'bytearray': _bounded_bytearray,
+               'slice': slice}
 
   def find_class(self, module, name):
     if (module, name) in self._NUMPY:
@@ -201,6 +221,18 @@ class _RestrictedUnpickler(pickle.Unpickler):
         'scipy.sparse matrices and chumpy stubs are read)')
 
 
+class _RegressorShapeError(ValueError):
+  pass
+
+
+def _check_regressor_shape(shape, path):
+  """Before anything of that shape is allocated."""
+  if tuple(shape) != (NUM_REGRESSED, NUM_VERTICES):
+    raise _RegressorShapeError(
+        f'MANO joint regressor {path} has shape {tuple(shape)}, expected '
+        f'({NUM_REGRESSED}, {NUM_VERTICES}) (MANO J_regressor)')
+
+
 def load_mano_regressor(path: os.PathLike | str) -> np.ndarray:
   """Loads MANO's joint regressor R without executing pickled code.
 
@@ -222,6 +254,12 @@ def load_mano_regressor(path: os.PathLike | str) -> np.ndarray:
   try:
     if suffix == '.npy':
       with path.open('rb') as f:
+        # The header's shape first: np.load would read any declared size.
+        version = np.lib.format.read_magic(f)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        _check_regressor_shape(read_header(f)[0], path)
+        f.seek(0)
         reg = np.load(f, allow_pickle=False)
     elif suffix == '.pkl':
       with path.open('rb') as f:
@@ -231,17 +269,20 @@ def load_mano_regressor(path: os.PathLike | str) -> np.ndarray:
         raise ValueError('no J_regressor entry (is this MANO_RIGHT.pkl?)')
       reg = obj['J_regressor']
       if isinstance(reg, _SparseStub):
+        _check_regressor_shape(reg.shape, path)
         reg = reg.toarray()
+      elif not isinstance(reg, np.ndarray):
+        raise ValueError(f'J_regressor is a {type(reg).__name__}, expected a '
+                         'sparse or dense matrix')
     else:
       raise ValueError("expected a .pkl (MANO_RIGHT.pkl) or a .npy file")
+    _check_regressor_shape(reg.shape, path)
     reg = np.asarray(reg, np.float64)
+  except _RegressorShapeError:
+    raise
   except (pickle.UnpicklingError, ValueError, KeyError, TypeError, EOFError,
           AttributeError, IndexError) as e:
     raise ValueError(f'cannot read the MANO joint regressor {path}: {e}') from e
-  if reg.shape != (NUM_REGRESSED, NUM_VERTICES):
-    raise ValueError(
-        f'MANO joint regressor {path} has shape {reg.shape}, expected '
-        f'({NUM_REGRESSED}, {NUM_VERTICES}) (MANO J_regressor)')
   if not np.all(np.isfinite(reg)):
     raise ValueError(f'MANO joint regressor {path} contains NaN or inf')
   return reg
