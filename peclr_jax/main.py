@@ -27,6 +27,7 @@ cluster JAX detects by itself: SLURM, Open MPI, Cloud TPU). On CPUs the
 cross-process collectives use gloo, JAX's default.
 """
 
+import ast
 import os
 import sys
 
@@ -148,5 +149,44 @@ def main(argv):
     sys.exit(1)
 
 
+def parse_flags(argv):
+  """Flag parsing for `app.run`: a bad --config (a misspelt key or argument,
+  a file that is not Python) is one `error:` line and exit 1, as the run's
+  own errors, instead of a traceback from inside the config loader."""
+  try:
+    return FLAGS(argv)
+  except (flags.Error, ValueError, AttributeError, KeyError, TypeError,
+          SyntaxError, OSError) as e:
+    if os.environ.get("PECLR_TRACEBACK"):
+      raise
+    print(f"error: {_one_line(e)}\n(set PECLR_TRACEBACK=1 for the "
+          "traceback)", file=sys.stderr)
+    sys.exit(1)
+
+
+def _one_line(e: BaseException) -> str:
+  """The message of a config-loading error on one line.
+
+  ml_collections wraps errors raised by a config file's get_config with the
+  traceback's text (keep its last line, the error itself) and reports a
+  misspelt key as an AttributeError whose argument has a newline before
+  "Did you mean ...?".
+  """
+  text = str(e)
+  # A KeyError's message is the repr of its key, re-wrapped by
+  # ml_collections in an AttributeError: unquote it (twice at most).
+  for _ in range(2):
+    if text[:1] in ("'", '"') and text[-1:] == text[:1]:
+      try:
+        text = str(ast.literal_eval(text))
+      except (ValueError, SyntaxError):
+        break
+  if "Traceback (most recent call last)" in text:
+    text = text.strip().splitlines()[-1]
+  if isinstance(e, (AttributeError, KeyError)):
+    text = f"unknown config key {text}"
+  return " ".join(text.split())
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -249,6 +249,27 @@ def run_cli(*args, cwd=REPO):
                         timeout=600)
 
 
+@pytest.mark.parametrize("args, message", [
+    (("--config=configs/peclr.py:runlocal", "--config.optim.bsae_lr=1"),
+     'unknown config key \'bsae_lr\' Did you mean "base_lr"'),
+    (("--config=configs/peclr.py:runlcoal",),
+     "unknown config argument 'runlcoal'; accepted: ['backbone', "),
+    (("--config=BAD_CONFIG",), "invalid syntax (bad.py, line 1)"),
+])
+def test_cli_bad_config_is_one_line(tmp_path, args, message):
+  bad = tmp_path / "bad.py"
+  bad.write_text("def get_config(:\n")
+  args = [a.replace("BAD_CONFIG", str(bad)) for a in args]
+  workdir = tmp_path / "w"
+  result = run_cli(*args, f"--workdir={workdir}")
+  assert result.returncode == 1
+  lines = result.stderr.strip().splitlines()
+  errors = [l for l in lines if l.startswith("error: ")]
+  assert len(errors) == 1 and message in errors[0], result.stderr
+  assert "Traceback" not in result.stderr
+  assert not workdir.exists()
+
+
 def test_cli_pretrains_end_to_end(synthetic_data_dir, tmp_path):
   workdir = str(tmp_path / "cli")
   result = run_cli("--config=configs/peclr.py:runlocal",
