@@ -310,11 +310,26 @@ def find_step(path: str) -> tuple[str, int]:
 
 
 def read_meta(path: str) -> dict:
+  """The metadata stored with the latest step under `path` (kind, backbone,
+  ...). A missing, garbled or incomplete one is a CheckpointError naming
+  the step's `meta` item, not a JSON or orbax traceback."""
   directory, step = find_step(path)
-  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      read_only=True, create=False)) as mgr:
-    return dict(mgr.restore(
-        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+  where = os.path.join(directory, str(step), "meta")
+  try:
+    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        read_only=True, create=False)) as mgr:
+      meta = mgr.restore(
+          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+  except Exception as e:  # orbax wraps JSON and file errors in many types
+    raise CheckpointError(
+        f"cannot read the checkpoint metadata {where}: "
+        f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
+  if not isinstance(meta, dict) or not {"kind", "backbone"} <= set(meta):
+    raise CheckpointError(
+        f"the checkpoint metadata {where} is not a dict with 'kind' and "
+        f"'backbone' (got {str(meta)[:200]}): not a checkpoint of this "
+        "package, or damaged")
+  return dict(meta)
 
 
 def read_config(path: str) -> dict | None:

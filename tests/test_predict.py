@@ -367,3 +367,23 @@ def test_cli_nothing_readable_exits_1(workdir, tmp_path, capsys):
   assert report["predictions"] == []
   assert len(report["skipped"]) == 2
   assert "missing.jpg" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["garbled", "missing_keys", "deleted"])
+def test_damaged_metadata_is_one_line_naming_the_file(tmp_path, model, damage):
+  workdir = tmp_path / "ck"
+  _save(workdir, nnx.to_pure_dict(nnx.state(model)))
+  meta_dir = workdir / "checkpoints" / "0" / "meta"
+  files = [p for p in meta_dir.rglob("*") if p.is_file()]
+  assert files, list(meta_dir.rglob("*"))
+  for f in files:
+    if damage == "garbled":
+      f.write_bytes(b"{not json")
+    elif damage == "missing_keys":
+      f.write_text('{"uv_units": "normalized"}')
+    else:
+      f.unlink()
+  with pytest.raises(checkpoints.CheckpointError) as info:
+    predict.Predictor.from_checkpoint(str(workdir))
+  message = str(info.value)
+  assert str(meta_dir) in message and "\n" not in message
