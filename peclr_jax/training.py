@@ -509,9 +509,15 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, mesh, model, tx,
   # Held for the whole loop (main.run already holds it for CLI runs; the
   # lock is re-entrant): notebooks and the demo's stages call fit directly.
   with checkpoints.lock_workdir(workdir):
-    # Before anything in the workdir is opened for writing.
-    check_config_change(checkpoints.read_config(workdir), config,
-                        checkpoints.checkpoint_dir(workdir))
+    # Before anything in the workdir is opened for writing. A checkpoint of
+    # another kind or model is refused by what it is (its metadata), which
+    # says more than the list of config keys that differ.
+    stored = checkpoints.read_config(workdir)
+    if stored is not None:
+      directory, step = checkpoints.find_step(workdir)
+      checkpoints.check_meta(checkpoints.read_meta(workdir), meta,
+                             os.path.join(directory, str(step)))
+    check_config_change(stored, config, checkpoints.checkpoint_dir(workdir))
     return _fit(config, workdir, mesh=mesh, model=model, tx=tx,
                 train_iter=train_iter, loss_fn=loss_fn, num_steps=num_steps,
                 meta=meta, evaluate=evaluate, best_metric=best_metric,
