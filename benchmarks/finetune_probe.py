@@ -74,17 +74,6 @@ def run(args):
     f.write(json.dumps(row) + "\n")
 
 
-def _heatmap_logits(model, views):
-  """The heatmap head's logits and depth maps, before the soft-argmax."""
-  x = model.backbone.feature_map(views)
-  head = model.keypoint_head
-  for conv, bn in zip(head.up_convs, head.up_bns):
-    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    x = jax.nn.relu(bn(conv(x)))
-  y = head.out(x)
-  return y[..., :models.NUM_JOINTS], y[..., models.NUM_JOINTS:], head.stride
-
-
 def _gaussian_cross_entropy(logits, uv, stride):
   """Cross-entropy of the softmax heatmaps against a Gaussian of one cell."""
   n, h, w, j = logits.shape
@@ -121,7 +110,9 @@ def uv_probe(args):
           key, batch["image"], batch["keypoints_2d"], aug)
       target = finetune.keypoint_targets(batch["keypoints_3d"],
                                          matrix @ batch["K"])["kp2d"]
-      logits, depth, stride = _heatmap_logits(model, views)
+      head = model.keypoint_head
+      logits, depth = head.maps(model.backbone.feature_map(views))
+      stride = head.stride
       uv = heads.integral_2p5d(logits, depth, stride)[..., :2]
       err = jnp.mean(jnp.abs(uv - target)) / args.size
       mean_err = jnp.mean(jnp.abs(target - target.mean(0))) / args.size

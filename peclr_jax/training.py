@@ -513,11 +513,10 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, mesh, model, tx,
     # another kind or model is refused by what it is (its metadata), which
     # says more than the list of config keys that differ.
     stored = checkpoints.read_config(workdir)
+    where = checkpoints.checkpoint_dir(workdir)
     if stored is not None:
-      directory, step = checkpoints.find_step(workdir)
-      checkpoints.check_meta(checkpoints.read_meta(workdir), meta,
-                             os.path.join(directory, str(step)))
-    check_config_change(stored, config, checkpoints.checkpoint_dir(workdir))
+      checkpoints.check_meta(checkpoints.read_meta(workdir), meta, where)
+    check_config_change(stored, config, where)
     return _fit(config, workdir, mesh=mesh, model=model, tx=tx,
                 train_iter=train_iter, loss_fn=loss_fn, num_steps=num_steps,
                 meta=meta, evaluate=evaluate, best_metric=best_metric,

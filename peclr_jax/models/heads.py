@@ -23,7 +23,7 @@ from flax import nnx
 
 from peclr_jax import geometry
 from peclr_jax.models import resnet
-from peclr_jax.models.resnet import BN_EPSILON, BN_MOMENTUM, conv_init
+from peclr_jax.models.resnet import conv_init
 
 NUM_JOINTS = 21
 # Clamp range of the closed-form root depth (bone units), as the public code.
@@ -54,14 +54,6 @@ def _linear(in_features: int, out_features: int, *, use_bias: bool = True,
                     bias_init=_UniformInit(1.0 / in_features**0.5), rngs=rngs)
 
 
-def _bn1d(num_features: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
-  """torch ``BatchNorm1d`` defaults: statistics over the batch axis."""
-  return nnx.BatchNorm(
-      num_features, use_running_average=False, momentum=BN_MOMENTUM,
-      epsilon=BN_EPSILON, dtype=dtype, param_dtype=jnp.float32,
-      use_fast_variance=False, rngs=rngs)
-
-
 class ProjectionHead(nnx.Module):
   """Linear(in->hidden, bias) -> BatchNorm -> ReLU -> Linear(hidden->out, no bias)."""
 
@@ -77,7 +69,7 @@ class ProjectionHead(nnx.Module):
       dtype: compute dtype; parameters stay float32.
     """
     self.linear1 = _linear(in_features, hidden, rngs=rngs, dtype=dtype)
-    self.bn = _bn1d(hidden, rngs=rngs, dtype=dtype)
+    self.bn = resnet.batch_norm(hidden, rngs=rngs, dtype=dtype)
     self.linear2 = _linear(hidden, out, use_bias=False, rngs=rngs, dtype=dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -148,14 +140,19 @@ class HeatmapHead(nnx.Module):
                         param_dtype=jnp.float32, kernel_init=conv_init,
                         rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """[N, h, w, C] -> [N, 21, 3] float32, last axis (u, v, z_rel), (u, v)
-    in pixels of the network's input (pixel centres at integers)."""
+  def maps(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[N, h, w, C] -> (heatmap logits, depth maps), each [N, H, W, 21]
+    float32 at `self.stride` input pixels per cell."""
     for conv, bn in zip(self.up_convs, self.up_bns):
       x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
       x = jax.nn.relu(bn(conv(x)))
     y = self.out(x.astype(jnp.float32))  # [N, H, W, 42]
-    return integral_2p5d(y[..., :NUM_JOINTS], y[..., NUM_JOINTS:], self.stride)
+    return y[..., :NUM_JOINTS], y[..., NUM_JOINTS:]
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """[N, h, w, C] -> [N, 21, 3] float32, last axis (u, v, z_rel), (u, v)
+    in pixels of the network's input (pixel centres at integers)."""
+    return integral_2p5d(*self.maps(x), self.stride)
 
 
 def integral_2p5d(logits: jax.Array, depth: jax.Array,
@@ -203,9 +200,9 @@ class ZRootRefiner(nnx.Module):
     self.bone = tuple(bone)
     din = NUM_JOINTS + 2 * NUM_JOINTS + 1
     self.linear1 = _linear(din, 128, rngs=rngs)
-    self.bn1 = _bn1d(128, rngs=rngs)
+    self.bn1 = resnet.batch_norm(128, rngs=rngs, dtype=jnp.float32)
     self.linear2 = _linear(128, 128, rngs=rngs)
-    self.bn2 = _bn1d(128, rngs=rngs)
+    self.bn2 = resnet.batch_norm(128, rngs=rngs, dtype=jnp.float32)
     self.linear3 = _linear(128, 1, rngs=rngs)
 
   def initial_zroot(self, uv: jax.Array, zrel: jax.Array,
