@@ -5,6 +5,12 @@ run code. `load_pth` reads the zip format of ``torch.save`` (torch >= 1.6)
 with an unpickler that only knows the globals a state dict needs (tensor
 rebuilders, storage types, OrderedDict); anything else is refused with a
 `TorchFileError` naming the file. Tensors come back as NumPy arrays.
+
+A crafted file cannot make the reader allocate more than a checkpoint of the
+largest supported model needs: declared entry sizes are checked before
+anything is read, every read stops at the size checked, and a tensor must lie
+in its storage as a state dict's tensors do (no stride-0 expansion, no
+overlap) before it is built.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
+import math
 import os
 import pickle
 import tarfile
@@ -55,10 +62,28 @@ class _StorageType:
   dtype: np.dtype
 
 
+# The largest state dict the converter takes: torchvision's ResNet-152 with
+# its 1000-class classifier, as in the released peclr_rn152_yt3dh_fh.pth (932
+# tensors: 60.2 M float32 parameters and BatchNorm statistics).
+_RESNET152_STATE_DICT_BYTES = 241_378_168
+# A file's entries together, and the tensors built from them together, may
+# hold at most this: four ResNet-152 state dicts, room for float64 copies or
+# extras such as a projection head or optimiser moments. Loading any file
+# then takes about twice this at most (storages and tensors) plus the
+# pickle's objects.
+_MAX_TENSOR_BYTES = 4 * _RESNET152_STATE_DICT_BYTES
+# A ResNet-152 state dict's data.pkl is 107 kB (one short record per tensor).
+# Unpickling builds about 240 bytes of objects per pickle byte at worst (a
+# one-byte EMPTY_SET opcode makes a 216-byte set), so this bounds them at
+# about 240 MiB (measured).
+_MAX_PICKLE_BYTES = 1 << 20
+_MAX_BYTEORDER_BYTES = 16  # 'little' or 'big'
+
+
 @dataclasses.dataclass(frozen=True)
 class _Storage:
   """A storage record of the archive: a flat array of ``dtype``."""
-  key: str
+  entry: str  # its archive entry, for messages
   data: np.ndarray  # 1-D
 
 
@@ -66,36 +91,37 @@ def _is_int(x) -> bool:
   return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride,
-                       requires_grad=False, backward_hooks=None,
-                       metadata=None):
-  """torch._utils._rebuild_tensor_v2 -> a numpy copy of the strided view.
+def _read_entry(archive: zipfile.ZipFile, name: str, max_bytes: int,
+                why: str) -> bytes:
+  """Entry ``name``, refused unread when it declares more than ``max_bytes``.
 
-  Bounds are checked before ``as_strided`` so a crafted file cannot read
-  memory outside the storage.
+  ``why`` ends the refusal (where the limit comes from). The read stops at
+  ``max_bytes`` whatever the data inflates to.
   """
-  del requires_grad, backward_hooks, metadata
-  if not isinstance(storage, _Storage):
-    raise TorchFileError('tensor without a storage record')
-  size, stride = tuple(size), tuple(stride)
-  if (not _is_int(storage_offset) or storage_offset < 0
-      or len(size) != len(stride)
-      or not all(_is_int(s) and s >= 0 for s in size + stride)):
-    raise TorchFileError(f'invalid tensor geometry: offset={storage_offset!r} '
-                         f'size={size!r} stride={stride!r}')
-  data = storage.data
-  if 0 in size:
-    return np.zeros(size, data.dtype)
-  last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
-  if last >= data.size:
-    raise TorchFileError(
-        f'tensor of size {size}, stride {stride}, offset {storage_offset} '
-        f'reads past its storage {storage.key!r} ({data.size} elements)')
-  item = data.dtype.itemsize
-  view = np.lib.stride_tricks.as_strided(
-      data[storage_offset:], shape=size,
-      strides=tuple(s * item for s in stride), writeable=False)
-  return np.array(view, copy=True)
+  try:
+    info = archive.getinfo(name)
+  except KeyError:
+    raise TorchFileError(f'missing archive entry {name!r}') from None
+  if info.file_size > max_bytes:
+    raise TorchFileError(f'archive entry {name!r} declares {info.file_size} '
+                         f'bytes, more than {max_bytes} ({why})')
+  with archive.open(info) as f:
+    return f.read(max_bytes)
+
+
+def _is_dense(size: tuple, stride: tuple) -> bool:
+  """Whether ``stride`` lays ``size`` out without gaps or overlaps.
+
+  True for C order and its permutations (a transposed or channels_last
+  tensor), as a state dict's tensors are; False for a stride-0 expansion or
+  overlapping elements. Strides of size-1 dimensions are never used.
+  """
+  expected = 1
+  for step, n in sorted((st, n) for n, st in zip(size, stride) if n > 1):
+    if step != expected:
+      return False
+    expected *= n
+  return True
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None,
@@ -107,10 +133,11 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None,
   return data
 
 
+_REBUILD_TENSOR = ('torch._utils', '_rebuild_tensor_v2')
 # Every global the pickle may name. Anything else is refused before it is
 # imported, so a crafted file cannot run code (os.system, eval, ...).
+# _REBUILD_TENSOR maps to the unpickler's method, which keeps the tally.
 _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
-    ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor_v2,
     ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
     ('torch._utils', '_rebuild_parameter_with_state'): _rebuild_parameter,
     ('collections', 'OrderedDict'): collections.OrderedDict,
@@ -136,8 +163,11 @@ class _SafeUnpickler(pickle.Unpickler):
     self._root = root
     self._big_endian = big_endian
     self._storages: dict[str, _Storage] = {}
+    self._tensor_bytes = 0  # of the tensors built so far
 
   def find_class(self, module: str, name: str):
+    if (module, name) == _REBUILD_TENSOR:
+      return self._rebuild_tensor_v2
     try:
       return _ALLOWED_GLOBALS[(module, name)]
     except KeyError:
@@ -163,26 +193,118 @@ class _SafeUnpickler(pickle.Unpickler):
         raise TorchFileError(f'storage {key!r} used with two dtypes')
       return storage
     name = f'{self._root}data/{key}'
-    try:
-      raw = self._archive.read(name)
-    except KeyError:
-      raise TorchFileError(f'missing storage record {name!r}') from None
     dtype = storage_type.dtype
-    if numel < 0 or len(raw) < numel * dtype.itemsize:
+    nbytes = numel * dtype.itemsize
+    if numel < 0:
+      raise TorchFileError(f'storage record {name!r} has {numel} elements')
+    # torch.save writes exactly the storage's bytes; a larger entry is refused
+    # unread (its size also counts against _MAX_TENSOR_BYTES in load_pth).
+    raw = _read_entry(self._archive, name, nbytes,
+                      f'data.pkl says it holds {numel} x {dtype}')
+    if len(raw) != nbytes:
       raise TorchFileError(f'storage record {name!r} holds {len(raw)} bytes, '
                            f'fewer than {numel} x {dtype}')
     data = np.frombuffer(raw, dtype.newbyteorder('>' if self._big_endian
-                                                 else '<'), count=numel)
+                                                 else '<'))
     data = data.astype(dtype)  # native byte order, writable copy
-    storage = _Storage(key, data)
+    storage = _Storage(name, data)
     self._storages[key] = storage
     return storage
+
+  def _rebuild_tensor_v2(self, storage, storage_offset, size, stride,
+                         requires_grad=False, backward_hooks=None,
+                         metadata=None):
+    """torch._utils._rebuild_tensor_v2 -> a numpy copy of the tensor.
+
+    Everything is checked before anything is allocated: the tensor must lie
+    in its storage as a state dict's do (densely, see `_is_dense`; so it
+    holds at most its storage's elements and never reads outside it), and the
+    tensors together must stay within ``_MAX_TENSOR_BYTES`` (many tensors can
+    view one storage).
+    """
+    del requires_grad, backward_hooks, metadata
+    if not isinstance(storage, _Storage):
+      raise TorchFileError('tensor without a storage record')
+    size, stride = tuple(size), tuple(stride)
+    what = (f'tensor of size {size!r:.100}, stride {stride!r:.100}, offset '
+            f'{storage_offset!r:.30} on storage record {storage.entry!r}')
+    if (not _is_int(storage_offset) or storage_offset < 0
+        or len(size) != len(stride)
+        or not all(_is_int(s) and s >= 0 for s in size + stride)):
+      raise TorchFileError(f'{what}: invalid geometry (a negative or '
+                           f'non-integer size, stride or offset)')
+    if not _is_dense(size, stride):
+      raise TorchFileError(f'{what}: its strides do not lay it out densely '
+                           f'(a stride-0 expansion, overlapping elements or '
+                           f'gaps), as no state dict tensor is')
+    item = storage.data.dtype.itemsize
+    # Bounds the sizes of an empty tensor too, which numpy could overflow.
+    if math.prod(max(n, 1) for n in size) * item > _MAX_TENSOR_BYTES:
+      raise TorchFileError(f'{what}: larger than the {_MAX_TENSOR_BYTES} '
+                           f'bytes allowed (four ResNet-152 state dicts)')
+    numel = math.prod(size)
+    if storage_offset + numel > storage.data.size:
+      raise TorchFileError(f'{what}: reads past its storage '
+                           f'({storage.data.size} elements)')
+    self._tensor_bytes += numel * item
+    if self._tensor_bytes > _MAX_TENSOR_BYTES:
+      raise TorchFileError(
+          f'{what}: the tensors so far take {self._tensor_bytes} bytes, more '
+          f'than the {_MAX_TENSOR_BYTES} allowed (four ResNet-152 state '
+          f'dicts)')
+    if numel == 0:
+      return np.zeros(size, storage.data.dtype)
+    view = np.lib.stride_tricks.as_strided(
+        storage.data[storage_offset:], shape=size,
+        strides=tuple(s * item if n > 1 else 0 for n, s in zip(size, stride)),
+        writeable=False)
+    return np.array(view, copy=True)
+
+  def load(self):
+    """The unpickled object; any failure is a one-line `TorchFileError`."""
+    try:
+      return super().load()
+    except (TorchFileError, zipfile.BadZipFile):  # load_pth names the latter
+      raise
+    except Exception as e:  # any parser failure on untrusted bytes
+      raise TorchFileError(f'malformed pickle: {type(e).__name__}: '
+                           f'{e}') from e
 
 
 _LEGACY_HINT = (
     'Re-save it in the zip format with torch >= 1.6, e.g. python -c "import '
     'torch; torch.save(torch.load(\'OLD.pth\', weights_only=True), '
     '\'NEW.pth\')", and convert NEW.pth.')
+
+
+def _load_archive(archive: zipfile.ZipFile) -> Any:
+  """`load_pth` of an open archive; refusals do not name the file yet."""
+  infos = archive.infolist()
+  total = sum(info.file_size for info in infos)
+  if total > _MAX_TENSOR_BYTES:
+    largest = max(infos, key=lambda info: info.file_size)
+    raise TorchFileError(
+        f'its entries declare {total} bytes (the largest, '
+        f'{largest.filename!r}, {largest.file_size}), more than the '
+        f'{_MAX_TENSOR_BYTES} allowed (four ResNet-152 state dicts)')
+  pkl = [info.filename for info in infos
+         if info.filename.endswith('/data.pkl')
+         and info.filename.count('/') == 1]
+  if len(pkl) != 1:
+    raise TorchFileError(f'expected one <archive>/data.pkl record, found '
+                         f'{pkl!r:.200}')
+  root = pkl[0][:-len('data.pkl')]
+  byteorder = 'little'
+  if f'{root}byteorder' in archive.namelist():
+    byteorder = _read_entry(archive, f'{root}byteorder', _MAX_BYTEORDER_BYTES,
+                            "it names 'little' or 'big'")
+    byteorder = byteorder.decode(errors='replace').strip()
+  if byteorder not in ('little', 'big'):
+    raise TorchFileError(f'unknown byte order {byteorder!r}')
+  data = _read_entry(archive, pkl[0], _MAX_PICKLE_BYTES,
+                     "about ten times a ResNet-152 state dict's")
+  return _SafeUnpickler(data, archive, root,
+                        big_endian=byteorder == 'big').load()
 
 
 def load_pth(path: str | os.PathLike) -> Any:
@@ -200,8 +322,12 @@ def load_pth(path: str | os.PathLike) -> Any:
 
   Raises:
     TorchFileError: the legacy (pre-1.6, non-zip) format, a file that is not a
-      torch archive, a malformed archive, or a pickle naming any global
-      outside the allow-list (the global is never imported or called).
+      torch archive, a malformed archive, a pickle naming any global outside
+      the allow-list (the global is never imported or called), or sizes
+      beyond a state dict's: entries declaring more bytes than their tensors
+      need or than ``_MAX_TENSOR_BYTES`` in all, overlapping (e.g. stride-0)
+      tensors, tensors adding up to more than ``_MAX_TENSOR_BYTES`` (all
+      refused before the memory is allocated).
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
@@ -220,24 +346,11 @@ def load_pth(path: str | os.PathLike) -> Any:
           f'storages). {_LEGACY_HINT}')
     raise TorchFileError(f'{path} is not a torch checkpoint (not a zip '
                          f'archive)')
-  with zipfile.ZipFile(path) as archive:
-    pkl = [n for n in archive.namelist()
-           if n.endswith('/data.pkl') and n.count('/') == 1]
-    if len(pkl) != 1:
-      raise TorchFileError(f'{path}: expected one <archive>/data.pkl record, '
-                           f'found {pkl}')
-    root = pkl[0][:-len('data.pkl')]
-    byteorder = 'little'
-    if f'{root}byteorder' in archive.namelist():
-      byteorder = archive.read(f'{root}byteorder').decode().strip()
-    if byteorder not in ('little', 'big'):
-      raise TorchFileError(f'{path}: unknown byte order {byteorder!r}')
-    unpickler = _SafeUnpickler(archive.read(pkl[0]), archive, root,
-                               big_endian=byteorder == 'big')
-    try:
-      return unpickler.load()
-    except TorchFileError as e:
-      raise TorchFileError(f'{path}: {e}') from None
-    except Exception as e:  # any parser failure on untrusted bytes
-      raise TorchFileError(f'{path}: malformed pickle: '
-                           f'{type(e).__name__}: {e}') from e
+  try:
+    with zipfile.ZipFile(path) as archive:
+      return _load_archive(archive)
+  except TorchFileError as e:
+    raise TorchFileError(f'{path}: {e}') from None
+  except Exception as e:  # zipfile's: BadZipFile (CRC), zlib.error, ...
+    raise TorchFileError(f'{path}: damaged zip archive: '
+                         f'{type(e).__name__}: {e}') from e

@@ -25,6 +25,7 @@ from peclr_jax import checkpoints  # noqa: E402
 from peclr_jax import convert as convert_cli  # noqa: E402
 from peclr_jax import convert_torch as ct  # noqa: E402
 from peclr_jax import models  # noqa: E402
+from peclr_jax import torch_pickle  # noqa: E402
 
 torch.set_num_threads(2)
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -204,6 +205,9 @@ def test_reader_dtypes_strides_offsets(tmp_path):
   obj = {'state_dict': collections.OrderedDict(
       transposed=base.t(),                       # non-contiguous strides
       offset=base[2, 1:5],                       # shares base's storage
+      unsqueezed=base.t()[:, None],              # size-1 dim, any stride
+      channels_last=torch.arange(120.).reshape(2, 3, 4, 5).to(
+          memory_format=torch.channels_last),    # strides (60, 1, 15, 3)
       half=torch.linspace(-2, 3, 7).half(),
       bf16=torch.linspace(-2, 3, 5).bfloat16(),
       long=torch.tensor([[1, -2], [3, 2**40]], dtype=torch.int64),
@@ -222,6 +226,16 @@ def test_reader_dtypes_strides_offsets(tmp_path):
       have = have.astype(np.float32)
     assert have.dtype == want.dtype and have.shape == want.shape, key
     np.testing.assert_array_equal(have, want, err_msg=key)
+
+
+def test_size_limit_is_four_resnet152_state_dicts():
+  # The reader's cap is derived from the largest model converted here; its
+  # byte count must be the real one (sizes only: meta tensors).
+  with torch.device('meta'):
+    sizes = [v.numel() * v.element_size()
+             for v in TResNet('resnet152').state_dict().values()]
+  assert torch_pickle._RESNET152_STATE_DICT_BYTES == sum(sizes)
+  assert torch_pickle._MAX_TENSOR_BYTES == 4 * sum(sizes)
 
 
 def test_malicious_pickle_is_refused_and_not_run(tmp_path):
