@@ -36,7 +36,6 @@ from peclr_jax import evaluate_mode
 from peclr_jax import finetune
 from peclr_jax import input_pipeline
 from peclr_jax import models
-from peclr_jax import pretrain
 from peclr_jax.models import heads
 
 
@@ -92,7 +91,7 @@ def uv_probe(args):
   ft, _ = _recipe(args.data_dir)
   ft.augment.rotation_range = args.rotation
   ft.augment.out_size = args.size
-  aug = pretrain.augment_config(ft)
+  aug = augment.AugmentConfig.from_config(ft.augment)
   sources = datasets.open_sources(ft.data, "train")
   it = input_pipeline.make_finetune_iterator(
       sources, global_batch=32, source_size=max(96, args.size * 3 // 2),

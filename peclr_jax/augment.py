@@ -1,52 +1,21 @@
 """On-device two-view augmentation for PeCLR pre-training (and geometric crops).
 
-Each view of a hand image is made by ONE affine bilinear warp of the source
-image (rotation about the hand centre, crop scale, crop translation), then
-appearance augmentation (HSV colour jitter; optionally cut-out, blur, noise,
-colour drop) and ImageNet normalisation. Everything is batched jnp code that
-runs inside ``jax.jit``; all randomness comes from one key (same key -> same
-views).
+Each view of a hand image is ONE affine bilinear warp of the source (rotation
+about the hand centre, crop scale, crop translation), then appearance
+augmentation (HSV colour jitter; optionally cut-out, blur, noise, colour
+drop) and ImageNet normalisation. Batched jnp code that runs inside
+``jax.jit``; all randomness comes from one key (same key -> same views).
 
-Geometry (pixel (row i, col j) centred at (x=j, y=i); keypoints are (x, y)):
+Pixel (row i, col j) is centred at (x=j, y=i); keypoints are (x, y). The
+returned matrix maps source pixels to view pixels, so fine-tuning maps
+labels with ``kp_view = M @ kp`` (``geometry.apply_affine``) and cameras
+with ``K_view = M @ K``. Each view reports what ``losses.undo_transforms``
+undoes: ``rotation`` [B] degrees (CCW positive), ``scale`` [B] (zoom
+relative to the margin-1 crop) and ``translation`` [B, 2] (fraction of the
+view side).
 
-    c  = mean of the 2D keypoints                 hand centre
-    h0 = max distance of a keypoint from c        base half-side (margin 1)
-    h  = m * h0,  m ~ U(margin_range)             crop half-side
-    j  ~ U(0, jitter_max)^2                       crop-origin shift, source px
-    theta: whole degrees in [-rotation_range, rotation_range], CCW positive
-    z  = S / (2 h)                                source px -> view px
-    q  = z R(theta) (p - c) + S/2 - z j,   R(theta) = [[cos, sin], [-sin, cos]]
-
-``R`` is OpenCV's ``getRotationMatrix2D`` rotation: with y pointing down, a
-point to the right of the centre moves up for theta = +90. The returned matrix
-maps source pixels to view pixels, so fine-tuning maps labels with
-``kp_view = M @ kp`` (``geometry.apply_affine``) and cameras with
-``K_view = M @ K``.
-
-Reported parameters (what the latent inversion in ``losses.py`` undoes):
-
-    rotation    = theta      [B] degrees
-    scale       = 1 / m      [B] zoom relative to the margin-1 crop
-    translation = -z j / S   [B, 2] content displacement, fraction of S
-                             (same sign as the public code's jitter_x / size)
-
-Deliberate differences from the public PyTorch code:
-
-* one warp with constant border fill instead of rotate-whole-image, slice
-  (truncated at the image border, then stretched) and resize: the crop is
-  always the intended square, so labels and parameters stay exact;
-* continuous crop centre and jitter (the public code truncates to ints), and
-  rotation drawn uniformly from the integers in [-45, 45] (the public code
-  floors U(-45, 45), so +45 practically never occurs);
-* HSV jitter on continuous floats (hue in [0, 1)) instead of OpenCV's uint8
-  HSV (hue 0..180), on RGB (the public code fed BGR to cv2);
-* cut-out and blur act on the view (public: on the source before the warp;
-  blur sigma is in view px), and noise is clipped (public: uint8 wrap-around).
-
-Border fill: the ImageNet mean colour (0..255 units). Without colour jitter it
-normalises to exactly 0, i.e. "no signal", the same value the ResNet's own zero
-padding uses, so the border carries no brightness cue; under colour jitter it
-is jittered with the rest of the view, like the public code's black border.
+docs/method.md#views gives the formulas, the border fill and the deliberate
+differences from the public PyTorch code.
 """
 
 from __future__ import annotations
@@ -71,7 +40,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class AugmentConfig:
   """All augmentation settings (hashable: a static argument under jit).
 
-  Defaults follow PAPER.md (the public code's "hybrid2" pre-training run).
+  Defaults follow the paper's best run (the public code's "hybrid2"
+  pre-training; docs/method.md#hyper-parameters).
   Colour amounts are on the 0..255 scale where the paper states them so.
   """
 
@@ -110,6 +80,12 @@ class AugmentConfig:
     if self.fill is not None:
       return tuple(self.fill)
     return tuple(255.0 * m for m in self.mean)
+
+  @classmethod
+  def from_config(cls, augment_config) -> "AugmentConfig":
+    """From a run config's `augment` entry (lists become hashable tuples)."""
+    return cls(**{k: tuple(v) if isinstance(v, list) else v
+                  for k, v in augment_config.to_dict().items()})
 
 
 # --------------------------------------------------------------------------

@@ -1,59 +1,17 @@
 """Released PyTorch PeCLR weights -> Flax NNX models and orbax checkpoints.
 
 No torch needed: ``.pth`` files are read by `torch_pickle.load_pth`, a
-restricted unpickler.
+restricted unpickler. The ResNet is found under its key prefix (released
+files, DataParallel, wrappers, the original Lightning layout), conv, Linear
+and BatchNorm tensors are re-laid out (conv ``[O, I, kh, kw]`` -> HWIO), and
+every key must be used and every parameter filled with the right shape, or
+:class:`ConversionError` lists the differences. The keypoint head keeps the
+first 63 of the released 64 outputs (``uv_units='pixels'``).
+docs/pytorch_weights.md describes the released files and each rule.
 
-Files the public release offers (see the original repository's README):
-
-* Pre-trained backbones ``peclr_rn50_yt3dh_fh.pth`` and
-  ``peclr_rn152_yt3dh_fh.pth``: ``{'state_dict': <torchvision ResNet state
-  dict>}``, keys without a prefix (``conv1.weight``,
-  ``layer1.0.bn1.running_mean``, ...). They load into a plain
-  ``torchvision.models.resnet50()``, so they include ``fc.*`` (the
-  classifier), which a backbone has no use for: it is dropped (reported).
-* FreiHAND fine-tuned models ``rn50_peclr_yt3d-fh_pt_fh_ft.pth`` /
-  ``rn152_...``: ``{'state_dict': <RN_25D_wMLPref state dict>}`` with keys
-  ``backend_model.*`` (a torchvision ResNet whose ``fc`` has 3 * 21 + 1 = 64
-  outputs) and ``zroot_ref.zroot_ref.{0,1,3,4,6}.*`` (the z-root refinement
-  MLP: Linear, BatchNorm1d, -, Linear, BatchNorm1d, -, Linear).
-
-Key prefixes. After the container (``state_dict``, ``model``,
-``model_state_dict`` or ``net`` entry, else the file's top-level dict) the
-keys are normalised:
-
-* a leading ``module.`` (DataParallel / DistributedDataParallel) is stripped
-  (repeatedly);
-* keypoint files are recognised by ``zroot_ref.zroot_ref.*``; their ResNet
-  lives under ``backend_model.``;
-* otherwise the ResNet is found under whatever prefix ``P`` has both
-  ``P + 'conv1.weight'`` and ``P + 'layer1.0.conv1.weight'``: ``''`` for the
-  released files, ``encoder.`` / ``backbone.`` / ``backend_model.`` / ... for
-  wrappers. The original training code's own Lightning checkpoints store the
-  encoder as ``encoder.features.{0,1,4,5,6,7}`` (an ``nn.Sequential`` of
-  conv1, bn1, relu, maxpool, layer1..layer4); that layout is recognised too
-  (``features.N`` -> conv1, bn1, layer1..layer4; such a checkpoint is
-  refused when it also pickles Python objects, e.g. Lightning's
-  hyper-parameter dict: re-save its ``state_dict`` alone). Keys outside the
-  ResNet (a projection head, a keypoint file's ``zroot_ref`` when only the
-  backbone is wanted, ``final_layer``) are dropped and reported.
-
-Layouts: conv ``[O, I, kh, kw]`` -> HWIO ``[kh, kw, I, O]``; Linear
-``[out, in]`` -> ``[in, out]``; BatchNorm ``weight/bias/running_mean/
-running_var`` -> ``scale/bias/mean/var``; ``num_batches_tracked`` ignored.
-Every ResNet / head key must be consumed and every parameter of the target
-model filled with the right shape, or :class:`ConversionError` lists the
-missing, unexpected and mismatched keys (a ResNet-152 file converted as a
-ResNet-50 fails that way).
-
-The keypoint head: the released ``fc`` has 64 outputs; the original model uses
-``out[:, :-1].view(-1, 21, 3)`` and its comment says the last output is no
-longer used, so the first 63 rows (joint-major ``u, v, z_rel``) become
-``keypoint_head.linear`` and row 63 is dropped. The released head predicts
-pixels of the 224 x 224 input, hence ``uv_units='pixels'``.
-
-Public API: :func:`load_pth` (the safe reader, from `torch_pickle`), :func:`load_backbone`,
-:func:`load_keypoint_model`, :func:`convert` (writes the orbax checkpoint read
-by fine-tuning, evaluation and the Predictor).
+Public API: :func:`load_pth` (the safe reader, from `torch_pickle`),
+:func:`load_backbone`, :func:`load_keypoint_model`, :func:`convert` (writes
+the orbax checkpoint read by fine-tuning, evaluation and the Predictor).
 """
 
 from __future__ import annotations
@@ -67,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from peclr_jax import joints
 from peclr_jax import models
 from peclr_jax.torch_pickle import TorchFileError, load_pth
 
@@ -80,7 +39,7 @@ __all__ = [
 # The released keypoint models were trained and evaluated on 224 x 224 crops.
 KEYPOINT_INPUT_SIZE = 224
 
-_NUM_KP_OUTPUTS = 3 * models.NUM_JOINTS  # 63 used outputs of the released fc
+_NUM_KP_OUTPUTS = 3 * joints.NUM_JOINTS  # 63 used outputs of the released fc
 
 # ---------------------------------------------------------------------------
 # Errors

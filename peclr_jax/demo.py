@@ -24,9 +24,11 @@ import jax
 import numpy as np
 from flax import nnx
 
+from peclr_jax import augment
 from peclr_jax import baselines
 from peclr_jax import datasets
 from peclr_jax import equivariance
+from peclr_jax import evaluate
 from peclr_jax import evaluate_mode
 from peclr_jax import finetune
 from peclr_jax import input_pipeline
@@ -53,11 +55,6 @@ def _run_name(method: str, labels: float, seed: int) -> str:
   return f"{method.lower()}_labels{labels:g}_seed{seed}"
 
 
-def _summary(metrics: dict) -> dict:
-  return {k: float(metrics[k]) for k in ("epe_cm", "auc", "pa_epe_cm",
-                                         "pa_auc")}
-
-
 def _finetune_and_evaluate(config, workdir, method, init, labels, seed):
   name = _run_name(method, labels, seed)
   ft_dir = os.path.join(workdir, f"finetune_{name}")
@@ -67,7 +64,7 @@ def _finetune_and_evaluate(config, workdir, method, init, labels, seed):
   out = {"finetune_dir": ft_dir}
   for crop in CROPS:
     ev = _with(config.evaluate, checkpoint=ft_dir, crop=crop)
-    out[crop] = _summary(evaluate_mode.run(
+    out[crop] = evaluate.summary(evaluate_mode.run(
         ev, os.path.join(workdir, f"evaluate_{name}_{crop}")))
   return out
 
@@ -82,7 +79,7 @@ def _encoder_equivariance(config, pre_dirs) -> dict:
       source, global_batch=config.equivariance_batch,
       source_size=pre.data.source_size, process_index=0, process_count=1)
   batch = next(iter(it))
-  aug_cfg = pretrain.augment_config(pre)
+  aug_cfg = augment.AugmentConfig.from_config(pre.augment)
   rows = {}
   for name, path in {"random": "", **pre_dirs}.items():
     model = (pretrain.restore_encoder(pre, path) if path else
@@ -152,7 +149,7 @@ def run(config, workdir: str) -> dict:
   (_, train_source), = datasets.open_sources(ft_data, ft_data.train_split)
   (_, eval_source), = datasets.open_sources(config.evaluate.data,
                                             config.evaluate.data.eval_split)
-  constant = {k: _summary(v) for k, v in
+  constant = {k: evaluate.summary(v) for k, v in
               baselines.baseline_metrics(train_source, eval_source).items()}
 
   pre_dirs = {}

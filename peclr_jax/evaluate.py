@@ -36,6 +36,8 @@ from peclr_jax import geometry
 PCK_MIN_M = 0.0
 PCK_MAX_M = 0.05
 PCK_STEPS = 100
+# The headline numbers of a run, in the order tables print them.
+SUMMARY_KEYS = ("epe_cm", "auc", "pa_epe_cm", "pa_auc")
 
 # Public test-time cropping constants (testing/pred_fh.py, fh_utils.py).
 CROP_SIZE = 224
@@ -130,6 +132,11 @@ def _curve_stats(err: np.ndarray, thresholds: np.ndarray) -> dict[str, np.ndarra
       per_kp_mean=per_kp_mean,
       per_kp_auc=per_kp_auc,
   )
+
+
+def summary(metrics: Mapping[str, Any]) -> dict[str, float]:
+  """The SUMMARY_KEYS of a metrics dict, as floats."""
+  return {k: float(metrics[k]) for k in SUMMARY_KEYS}
 
 
 def metrics_from_errors(err, pa_err) -> dict[str, Any]:
@@ -344,10 +351,29 @@ def map_box(matrix, box) -> np.ndarray:
   return mapped.reshape(mapped.shape[:-2] + (4,))
 
 
-@functools.partial(jax.jit, static_argnames=("crop_size",))
-def _crop_normalise_jit(images, matrix, mean, std, *, crop_size: int):
+def ground_truth_matrix(kp2d, crop_size: int = CROP_SIZE) -> np.ndarray:
+  """The crop around the labelled hand: [..., 3, 3] float64.
+
+  The test-time second-pass crop made from the true keypoints instead of the
+  first prediction. Evaluate mode's 'ground_truth' crop and the validation
+  that picks fine-tuning's best checkpoint both use it, so the checkpoint is
+  chosen on the crop it is reported on.
+  """
+  return box_affine(keypoint_box(kp2d), crop_size)
+
+
+def warp_and_normalise(images, matrix, crop_size: int,
+                       mean: Sequence[float] = IMAGENET_MEAN,
+                       std: Sequence[float] = IMAGENET_STD):
+  """Traceable body of :func:`crop_and_normalise` (black border, then
+  normalisation), for callers that crop inside their own jitted step."""
   crops = augment.warp(images, matrix, crop_size, 0.0)
   return augment.normalise(crops / 255.0, mean, std)
+
+
+@functools.partial(jax.jit, static_argnames=("crop_size",))
+def _crop_normalise_jit(images, matrix, mean, std, *, crop_size: int):
+  return warp_and_normalise(images, matrix, crop_size, mean, std)
 
 
 def crop_and_normalise(images, matrix, crop_size: int = CROP_SIZE,

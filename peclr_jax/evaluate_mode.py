@@ -20,13 +20,10 @@ from peclr_jax import predict
 from peclr_jax import training
 from peclr_jax import visualize
 
-_SUMMARY_KEYS = ("epe_cm", "auc", "pa_epe_cm", "pa_auc")
-
 
 def _ground_truth_crop(predict_fn, batch, crop_size):
   """One pass from the labelled hand's box (an upper bound for the protocol)."""
-  box = evaluate.keypoint_box(batch["keypoints_2d"])
-  matrix = evaluate.box_affine(box, crop_size)
+  matrix = evaluate.ground_truth_matrix(batch["keypoints_2d"], crop_size)
   out = predict_fn(evaluate.crop_and_normalise(batch["image"], matrix, crop_size),
                    matrix @ batch["K"])
   kp3d = geometry.palm_to_wrist(np.asarray(out["kp3d"], np.float64))
@@ -105,6 +102,6 @@ def _write_metrics(metrics, workdir, meta, path):
 
 
 def format_metrics(metrics) -> str:
-  head = " ".join(f"{k:>10}" for k in _SUMMARY_KEYS)
-  row = " ".join(f"{float(metrics[k]):>10.3f}" for k in _SUMMARY_KEYS)
+  head = " ".join(f"{k:>10}" for k in evaluate.SUMMARY_KEYS)
+  row = " ".join(f"{float(metrics[k]):>10.3f}" for k in evaluate.SUMMARY_KEYS)
   return f"{head}\n{row}   ({int(metrics['num_samples'])} samples)"

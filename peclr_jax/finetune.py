@@ -18,19 +18,11 @@ from flax import nnx
 
 from peclr_jax import augment
 from peclr_jax import checkpoints
-from peclr_jax import datasets
 from peclr_jax import evaluate as evaluate_lib
 from peclr_jax import geometry
-from peclr_jax import input_pipeline
 from peclr_jax import losses
 from peclr_jax import models
 from peclr_jax import training
-from peclr_jax.pretrain import augment_config
-
-# Margin of the deterministic evaluation crop around the labelled hand: the
-# middle of the training range (0.9-1.5), as the public default crop margin.
-EVAL_MARGIN = 1.25
-
 
 class LossWeights(NamedTuple):
   uv: float
@@ -75,54 +67,49 @@ def keypoint_loss(model, batch, key, *, aug_cfg, weights: LossWeights):
                          "train_loss_kp3d": terms["loss_kp3d"]}
 
 
-def centred_view(batch, out_size: int, margin: float = EVAL_MARGIN):
-  """Deterministic view around the labelled hand: (image, K_view, matrix)."""
-  center, half = augment.hand_box(batch["keypoints_2d"],
-                                  batch["image"].shape[1:3])
-  matrix = augment.crop_matrix(center, margin * half, out_size)
-  fill = augment.AugmentConfig().fill_value
-  images = augment.normalise(
-      augment.warp(batch["image"], matrix, out_size, fill) / 255.0)
-  return images, matrix @ batch["K"], matrix
-
-
 @functools.partial(jax.jit, static_argnums=(0, 3))
-def _predict_centred(graphdef, state, batch, out_size):
+def _predict_ground_truth_crop(graphdef, state, batch, out_size):
+  """Metric 3D keypoints (wrist root) from evaluate mode's ground-truth crop."""
   model = nnx.merge(graphdef, state)
   model.eval()
-  images, k_view, _ = centred_view(batch, out_size)
-  pred = model(images, k_view)
+  images = evaluate_lib.warp_and_normalise(batch["image"], batch["matrix"],
+                                           out_size)
+  pred = model(images, batch["matrix"] @ batch["K"])
   # Bone units, palm root -> metres, wrist root (the labels' frame).
-  kp3d = geometry.palm_to_wrist(pred["kp3d"]) * batch["scale"][:, None, None]
-  return kp3d
+  return geometry.palm_to_wrist(pred["kp3d"]) * batch["scale"][:, None, None]
 
 
 def make_evaluator(config, mesh, sources, out_size: int, *, max_batches=-1):
-  """evaluate(model, step) -> eval_* FreiHAND metrics over the split, with a
-  crop around the labelled hand (the two-pass protocol is `evaluate` mode)."""
+  """evaluate(model, step) -> eval_* FreiHAND metrics over the split, on
+  evaluate mode's ground-truth crop (its two-pass protocol is not run here)."""
+  # The data modules (grain) only when a run reads data: the step alone
+  # imports without them (benchmarks/accelerator_suite.sh).
+  from peclr_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 
   def evaluate(model, step):
     del step
     graphdef, state = nnx.split(model)
     acc = evaluate_lib.KeypointMetricsAccumulator()
     for _, source in sources:
+      # The whole image, as evaluate mode reads it.
       it = input_pipeline.make_eval_iterator(
           source, global_batch=config.batch_size,
-          source_size=config.data.source_size)
+          source_size=config.data.source_size, crop="none")
       with jax.set_mesh(mesh):
         for i, host_batch in enumerate(it):
           if 0 <= max_batches <= i:
             break
+          matrix = evaluate_lib.ground_truth_matrix(
+              host_batch["keypoints_2d"], out_size).astype(np.float32)
           batch = training.shard_batch(
-              {k: host_batch[k] for k in ("image", "keypoints_2d", "K",
-                                          "scale")}, mesh)
-          kp3d = np.asarray(_predict_centred(graphdef, state, batch,
-                                             out_size))
+              {"matrix": matrix,
+               **{k: host_batch[k] for k in ("image", "K", "scale")}}, mesh)
+          kp3d = np.asarray(_predict_ground_truth_crop(graphdef, state, batch,
+                                                       out_size))
           acc.update(kp3d, host_batch["keypoints_3d"],
                      mask=host_batch["mask"] & host_batch["valid"].all(-1))
     result = acc.result()
-    return {f"eval_{k}": float(result[k])
-            for k in ("epe_cm", "auc", "pa_epe_cm", "pa_auc")}
+    return {f"eval_{k}": v for k, v in evaluate_lib.summary(result).items()}
 
   return evaluate
 
@@ -140,9 +127,12 @@ def load_backbone(model: models.KeypointModel, path: str, backbone: str):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """Fine-tunes (or resumes) in `workdir`; returns (model, last metrics)."""
+  from peclr_jax import datasets  # pylint: disable=g-import-not-at-top
+  from peclr_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   mesh = training.make_mesh()
   training.check_batch_divisible(config.batch_size, mesh)
-  sources = datasets.open_sources(config.data, config.data.train_split)
+  sources = datasets.open_sources(config.data, config.data.train_split,
+                                  precropped=config.data.precropped)
   train_iter = input_pipeline.make_finetune_iterator(
       sources, global_batch=config.batch_size,
       source_size=config.data.source_size, seed=config.seed,
@@ -157,7 +147,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   if config.init:
     load_backbone(model, config.init, config.model.backbone)
 
-  aug_cfg = augment_config(config)
+  aug_cfg = augment.AugmentConfig.from_config(config.augment)
   weights = LossWeights(config.loss.uv_weight, config.loss.zrel_weight,
                         config.loss.kp3d_weight)
   loss_fn = functools.partial(keypoint_loss, aug_cfg=aug_cfg, weights=weights)

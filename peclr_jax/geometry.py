@@ -23,30 +23,14 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from peclr_jax import joints
+
 # --------------------------------------------------------------------------
 # Joint orders
 # --------------------------------------------------------------------------
 
-#: ait[k] = freihand[FREIHAND_TO_AIT[k]]
-FREIHAND_TO_AIT = np.array(
-    [0, 1, 5, 9, 13, 17, 2, 6, 10, 14, 18, 3, 7, 11, 15, 19, 4, 8, 12, 16, 20],
-    dtype=np.int32,
-)
-#: freihand[k] = ait[AIT_TO_FREIHAND[k]]
-AIT_TO_FREIHAND = np.array(
-    [0, 1, 6, 11, 16, 2, 7, 12, 17, 3, 8, 13, 18, 4, 9, 14, 19, 5, 10, 15, 20],
-    dtype=np.int32,
-)
-#: ait[k] = mano[MANO_TO_AIT[k]] (MANO regressor order: 16 joints + 5 tip vertices).
-MANO_TO_AIT = np.array(
-    [0, 13, 1, 4, 10, 7, 14, 2, 5, 11, 8, 15, 3, 6, 12, 9, 16, 17, 18, 19, 20],
-    dtype=np.int32,
-)
-
-#: AIT index of the middle-finger MCP (used for the palm root and reference bone).
-AIT_MIDDLE_MCP = 3
-#: Reference bone (AIT middle MCP -> middle PIP); its length normalises depth.
-REF_BONE = (3, 8)
+# The tables themselves are in joints.py (NumPy only, shared with the
+# dataset builders).
 
 
 def _xp(x):
@@ -69,7 +53,7 @@ def freihand_to_ait(x):
   Returns:
       [..., 21, D] joints in AIT order (same array type).
   """
-  return _reorder(x, FREIHAND_TO_AIT)
+  return _reorder(x, joints.FREIHAND_TO_AIT)
 
 
 def ait_to_freihand(x):
@@ -81,19 +65,7 @@ def ait_to_freihand(x):
   Returns:
       [..., 21, D] joints in FreiHAND order.
   """
-  return _reorder(x, AIT_TO_FREIHAND)
-
-
-def mano_to_ait(x):
-  """Reorders joints from MANO-regressor order (16 joints + 5 tips) to AIT order.
-
-  Args:
-      x: [..., 21, D] joints in MANO order.
-
-  Returns:
-      [..., 21, D] joints in AIT order.
-  """
-  return _reorder(x, MANO_TO_AIT)
+  return _reorder(x, joints.AIT_TO_FREIHAND)
 
 
 def wrist_to_palm(kp):
@@ -106,7 +78,8 @@ def wrist_to_palm(kp):
       [..., 21, D] with the palm at index 0; other joints unchanged.
   """
   xp = _xp(kp)
-  palm = 0.5 * (kp[..., 0:1, :] + kp[..., AIT_MIDDLE_MCP:AIT_MIDDLE_MCP + 1, :])
+  mcp = joints.AIT_MIDDLE_MCP
+  palm = 0.5 * (kp[..., 0:1, :] + kp[..., mcp:mcp + 1, :])
   return xp.concatenate([palm, kp[..., 1:, :]], axis=-2)
 
 
@@ -120,7 +93,8 @@ def palm_to_wrist(kp):
       [..., 21, D] with the wrist at index 0.
   """
   xp = _xp(kp)
-  wrist = 2.0 * kp[..., 0:1, :] - kp[..., AIT_MIDDLE_MCP:AIT_MIDDLE_MCP + 1, :]
+  mcp = joints.AIT_MIDDLE_MCP
+  wrist = 2.0 * kp[..., 0:1, :] - kp[..., mcp:mcp + 1, :]
   return xp.concatenate([wrist, kp[..., 1:, :]], axis=-2)
 
 
@@ -175,7 +149,7 @@ def unproject(uv, depth, K):
   return pixel_rays(uv, K) * depth[..., None]
 
 
-def bone_length(xyz, bone: Sequence[int] = REF_BONE):
+def bone_length(xyz, bone: Sequence[int] = joints.REF_BONE):
   """Length of the reference bone.
 
   Args:
@@ -193,7 +167,7 @@ def bone_length(xyz, bone: Sequence[int] = REF_BONE):
 # 2.5D representation
 # --------------------------------------------------------------------------
 
-def xyz_to_uvd(xyz, K, root: int = 0, bone: Sequence[int] = REF_BONE):
+def xyz_to_uvd(xyz, K, root: int = 0, bone: Sequence[int] = joints.REF_BONE):
   """3D keypoints to the scale-invariant 2.5D representation.
 
   The model uses the palm as root: call :func:`wrist_to_palm` first so that
@@ -217,23 +191,7 @@ def xyz_to_uvd(xyz, K, root: int = 0, bone: Sequence[int] = REF_BONE):
   return uv, z_rel, length
 
 
-def uvd_to_xyz(uv, z_rel, z_root, K):
-  """2.5D to scale-normalised 3D: rays * (z_rel + z_root).
-
-  Args:
-      uv: [..., 21, 2] pixels.
-      z_rel: [..., 21] relative depths in bone units.
-      z_root: [...] scale-normalised root depth (z_root / bone_length).
-      K: [..., 3, 3] intrinsics.
-
-  Returns:
-      [..., 21, 3] keypoints in units of the reference bone; multiply by the
-      metric bone length to get metric coordinates.
-  """
-  return pixel_rays(uv, K) * (z_rel + z_root[..., None])[..., None]
-
-
-def solve_zroot(uv, z_rel, K, bone: Sequence[int] = REF_BONE, eps: float = 1e-8):
+def solve_zroot(uv, z_rel, K, bone: Sequence[int] = joints.REF_BONE, eps: float = 1e-8):
   """Closed-form scale-normalised root depth (Iqbal et al. ECCV 2018, eq. 6-7).
 
   With rays r_j = K^-1 [u_j, v_j, 1] (so r_j = (X_j, Y_j, 1)), the
@@ -245,7 +203,8 @@ def solve_zroot(uv, z_rel, K, bone: Sequence[int] = REF_BONE, eps: float = 1e-8)
   (e.g. an untrained network) give finite values.
 
   No gradient stop and no clamping of the result happen here: the 2.5D model
-  stops the gradient and clamps to [4, 50] itself (PAPER.md).
+  stops the gradient and clamps to [4, 50] itself
+  (``models.heads.ZRootRefiner``; docs/method.md#root-depth).
 
   Args:
       uv: [..., 21, 2] pixels.

@@ -1,9 +1,9 @@
 """PeCLR losses: latent-space inversion of view transforms, NT-Xent, 2.5D keypoint L1.
 
-Pre-training (PAPER.md steps 6-7): each view's projection is L2-normalised,
-seen as D/2 points in 2-D, the view's geometric augmentation is undone on
-those points, the result is re-normalised, and the two views are compared
-with NT-Xent.
+Pre-training (docs/method.md#latent-inversion): each view's projection is
+L2-normalised, seen as D/2 points in 2-D, the view's geometric augmentation
+is undone on those points, the result is re-normalised, and the two views
+are compared with NT-Xent.
 
 ``invert=('translate', 'rotate')`` with ``translation_mode='extent'`` is the
 public code's behaviour (``PAPER_CODE_INVERT``); the project default also
@@ -118,7 +118,7 @@ def _check_mode(translation_mode: str) -> str:
 def undo_transforms(z, rotation, scale, translation, *,
                     invert: Sequence[str] = DEFAULT_INVERT,
                     translation_mode: str = "extent"):
-  """Undoes a view's geometric augmentation in latent space (PAPER.md step 6).
+  """Undoes a view's geometric augmentation in latent space.
 
   Steps (each optional via ``invert``, always in this order, which reverses
   the view's rotate/scale-then-translate):
@@ -184,29 +184,34 @@ def _undo(p, t, invert, translation_mode):
                          invert=invert, translation_mode=translation_mode)
 
 
-def peclr_loss_and_metrics(p1, p2, t1: Mapping, t2: Mapping, *,
-                           temperature: float = 0.5,
-                           invert: Sequence[str] = DEFAULT_INVERT,
-                           translation_mode: str = "extent"):
-  """PeCLR loss plus diagnostics.
+def contrastive_metrics(z1, z2) -> dict:
+  """How well the views find each other, for logging (no gradient).
 
-  Args: as :func:`peclr_loss`.
+  Args:
+      z1: [B, D] unit latents of the first views (after any inversion).
+      z2: [B, D] unit latents of their positives.
 
   Returns:
-      (loss, metrics) with metrics {'pos_sim': mean cosine similarity of
-      positive pairs after inversion, 'contrastive_acc': fraction of views
-      whose most similar other view is their positive}.
+      {'pos_sim': mean cosine similarity of the positive pairs,
+       'contrastive_acc': fraction of the 2B views whose most similar other
+       view is their positive}.
   """
-  z1 = _undo(p1, t1, invert, translation_mode)
-  z2 = _undo(p2, t2, invert, translation_mode)
-  loss = nt_xent(z1, z2, temperature)
+  z1, z2 = jax.lax.stop_gradient(z1), jax.lax.stop_gradient(z2)
   z = jnp.concatenate([z1, z2], axis=0)
   n = z.shape[0]
   sim = jnp.where(jnp.eye(n, dtype=bool), -jnp.inf, z @ z.T)
   target = jnp.concatenate([jnp.arange(n // 2) + n // 2, jnp.arange(n // 2)])
   acc = jnp.mean((jnp.argmax(sim, axis=-1) == target).astype(jnp.float32))
-  pos_sim = jnp.mean(jnp.sum(z1 * z2, axis=-1))
-  return loss, {"pos_sim": jax.lax.stop_gradient(pos_sim), "contrastive_acc": acc}
+  return {"pos_sim": jnp.mean(jnp.sum(z1 * z2, axis=-1)),
+          "contrastive_acc": acc}
+
+
+def peclr_latents(p1, p2, t1: Mapping, t2: Mapping, *,
+                  invert: Sequence[str] = DEFAULT_INVERT,
+                  translation_mode: str = "extent"):
+  """Both views' unit latents with their transforms undone: (z1, z2)."""
+  return (_undo(p1, t1, invert, translation_mode),
+          _undo(p2, t2, invert, translation_mode))
 
 
 def peclr_loss(p1, p2, t1: Mapping, t2: Mapping, *,
@@ -231,8 +236,8 @@ def peclr_loss(p1, p2, t1: Mapping, t2: Mapping, *,
   Returns:
       Scalar float32 loss.
   """
-  z1 = _undo(p1, t1, invert, translation_mode)
-  z2 = _undo(p2, t2, invert, translation_mode)
+  z1, z2 = peclr_latents(p1, p2, t1, t2, invert=invert,
+                         translation_mode=translation_mode)
   return nt_xent(z1, z2, temperature)
 
 

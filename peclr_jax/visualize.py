@@ -21,21 +21,14 @@ from matplotlib.figure import Figure
 import mpl_toolkits.mplot3d  # noqa: F401  (registers the '3d' projection)
 
 from peclr_jax import geometry
+from peclr_jax import joints
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-FINGERS = ("thumb", "index", "middle", "ring", "pinky")
 #: One colour per finger (thumb..pinky); the wrist is drawn in black.
 FINGER_COLOURS = ("#e6194b", "#f58231", "#3cb44b", "#4363d8", "#911eb4")
 WRIST_COLOUR = "#000000"
-
-#: AIT joint names: wrist, MCPs, PIPs, DIPs, tips (each thumb..pinky).
-AIT_JOINT_NAMES = ("wrist",) + tuple(
-    f"{finger}_{part}" for part in ("mcp", "pip", "dip", "tip") for finger in FINGERS)
-#: The same names in FreiHAND order (wrist, then 4 joints per finger).
-FREIHAND_JOINT_NAMES = tuple(AIT_JOINT_NAMES[i] for i in geometry.AIT_TO_FREIHAND)
-
 
 def _finger_chain(f: int) -> tuple[int, ...]:
   """AIT indices of finger f from the wrist to the tip."""
@@ -426,7 +419,7 @@ def write_metrics_csv(metrics: Mapping[str, Any], path: str,
   epe = np.asarray(metrics["per_keypoint_epe_cm"], np.float64)
   pa_epe = np.asarray(metrics["per_keypoint_pa_epe_cm"], np.float64)
   if joint_names is None:
-    joint_names = FREIHAND_JOINT_NAMES if len(epe) == 21 else [f"joint_{i}" for i in range(len(epe))]
+    joint_names = joints.FREIHAND_NAMES if len(epe) == 21 else [f"joint_{i}" for i in range(len(epe))]
   if len(joint_names) != len(epe):
     raise ValueError(f"{len(joint_names)} joint names for {len(epe)} keypoints")
   columns = [("epe_cm", epe), ("pa_epe_cm", pa_epe)]

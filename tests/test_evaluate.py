@@ -9,7 +9,7 @@ from scipy.linalg import orthogonal_procrustes
 
 from peclr_jax import evaluate
 
-# AIT index of each FreiHAND joint, written out from DATASETS.md (not taken
+# AIT index of each FreiHAND joint, written out from docs/datasets.md (not taken
 # from geometry) so the order checks are independent of the code under test.
 FH_FROM_AIT = [0, 1, 6, 11, 16, 2, 7, 12, 17, 3, 8, 13, 18, 4, 9, 14, 19, 5, 10, 15, 20]
 

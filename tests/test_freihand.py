@@ -2,7 +2,7 @@
 
 Expected values come from the fake copy's own arrays (written to JSON by
 fake_data and never read back through the builder's code), the AIT index list
-copied from DATASETS.md, and the image files' bytes.
+copied from docs/datasets.md, and the image files' bytes.
 """
 
 import io
@@ -14,10 +14,11 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from peclr_jax import joints
 from tfds_builders.freihand import freihand_dataset_builder as fb
 from tfds_builders.freihand.fake_data import write_fake_freihand
 
-# DATASETS.md: ait[k] = freihand[idx[k]].
+# docs/datasets.md#joint-orders: ait[k] = freihand[idx[k]].
 AIT_FROM_FREIHAND = [0, 1, 5, 9, 13, 17, 2, 6, 10, 14, 18, 3, 7, 11, 15, 19, 4,
                      8, 12, 16, 20]
 SIZE = 32  # tiny images: the builder must not assume 224
@@ -40,7 +41,8 @@ def _read(data_dir, config='default', raw=False):
 
 
 def _reference(xyz_fh, K):
-  """Independent labels: AIT reorder by the DATASETS.md list, pinhole project."""
+  """Independent labels: AIT reorder by the docs/datasets.md list, pinhole
+  project."""
   kp3d = np.asarray(xyz_fh)[AIT_FROM_FREIHAND]
   uvw = (np.asarray(K) @ kp3d.T).T
   return kp3d, uvw[:, :2] / uvw[:, 2:3]
@@ -416,13 +418,8 @@ def test_validation_sample_ids():
     fb.validation_sample_ids(10, 1.0)
 
 
-def test_freihand_to_ait_matches_datasets_md_and_geometry():
-  assert fb.FREIHAND_TO_AIT.tolist() == AIT_FROM_FREIHAND
-  try:
-    from peclr_jax import geometry  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return
-  assert np.asarray(geometry.FREIHAND_TO_AIT).tolist() == AIT_FROM_FREIHAND
+def test_freihand_to_ait_matches_the_documented_order():
+  assert joints.FREIHAND_TO_AIT.tolist() == AIT_FROM_FREIHAND
 
 
 def test_fake_data_is_in_the_released_format(tmp_path):

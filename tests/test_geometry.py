@@ -7,6 +7,7 @@ from scipy.linalg import orthogonal_procrustes
 from scipy.spatial.transform import Rotation
 
 from peclr_jax import geometry as g
+from peclr_jax import joints
 
 
 def _hand(rng, batch=3):
@@ -42,9 +43,12 @@ def test_joint_maps_match_names():
   fh = np.array(FH_NAMES)[:, None]
   assert list(g.freihand_to_ait(fh)[:, 0]) == AIT_NAMES
   assert list(g.ait_to_freihand(np.array(AIT_NAMES)[:, None])[:, 0]) == FH_NAMES
-  assert list(g.mano_to_ait(np.array(MANO_NAMES)[:, None])[:, 0]) == AIT_NAMES
+  assert list(np.array(MANO_NAMES)[joints.MANO_TO_AIT]) == AIT_NAMES
+  assert joints.AIT_NAMES == tuple(AIT_NAMES)
+  assert joints.FREIHAND_NAMES == tuple(FH_NAMES)
   # The reference bone is the middle finger MCP -> PIP, FreiHAND's 9 -> 10.
-  assert AIT_NAMES[g.REF_BONE[0]] == "middle_mcp" and AIT_NAMES[g.REF_BONE[1]] == "middle_pip"
+  assert (AIT_NAMES[joints.REF_BONE[0]] == "middle_mcp"
+          and AIT_NAMES[joints.REF_BONE[1]] == "middle_pip")
 
 
 def test_joint_maps_invert_each_other():
@@ -112,7 +116,7 @@ def test_uvd_round_trip_and_zroot():
   true_root = xyz[:, 0, 2] / bone_np
   np.testing.assert_allclose(np.asarray(z_root), true_root, rtol=1e-4)
 
-  kp3d = np.asarray(g.uvd_to_xyz(uv, z_rel, z_root, k))
+  kp3d = np.asarray(g.unproject(uv, z_rel + z_root[:, None], k))
   # Scale-normalised: the reference bone has unit length.
   np.testing.assert_allclose(np.linalg.norm(kp3d[:, 8] - kp3d[:, 3], axis=-1), 1.0, rtol=1e-4)
   rel = np.linalg.norm(kp3d * bone_np[:, None, None] - xyz) / np.linalg.norm(xyz)

@@ -129,22 +129,41 @@ def test_peclr_loss_paper_code_matches_torch(seed):
   assert abs(float(L.peclr_loss(p1, p2, t1s, t2)) - float(L.peclr_loss(p1, p2, t1, t2))) > 1e-4
 
 
-def test_peclr_loss_jits_and_metrics():
+def test_peclr_loss_jits():
   rng = np.random.default_rng(3)
   p1, p2 = rng.normal(size=(3, 8)), rng.normal(size=(3, 8))
   t1, t2 = _random_params(rng, 3), _random_params(rng, 3)
   f = jax.jit(lambda a, b, u, v: L.peclr_loss(a, b, u, v, translation_mode="exact"))
-  loss, aux = L.peclr_loss_and_metrics(p1, p2, t1, t2, translation_mode="exact")
+  loss = L.peclr_loss(p1, p2, t1, t2, translation_mode="exact")
   # Jitted (fused, FMAs) against op by op: fewer than 8 float32 reductions of
   # at most D = 8 terms in a row (norms, centroid, similarities, softmax),
   # each in any order: <= D eps relative, on logits up to 1 / T = 2.
   eps = np.finfo(np.float32).eps
   np.testing.assert_allclose(float(f(p1, p2, t1, t2)), float(loss), rtol=0,
                              atol=8 * 8 * eps * 2)
-  assert set(aux) == {"pos_sim", "contrastive_acc"}
-  # Identical inputs after inversion: every view finds its positive.
-  _, aux = L.peclr_loss_and_metrics(p1, p1, t1, t1)
-  assert float(aux["contrastive_acc"]) == 1.0 and abs(float(aux["pos_sim"]) - 1) < 1e-5
+
+
+def test_contrastive_metrics_against_a_loop():
+  rng = np.random.default_rng(5)
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  z1 = unit(rng.normal(size=(6, 4)))
+  z2 = unit(z1 + rng.normal(scale=0.5, size=(6, 4)))
+  z = np.concatenate([z1, z2])
+  hits = 0
+  for i in range(12):
+    others = [j for j in range(12) if j != i]
+    best = max(others, key=lambda j: z[i] @ z[j])
+    hits += best == (i + 6) % 12
+  got = L.contrastive_metrics(jnp.asarray(z1, jnp.float32),
+                              jnp.asarray(z2, jnp.float32))
+  assert 0 < hits < 12  # the noise makes some views miss their positive
+  assert float(got["contrastive_acc"]) == np.float32(hits / 12)
+  np.testing.assert_allclose(float(got["pos_sim"]),
+                             np.mean(np.sum(z1 * z2, axis=-1)), rtol=1e-5)
+  # Identical views after inversion: every view finds its positive.
+  same = L.contrastive_metrics(jnp.asarray(z1), jnp.asarray(z1))
+  assert float(same["contrastive_acc"]) == 1.0
+  assert abs(float(same["pos_sim"]) - 1) < 1e-5
 
 
 # ---------------------------------------------------------------- undo_transforms

@@ -152,7 +152,7 @@ def test_data_parallel_step_equals_single_device(synthetic_data_dir):
       sources, global_batch=8, source_size=config.data.source_size, seed=0))
   (v1, v2), (t1, t2), _ = jax.jit(augment.augment_pair, static_argnums=3)(
       jax.random.key(0), batch["image"], batch["keypoints_2d"],
-      pretrain.augment_config(config))
+      augment.AugmentConfig.from_config(config.augment))
   views = {"view1": np.float64(v1), "view2": np.float64(v2)}
   for i, t in ((1, t1), (2, t2)):
     views.update({f"t{i}_{k}": np.asarray(t[k]) for k in VIEW_PARAMS})
@@ -327,3 +327,29 @@ def test_cpu_malloc_hint():
   with open(os.path.join(REPO, "benchmarks", "common.py")) as f:
     common = f.read().replace('"\n                  "', "")
   assert f'GLIBC_TUNABLES = ("{tunables}")' in common
+
+
+def test_finetune_validates_on_evaluate_modes_ground_truth_crop(
+    synthetic_data_dir, tmp_path):
+  """The best checkpoint is chosen on the crop evaluate mode reports on."""
+  from peclr_jax import evaluate_mode  # pylint: disable=g-import-not-at-top
+  config = load_config("finetune_freihand.py", "runlocal")
+  config.data.data_dir = synthetic_data_dir
+  config.num_train_steps = 2
+  config.eval_every_steps = 2
+  config.eval_batches = -1
+  workdir = str(tmp_path / "ft")
+  finetune.train_and_evaluate(config, workdir)
+  [row] = [r for r in training.read_metrics(workdir) if "eval_pa_epe_cm" in r]
+
+  ev = load_config("eval_freihand.py",
+                   f"checkpoint={workdir},crop=ground_truth")
+  ev.model.backbone = config.model.backbone
+  ev.data = config.data
+  ev.batch_size = 4
+  ev.write_submission = False
+  metrics = evaluate_mode.run(ev, str(tmp_path / "eval"))
+  # Same crops and model; only float32 rounding of the crop matrices and the
+  # batch composition differ, far below the metric's own scale.
+  for key in ("epe_cm", "pa_epe_cm"):
+    np.testing.assert_allclose(row[f"eval_{key}"], metrics[key], rtol=1e-4)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from peclr_jax import evaluate, visualize
+from peclr_jax import evaluate, joints, visualize
 
 
 def _assert_png(path):
@@ -33,8 +33,8 @@ def test_skeleton_has_20_edges_one_chain_per_finger():
   assert not {p for p, _, _ in edges} & set(range(16, 21))
   # Thumb chain in AIT order: wrist -> 1 -> 6 -> 11 -> 16.
   assert [(p, c) for p, c, f in edges if f == 0] == [(0, 1), (1, 6), (6, 11), (11, 16)]
-  assert visualize.FREIHAND_JOINT_NAMES[4] == "thumb_tip"
-  assert visualize.FREIHAND_JOINT_NAMES[9] == "middle_mcp"
+  assert joints.FREIHAND_NAMES[4] == "thumb_tip"
+  assert joints.FREIHAND_NAMES[9] == "middle_mcp"
 
 
 def test_keypoint_overlay(tmp_path):

@@ -1,30 +1,16 @@
 """Hand-centred square crops shared by the in-the-wild builders.
 
 `youtube3d_hands` and `hand_crops` store one fixed-size square crop per hand
-instead of the full frame: frames are large (YouTube3DHands is mostly 720p),
-hands are small, and pre-training only ever looks at the hand. The stored crop
-is large enough for every view `peclr_jax.augment` draws from it: its
-half-side is the hand's base half-side h0 x `margin` (the largest margin the
-augmentation samples, 1.5) x sqrt(2) (a square of half-side m*h0 rotated by
-45 degrees reaches m*h0*sqrt(2) from the centre).
-
-Geometry (contract: pixel (row i, col j) has its centre at (x=j, y=i)):
-  centre c = mean of the 2D keypoints, h0 = max keypoint distance from c;
-  half-side h = h0 * margin * sqrt(2); zoom z = S / (2h);
-  crop pixel q = z * (p - c) + (S - 1) / 2.
-The square [c - h, c + h] (pixel edges) maps exactly onto the S x S output
-(edges -0.5 .. S - 0.5), so c lands on the output's centre (S - 1) / 2.
-
-Difference from the public PeCLR code: it cut the box out of the frame with
-no padding (a box running off the border was truncated, then stretched to a
-square, distorting the hand's aspect ratio). Here the crop is one affine warp
-(bilinear) with a constant fill outside the frame, so the hand is never
-stretched and keypoints map through the same matrix exactly.
-
-Large downscales (z < 1/2) are pre-filtered with an integer box reduction
-(`PIL.Image.reduce`) of just the needed region, because PIL's bilinear affine
-warp samples 4 pixels and would alias badly (e.g. a whole 1080p photo
-shrunk to 256 px).
+instead of the full frame: frames are large, hands are small, and
+pre-training only ever looks at the hand. The crop is centred on the mean
+2D keypoint c with half-side h0 x `margin` (1.5, the largest augmentation
+margin) x sqrt(2) (room for a 45 degree rotation), h0 the largest keypoint
+distance from c; crop pixel q = z (p - c) + (S - 1) / 2 with z = S / (2h),
+pixel centres at integers. It is one bilinear affine warp with a constant
+fill outside the frame, so the hand is never stretched (the public PeCLR
+code truncated boxes at the border, then stretched them); large downscales
+are box-reduced first so they do not alias. docs/datasets.md#crops has the
+geometry.
 
 This module also holds the small pieces both builders share: image loading
 that reports unreadable files, the skipped-example log and a bounded ordered
@@ -377,7 +363,10 @@ def default_num_workers() -> int:
 
 
 def hand_features() -> tfds.features.FeaturesDict:
-  """The features every hand builder stores (DESIGN.md batch contract)."""
+  """The features every hand builder stores.
+
+  docs/datasets.md#stored-features lists them with shapes and units.
+  """
   f32 = np.float32
   return tfds.features.FeaturesDict({
       'image': tfds.features.Image(shape=(None, None, 3),

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peclr_jax import geometry
-from peclr_jax.models.heads import (NUM_JOINTS, HeatmapHead, KeypointHead,
+from peclr_jax.models.heads import (HeatmapHead, KeypointHead,
                                     ProjectionHead, ZRootRefiner)
 from peclr_jax.models.resnet import (BACKBONES, BasicBlock, Bottleneck, ResNet,
                                      get_backbone)
@@ -28,7 +28,7 @@ __all__ = [
     'BACKBONES', 'BasicBlock', 'Bottleneck', 'ResNet', 'get_backbone',
     'ProjectionHead', 'KeypointHead', 'HeatmapHead', 'ZRootRefiner',
     'PeCLRModel', 'KEYPOINT_HEADS',
-    'KeypointModel', 'default_intrinsics', 'NUM_JOINTS',
+    'KeypointModel', 'default_intrinsics',
 ]
 
 # Default camera of the public fine-tuned model, for a 224 x 224 crop.

@@ -1,12 +1,12 @@
 """Heads on top of the pooled backbone features.
 
-* ``ProjectionHead``: the PeCLR/SimCLR projection MLP (PAPER.md step 4).
+* ``ProjectionHead``: the PeCLR/SimCLR projection MLP.
 * ``KeypointHead``: one Linear to the 2.5D representation (u, v, z_rel) x 21.
 * ``HeatmapHead``: the same representation by integral regression over
   upsampled 2.5D heatmaps (a config choice; the paper uses the linear head).
 * ``ZRootRefiner``: closed-form scale-normalised root depth from the
   reference bone (Iqbal et al. 2018, eq. 6-7), gradient stopped, clamped to
-  [4, 50], then refined by a small MLP (PAPER.md "Fine-tuning").
+  [4, 50], then refined by a small MLP (docs/method.md#root-depth).
 
 Linear layers use torch's default ``nn.Linear`` initialisation, so training
 from scratch behaves like the public PyTorch code. BatchNorm layers start in
@@ -22,10 +22,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peclr_jax import geometry
+from peclr_jax import joints
 from peclr_jax.models import resnet
 from peclr_jax.models.resnet import conv_init
 
-NUM_JOINTS = 21
 # Clamp range of the closed-form root depth (bone units), as the public code.
 ZROOT_MIN, ZROOT_MAX = 4.0, 50.0
 
@@ -94,13 +94,13 @@ class KeypointHead(nnx.Module):
       dtype: compute dtype. float32 by default: pixel coordinates up to a few
         hundred need more than bfloat16's 8 mantissa bits.
     """
-    self.linear = _linear(in_features, 3 * NUM_JOINTS, rngs=rngs, dtype=dtype)
+    self.linear = _linear(in_features, 3 * joints.NUM_JOINTS, rngs=rngs, dtype=dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """[N, in_features] -> [N, 21, 3] float32, last axis (u, v, z_rel)."""
     y = self.linear(x).astype(jnp.float32)
     # Row-major view: output 3j + k is joint j, component k (torch .view).
-    return y.reshape(y.shape[:-1] + (NUM_JOINTS, 3))
+    return y.reshape(y.shape[:-1] + (joints.NUM_JOINTS, 3))
 
 
 class HeatmapHead(nnx.Module):
@@ -136,7 +136,7 @@ class HeatmapHead(nnx.Module):
     self.up_convs = nnx.List(convs)
     self.up_bns = nnx.List(bns)
     self.out = nnx.Conv(width if num_upsample else in_features,
-                        2 * NUM_JOINTS, (1, 1), dtype=jnp.float32,
+                        2 * joints.NUM_JOINTS, (1, 1), dtype=jnp.float32,
                         param_dtype=jnp.float32, kernel_init=conv_init,
                         rngs=rngs)
 
@@ -147,7 +147,7 @@ class HeatmapHead(nnx.Module):
       x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
       x = jax.nn.relu(bn(conv(x)))
     y = self.out(x.astype(jnp.float32))  # [N, H, W, 42]
-    return y[..., :NUM_JOINTS], y[..., NUM_JOINTS:]
+    return y[..., :joints.NUM_JOINTS], y[..., joints.NUM_JOINTS:]
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """[N, h, w, C] -> [N, 21, 3] float32, last axis (u, v, z_rel), (u, v)
@@ -198,7 +198,7 @@ class ZRootRefiner(nnx.Module):
       bone: reference bone (AIT joint indices) whose length is the unit.
     """
     self.bone = tuple(bone)
-    din = NUM_JOINTS + 2 * NUM_JOINTS + 1
+    din = joints.NUM_JOINTS + 2 * joints.NUM_JOINTS + 1
     self.linear1 = _linear(din, 128, rngs=rngs)
     self.bn1 = resnet.batch_norm(128, rngs=rngs, dtype=jnp.float32)
     self.linear2 = _linear(128, 128, rngs=rngs)
@@ -240,7 +240,7 @@ class ZRootRefiner(nnx.Module):
     rays = geometry.unproject(uv, jnp.ones_like(zrel), K)
     n = zrel.shape[0]
     h = jnp.concatenate(
-        [zrel.reshape(n, NUM_JOINTS), rays[..., :2].reshape(n, 2 * NUM_JOINTS),
+        [zrel.reshape(n, joints.NUM_JOINTS), rays[..., :2].reshape(n, 2 * joints.NUM_JOINTS),
          zroot.reshape(n, 1)], axis=-1)
     # jax.nn.leaky_relu's default slope 0.01 equals torch's nn.LeakyReLU.
     h = jax.nn.leaky_relu(self.bn1(self.linear1(h)))

@@ -1,8 +1,9 @@
 """Tiny fake FreiHAND v2 copies in exactly the released on-disk format.
 
 For tests and benchmarks: the files, names and JSON nesting follow
-DATASETS.md (training_*.json, training/rgb/%08d.jpg with 4 versions per
-unique sample, training/mask/%08d.jpg, evaluation_*.json, evaluation/rgb),
+docs/datasets.md#freihand (training_*.json, training/rgb/%08d.jpg with 4
+versions per unique sample, training/mask/%08d.jpg, evaluation_*.json,
+evaluation/rgb),
 with random but plausible right hands: a skeleton with human proportions,
 random finger flexion and global rotation, 0.45-0.8 m in front of a camera
 whose focal length matches FreiHAND's (~1.74 x image size), re-sampled until

@@ -1,47 +1,23 @@
 """FreiHAND v2 as a TFDS dataset (array_record; built and read without TensorFlow).
 
 Reads a user-extracted `FreiHAND_pub_v2.zip` (and, when present, the released
-evaluation annotations `FreiHAND_pub_v2_eval.zip`) from the manual directory.
-The files may lie in the manual directory itself or in one sub-folder of it;
-the evaluation annotations may lie next to the training files or in another
-sub-folder.
+evaluation annotations `FreiHAND_pub_v2_eval.zip`) from the manual directory,
+directly or from one sub-folder each.
 
-Splits (N = len(training_xyz.json), derived from the data, never hard-coded):
-  * `train`: the 4 background versions of every unique sample not held out.
-    Training image i shows unique sample i % N in version i // N.
-  * `validation` (only when the config holds samples out): every version of
-    the held-out unique samples. Whole samples are held out, never single
-    images, since the 4 versions share pose and camera and would leak.
-  * `evaluation`: the evaluation images; labels when `evaluation_xyz.json` is
-    present, else zero keypoints with `valid` False (K and the scale come from
-    evaluation_K.json / evaluation_scale.json, which are always released).
-Configs: `default` holds out 5% of the unique samples (1,628 of 32,560, i.e.
-6,512 images; chosen by a hash, see `validation_sample_ids`);
-`no_validation` puts all 4 N images into `train` (as the paper).
+Splits (N = len(training_xyz.json), never hard-coded): `train` (the 4
+background versions of every unique sample not held out; image i is sample
+i % N in version i // N), `validation` (config `default`: every version of
+5% of the unique samples, chosen by `validation_sample_ids`) and
+`evaluation` (unlabelled unless evaluation_xyz.json is present). Config
+`no_validation` puts all 4 N images into `train`, as the paper.
 
-Features (float32 unless noted): `image` (the original JPEG bytes, not
-re-encoded), `K` [3, 3], `keypoints_3d` [21, 3] metres, camera frame, AIT
-order, `keypoints_2d` [21, 2] pixels (x, y) = K-projection of keypoints_3d,
-`scale` [] metres = |ait3 - ait8| (FreiHAND's middle MCP-PIP bone), `valid`
-[21] bool, `sample_id` int64 (unique sample, i % N), `version` int32 (i // N).
+Features: `crop_utils.hand_features`, with the original JPEG bytes,
+keypoints in AIT order, `sample_id` = i % N and `version` = i // N.
 
-Reading: `tfds.data_source('freihand/default', data_dir=..., download=False)`
-(TFDS stores examples in hashed-key order, so use sample_id/version, not the
-position; pass `decoders={'image': tfds.decode.SkipDecoding()}` for the JPEG
-bytes).
-
-Bad input fails the build with a message naming the file (`FreihandError`)
-rather than being skipped: FreiHAND is a fixed-size release addressed by
-index, so a missing or damaged file means a broken extraction, and a fixed
-benchmark must not quietly shrink. Image checks are cheap (JPEG start and end
-markers and the PIL header, no full decode); a truncated file lacks the end
-marker. All labels and the image list are checked before anything is
-written. TFDS writes into a temporary folder and renames it only after every
-split succeeded, so a failed build leaves no dataset behind.
-
-JSON label files are streamed element by element (`iter_json_list`) into
-compact float arrays (~8 MB for all training keypoints); no file is ever
-parsed whole into Python objects, and `training_verts.json` is never opened.
+Bad input fails the build with a `FreihandError` naming the file (a fixed
+benchmark must not shrink quietly); everything is checked before anything
+is written, and the JSON files are streamed, never parsed whole.
+docs/datasets.md#freihand gives the on-disk format and the details.
 """
 
 from __future__ import annotations
@@ -59,14 +35,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from peclr_jax import joints
 from tfds_builders import crop_utils
 
-# ait[k] = freihand[_FREIHAND_TO_AIT[k]] (DATASETS.md; kept local so building
-# needs no JAX).
-FREIHAND_TO_AIT = np.array(
-    [0, 1, 5, 9, 13, 17, 2, 6, 10, 14, 18, 3, 7, 11, 15, 19, 4, 8, 12, 16, 20],
-    dtype=np.int32)
-NUM_JOINTS = 21
 NUM_VERSIONS = 4  # gs, hom, sample, auto
 # FreiHAND-order joints of the reference bone (middle MCP, middle PIP).
 _SCALE_BONE = (9, 10)
@@ -513,7 +484,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     root = files.root
 
     # Labels first (small, streamed), so a bad file fails before any writing.
-    xyz = load_json_array(root / 'training_xyz.json', (NUM_JOINTS, 3))
+    xyz = load_json_array(root / 'training_xyz.json', (joints.NUM_JOINTS, 3))
     num_unique = len(xyz)
     if num_unique == 0:
       raise FreihandError(f'{root / "training_xyz.json"}: empty list')
@@ -538,7 +509,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     eval_xyz = None
     if files.eval_labels_root is not None:
       path = files.eval_labels_root / _EVAL_LABELS
-      eval_xyz = load_json_array(path, (NUM_JOINTS, 3))
+      eval_xyz = load_json_array(path, (joints.NUM_JOINTS, 3))
       if len(eval_xyz) != num_eval:
         raise FreihandError(
             f'{path} has {len(eval_xyz)} entries but '
@@ -605,20 +576,20 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     for index, sample, version in items:
       k = K[sample]
       if xyz is not None:
-        joints = xyz[sample][FREIHAND_TO_AIT]
-        uv = project(joints, k)
+        kp3d = xyz[sample][joints.FREIHAND_TO_AIT]
+        uv = project(kp3d, k)
         bone = float(np.linalg.norm(xyz[sample][_SCALE_BONE[0]]
                                     - xyz[sample][_SCALE_BONE[1]]))
-        valid = np.ones(NUM_JOINTS, np.bool_)
+        valid = np.ones(joints.NUM_JOINTS, np.bool_)
       else:
-        joints = np.zeros((NUM_JOINTS, 3))
-        uv = np.zeros((NUM_JOINTS, 2))
+        kp3d = np.zeros((joints.NUM_JOINTS, 3))
+        uv = np.zeros((joints.NUM_JOINTS, 2))
         bone = float(scale[sample])
-        valid = np.zeros(NUM_JOINTS, np.bool_)
+        valid = np.zeros(joints.NUM_JOINTS, np.bool_)
       yield index, {
           'image': read_jpeg(rgb_dir / f'{index:08d}.jpg'),
           'K': k.astype(np.float32),
-          'keypoints_3d': joints.astype(np.float32),
+          'keypoints_3d': kp3d.astype(np.float32),
           'keypoints_2d': uv.astype(np.float32),
           'scale': np.float32(bone),
           'valid': valid,

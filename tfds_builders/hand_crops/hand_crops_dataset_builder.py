@@ -1,38 +1,19 @@
 """Unlabelled in-the-wild hand images as hand-centred crops for pre-training.
 
-Input (the manual dir):
-  any folder tree of images (.jpg .jpeg .png .bmp .webp, any case), and
-  optionally one boxes file at its top (or `boxes_path=` to the builder):
-    boxes.csv   header with columns image,x0,y0,x1,y1 (more columns ignored),
-                one row per hand;
-    boxes.json  [{"image": ..., "box": [x0, y0, x1, y1]}, ...] or
-                {"<image>": [x0, y0, x1, y1] | [[x0, y0, x1, y1], ...]}.
-  `image` is the path relative to the manual dir ('/' separators). Boxes are
-  in the contract's pixel frame (pixel centres at integers) of the image as
-  displayed, i.e. after its EXIF orientation is applied.
-Without a boxes file every image is one hand filling its centre square
-(side min(W, H)): for folders of images that are already hand crops.
-With a boxes file only boxed images are used, one example per box.
+Input (the manual dir): any folder tree of images and, optionally, one boxes
+file at its top (`boxes.csv` with columns image,x0,y0,x1,y1, or
+`boxes.json`; or `boxes_path=` to the builder), one box per hand in pixels
+of the image as displayed (after EXIF orientation). Without a boxes file
+every image is one hand filling its centre square.
 
-Stored (one example per hand): the hand-centred square crop of the box (see
-`tfds_builders.crop_utils`). keypoints_2d are 21 pseudo-keypoints that encode
-the box: pre-training uses keypoints only for the crop centre (their mean)
-and size (their largest distance from the mean), so points evenly spread on
-the circle of radius max(w, h) / 2 around the box centre reproduce exactly
-the crop of the box's bounding square. They are not joints: valid is all
-False, keypoints_3d zeros, scale 0, K the identity mapped by the crop affine,
-version 0, sample_id the index of the hand in sorted (image, box) order.
+Stored (one example per hand): the hand-centred square crop of the box
+(`tfds_builders.crop_utils`), with 21 pseudo-keypoints on the circle of
+radius max(w, h) / 2 about the box centre, which reproduce exactly the
+crop of the box's bounding square; they are not joints (valid all False).
 
-Skip policy (counted in `builder.info.metadata['skipped']`):
-  * unreadable_image: files PIL cannot decode or truncated files; scraped
-    in-the-wild folders routinely hold a few, and one should not stop a
-    build of thousands.
-  * no_box: with a boxes file, images it does not mention.
-Errors (naming the file): missing or empty manual dir, both boxes.csv and
-boxes.json, malformed boxes file, a box for an image that does not exist, a
-box with NaN or non-positive size or entirely outside its image, and a build
-where nothing usable is left. A failed build leaves no complete dataset
-(TFDS renames its `incomplete.*` directory only on success).
+Unreadable images and, with a boxes file, unboxed images are skipped and
+counted; a bad boxes file or box is an error naming it.
+docs/datasets.md#in-the-wild-hand-crops gives the formats and every rule.
 """
 
 from __future__ import annotations

@@ -8,9 +8,9 @@ middle-finger MCP (distal), +x towards the thumb (radial), +z out of the palm
 normal and the finger rest directions can be recovered exactly from the
 keypoints (the tests do that independently of this module).
 
-Joint order is AIT (see DATASETS.md): 0 wrist; 1-5 MCP (thumb..pinky; for the
-thumb this is its carpometacarpal joint, as in FreiHAND/MANO); 6-10 PIP (thumb:
-MCP); 11-15 DIP (thumb: IP); 16-20 tips.
+Joint order is AIT (docs/datasets.md#joint-orders): 0 wrist; 1-5 MCP
+(thumb..pinky; for the thumb this is its carpometacarpal joint, as in
+FreiHAND/MANO); 6-10 PIP (thumb: MCP); 11-15 DIP (thumb: IP); 16-20 tips.
 
 Kinematics (all angles in degrees; limits below are the sampling limits and are
 never exceeded):
@@ -29,8 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
-FINGERS = ('thumb', 'index', 'middle', 'ring', 'pinky')
-NUM_JOINTS = 21
+from peclr_jax import joints
 
 # ------------------------------------------------------------------ skeleton --
 # Nominal (scale 1) geometry, metres. The middle MCP->PIP bone (AIT 3->8, the
@@ -166,7 +165,7 @@ def forward_kinematics(hand: dict) -> np.ndarray:
   Returns:
     keypoints [21, 3] float64, metres, AIT order, wrist at the origin.
   """
-  kp = np.zeros((NUM_JOINTS, 3))
+  kp = np.zeros((joints.NUM_JOINTS, 3))
   for f in range(1, 5):
     chain = ait_chain(f)
     kp[chain[0]] = hand['mcp'][f]

@@ -39,10 +39,10 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.core.utils import py_utils
 
+from peclr_jax import joints
 from tfds_builders import crop_utils
 from tfds_builders.synthetic_hands import render
 
-NUM_JOINTS = 21
 SPLIT_IDS = {'train': 0, 'validation': 1, 'evaluation': 2}
 # Splits at least this large are rendered by a process pool (only `full`'s
 # train split by default: smaller ones build fast enough serially).
@@ -101,7 +101,7 @@ def make_example(config_values: tuple, split: str, index: int) -> dict:
       'keypoints_3d': s['keypoints_3d'],
       'keypoints_2d': s['keypoints_2d'],
       'scale': s['scale'],
-      'valid': np.ones(NUM_JOINTS, np.bool_),
+      'valid': np.ones(joints.NUM_JOINTS, np.bool_),
       'sample_id': np.int64(index),
       'version': np.int32(0),
   }

@@ -1,6 +1,6 @@
 """Tiny fake YouTube3DHands copy in the real on-disk format, for tests.
 
-Layout written under `root/<subdir>` (DATASETS.md):
+Layout written under `root/<subdir>` (docs/datasets.md#youtube3dhands):
   youtube_{train,val,test}.json
   youtube/<VIDEO>/video/frames/<FRAME>.{png,jpg}
 

@@ -2,40 +2,17 @@
 
 Reads the user's copy of the dataset (licence forbids redistribution), turns
 each annotation's 778 MANO vertices into 21 keypoints with the user's MANO
-joint regressor, mirrors left hands into right hands and stores one
-hand-centred square crop per annotation (see `tfds_builders.crop_utils`).
+joint regressor (J16 = R @ V plus 5 fingertip vertices, then AIT order; only
+(x, y) are kept), mirrors left hands into right hands (x -> W - 1 - x, the
+exact map with pixel centres at integers) and stores one hand-centred square
+crop per annotation (`tfds_builders.crop_utils`). No 3D supervision:
+keypoints_3d zeros, valid all False, K the crop affine.
 
-Conventions chosen here:
-  * Joints: J16 = R @ V (R: MANO `J_regressor`, 16 x 778) plus the fingertip
-    vertices 744, 320, 443, 555, 672 (thumb..pinky) give MANO order, then
-    reordered to AIT order; only (x, y) are kept (frame pixels).
-  * Left hands (is_left == 1): the frame is mirrored and x -> W - 1 - x.
-    With pixel centres at integers (project contract), mirroring the pixel
-    grid sends column j to column W - 1 - j, so W - 1 - x is the exact map;
-    the dataset notes and the public PeCLR code use W - x, which puts every
-    label one pixel off the mirrored image.
-  * No 3D supervision: keypoints_3d zeros, valid all False, scale 0, K the
-    identity mapped by the crop affine (K = M), version 0, sample_id the
-    annotation id.
-  * Splits: youtube_{train,val,test}.json -> 'train', 'validation', 'test'
-    (all three files are required; a file with no annotations gives no
-    split).
-
-Skip policy (skip, count, log; the counts land in `builder.info.metadata`
-and `Builder.skipped_summary()`):
-  * missing_frame: no frame file (videos disappear from YouTube; the
-    dataset's own notes say to skip them).
-  * unreadable_frame: a frame PIL cannot decode or that is truncated. Frames
-    come from a download-and-extract script that can die half-way, which is
-    the same failure as a missing frame, so it is treated the same way.
-  * frame_size_mismatch: decoded size differs from the JSON's width/height
-    (the vertices would not line up with the pixels).
-Everything else is an error that names the file: a missing manual dir, JSON
-or regressor, malformed JSON, unknown image ids, duplicate ids, vertices that
-are not 778 x 3 or not finite, a regressor that is not 16 x 778, and a split
-whose annotations were all skipped (almost always a wrong directory). TFDS
-writes into an `incomplete.*` directory and renames it only on success, so a
-failed build never leaves a dataset that looks complete.
+Missing, unreadable and wrongly sized frames are skipped and counted
+(`builder.info.metadata['skipped']`, `Builder.skipped_summary()`); anything
+else wrong is an error naming the file, and a failed build leaves no
+dataset. docs/datasets.md#youtube3dhands gives the on-disk format, the
+splits and every rule.
 """
 
 from __future__ import annotations
@@ -52,16 +29,14 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
+from peclr_jax import joints
 from tfds_builders import crop_utils
 
 NUM_VERTICES = 778
 NUM_REGRESSED = 16
-# Fingertip vertex ids (thumb, index, middle, ring, pinky); DATASETS.md.
+# Fingertip vertex ids (thumb, index, middle, ring, pinky);
+# docs/datasets.md#youtube3dhands.
 FINGERTIP_VERTICES = (744, 320, 443, 555, 672)
-# ait[k] = mano[MANO_TO_AIT[k]]; same table as peclr_jax.geometry.MANO_TO_AIT
-# (kept here so the builders do not import the training package).
-MANO_TO_AIT = np.array([0, 13, 1, 4, 10, 7, 14, 2, 5, 11, 8, 15, 3, 6, 12, 9,
-                        16, 17, 18, 19, 20], np.int32)
 SPLIT_FILES = {'train': 'youtube_train.json',
                'validation': 'youtube_val.json',
                'test': 'youtube_test.json'}
@@ -293,7 +268,7 @@ def vertices_to_ait_joints(vertices: np.ndarray, regressor: np.ndarray
   """MANO vertices [778, 3] -> 21 joints [21, 3] in AIT order."""
   mano = np.concatenate([regressor @ vertices,
                          vertices[list(FINGERTIP_VERTICES)]], axis=0)
-  return mano[MANO_TO_AIT]
+  return mano[joints.MANO_TO_AIT]
 
 
 # ---------------------------------------------------------------------------
