@@ -2,7 +2,6 @@
 
 Python::
 
-    from peclr_jax.predict import Predictor
     predictor = Predictor.from_checkpoint("workdir")   # or Predictor(model, 224)
     out = predictor.predict([img_a, img_b])           # uint8, any sizes
     out["kp3d"]  # [N, 21, 3] reference-bone units (x scale if given)
@@ -10,61 +9,13 @@ Python::
 
 Command line::
 
-    python -m peclr_jax.predict --checkpoint <dir> --images <dir or files...> \\
+    python -m peclr_jax.predict --checkpoint <dir> --images <dir or files...> \
         --out preds.json [--viz <outdir>] [--scale 0.03] [--batch-size 16]
 
-Procedure (the public FreiHAND test-time protocol, :mod:`peclr_jax.evaluate`):
-crop a square box so that it fills 70% of an ``input_size`` crop; predict;
-take the integer bounding box of the predicted 2D keypoints back to the image
-and crop again; predict again. The second prediction is converted from the
-model's frame (AIT order, palm root, crop pixels) to the FreiHAND submission
-frame: wrist root (wrist = 2 * palm - middle MCP, in 2D and 3D), FreiHAND
-joint order, 2D keypoints mapped back to the original image's pixels.
-
-Decisions (why):
-
-* Images of different sizes share one batch on a zero-padded canvas, each
-  image top-left aligned, so its pixel coordinates are unchanged and the crop
-  affine (image pixels -> crop pixels) applies as is. The crop warp
-  (:func:`peclr_jax.augment.warp`, fill 0) treats everything outside an image
-  as black, and zero padding is black, so a padded canvas gives *bit-identical*
-  crops to the image alone: padding never changes a result. Grouping by exact
-  size instead would compile and run one crop per distinct size and leave
-  mixed folders (phone photos, screenshots) with tiny batches. To bound memory
-  and compilation, images are sorted by size before they are chunked (similar
-  sizes share a canvas) and canvas sides are rounded up to 4 steps per octave
-  (at most ~25% padding per side, a few canvas shapes per size range).
-* Batches are padded to ``min(batch_size, next power of two >= n)`` rows and
-  the model call is jitted on (rows, input_size): a new N never recompiles,
-  at most log2(batch_size) + 1 model shapes ever exist, and one image does
-  not pay for ``batch_size`` forward passes (notebooks predicting one image).
-* No boxes: the first box is square, about the image centre, of side
-  ``0.33 * max(H, W)``: the public ``modify_bbox([0, 0, W, H], 0.33)`` uses the
-  longer side, and for FreiHAND's 224 px images this is the published 73.92 px
-  box; scaling with the image keeps the same relative zoom at any resolution.
-  It assumes a roughly centred hand filling ~1/4 of the image, as in FreiHAND.
-* ``boxes`` [N, 4] (x0, y0, x1, y1): the first crop is made from each box
-  (same 70% fill). The second pass from the predicted keypoints is still run,
-  as in the protocol the model was evaluated with: it re-centres the crop on
-  the hand's own extent, whatever margin the caller's detector used.
-* ``K=None``: the public default camera (fx=388.90, fy=388.71 at 224 px)
-  scaled isotropically by ``max(H, W) / 224`` with the principal point at the
-  image centre (:func:`image_intrinsics`). For square images this is exactly
-  ``models.default_intrinsics(H, W)``; for non-square ones that function would
-  scale fx and fy by different factors (non-square pixels, a stretched 3D
-  hand), so the longer side is used, matching the initial box. With an
-  assumed camera, ``kp3d`` is only right up to the unknown camera (its depth
-  and the perspective distortion of the shape follow the assumed focal
-  length); pass the real ``K`` when known.
-* Units: ``kp3d`` is camera-frame xyz in units of the reference bone (middle
-  MCP -> PIP) unless ``scale`` (that bone's metric length) is given, then
-  metres as the FreiHAND submission.
-* Images are uint8 (other dtypes are refused: their value range would be a
-  guess). Grayscale ([H, W] or [H, W, 1]) is replicated to RGB; RGBA drops
-  alpha (as PIL's ``convert('RGB')`` used by the CLI), i.e. pixels are taken
-  as stored, not composited.
-* The CLI applies EXIF orientation (as OpenCV's imread does), so ``kp2d``
-  refers to the image as viewers display it.
+The public FreiHAND two-pass test-time crop (:mod:`peclr_jax.evaluate`),
+then FreiHAND joint order with the wrist as root. docs/predict.md gives the
+procedure, the assumed camera when ``K`` is None, the units, and why
+images of mixed sizes share zero-padded batches.
 """
 
 from __future__ import annotations
@@ -75,6 +26,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 from typing import Any, Sequence
 
 import jax
@@ -90,8 +42,19 @@ from peclr_jax import models
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_INPUT_SIZE = evaluate.CROP_SIZE
 PREDICT_KINDS = ("finetune", "keypoint")
+# The CLI decodes larger images reduced (decode_image): the network sees
+# crops of input_size pixels cut from boxes of about half the image, so a
+# 4096 px side is already several times more detail than it uses, while a
+# 13000 x 13000 image is 0.5 GB as RGB before any padding or copies.
+MAX_DECODE_PIXELS = 4096 * 4096
+# Most pixels of a chunk's padded canvas (rows x height x width, 3 bytes
+# each): 200 MB, four images of MAX_DECODE_PIXELS or 12 MP photos.
+PIXEL_BUDGET = 1 << 26
+# Most pixels of an image the CLI's --viz plots: its figures are 500 px wide,
+# and matplotlib takes 0.8 GB and seconds to draw a 10 Mpx image.
+VIZ_PIXELS = 1 << 20
 
-__all__ = ["Predictor", "image_intrinsics", "to_rgb", "load_image", "main"]
+__all__ = ["Predictor", "image_intrinsics", "to_rgb", "decode_image", "load_image", "main"]
 
 
 # ==========================================================================
@@ -230,11 +193,13 @@ class Predictor:
       batch_size: most images per model call.
       fill, box_fraction: the protocol's box fill of the crop (0.7) and
           first-box side relative to the image's longer side (0.33).
+      pixel_budget: most pixels of one model call's padded image canvas.
   """
 
   def __init__(self, model: models.KeypointModel, input_size: int = DEFAULT_INPUT_SIZE, *,
                batch_size: int = DEFAULT_BATCH_SIZE, fill: float = evaluate.BOX_FILL,
-               box_fraction: float = evaluate.INITIAL_BOX_FRACTION):
+               box_fraction: float = evaluate.INITIAL_BOX_FRACTION,
+               pixel_budget: int = PIXEL_BUDGET):
     """Wraps an in-memory keypoint model (e.g. right after fine-tuning).
 
     Args:
@@ -243,6 +208,9 @@ class Predictor:
         batch_size: most images per model call (device memory bound).
         fill: fraction of the crop covered by a box's longer side.
         box_fraction: first box side / image's longer side (boxes=None).
+        pixel_budget: most pixels (rows x height x width) of the zero-padded
+            canvas one model call crops from (host memory bound); an image
+            larger than that is predicted alone.
     """
     if not isinstance(model, models.KeypointModel):
       raise ValueError(f"model must be a models.KeypointModel, got {type(model).__name__}")
@@ -254,6 +222,7 @@ class Predictor:
     self.batch_size = int(batch_size)
     self.fill = float(fill)
     self.box_fraction = float(box_fraction)
+    self.pixel_budget = int(pixel_budget)
     self.meta: dict[str, Any] = {}
     self.path: str | None = None
 
@@ -268,7 +237,7 @@ class Predictor:
             step directory. The meta must have kind 'finetune' or 'keypoint'.
         batch_size: most images per model call.
         dtype: compute dtype of the backbone (bfloat16 on accelerators).
-        **kwargs: passed to the constructor (fill, box_fraction).
+        **kwargs: passed to the constructor (fill, box_fraction, pixel_budget).
 
     Returns:
         A Predictor with ``meta`` (the checkpoint's meta) and ``path``
@@ -340,6 +309,21 @@ class Predictor:
     if not kp2d:
       return {"kp2d": np.zeros((0, 21, 2)), "kp3d": np.zeros((0, 21, 3))}
     return {"kp2d": np.concatenate(kp2d), "kp3d": np.concatenate(kp3d)}
+
+  def _chunks(self, sizes: np.ndarray, order: Sequence[int]):
+    """Runs of ``order`` of at most batch_size images whose padded canvas
+    (as :meth:`_two_pass` builds it) stays within pixel_budget."""
+    chunk: list[int] = []
+    for i in order:
+      grown = chunk + [i]
+      canvas = (self._rows(len(grown)) * _canvas_side(sizes[grown, 0].max())
+                * _canvas_side(sizes[grown, 1].max()))
+      if chunk and (len(grown) > self.batch_size or canvas > self.pixel_budget):
+        yield chunk
+        grown = [i]
+      chunk = grown
+    if chunk:
+      yield chunk
 
   def _crop(self, canvas: np.ndarray, matrix: np.ndarray, rows: int):
     """Normalised crops of a padded chunk (rows >= len(matrix))."""
@@ -423,8 +407,8 @@ class Predictor:
     # to the caller's order.
     order = sorted(range(n), key=lambda i: (_canvas_side(sizes[i, 0]),
                                             _canvas_side(sizes[i, 1]), i))
-    for start in range(0, n, self.batch_size):
-      idx = np.array(order[start:start + self.batch_size])
+    for chunk in self._chunks(sizes, order):
+      idx = np.array(chunk)
       out = self._two_pass([ims[i] for i in idx], K[idx], first[idx])
       result["kp2d"][idx] = out["kp2d"]
       result["kp3d"][idx] = out["kp3d"]
@@ -440,20 +424,80 @@ class Predictor:
 # ==========================================================================
 
 
-def load_image(path: str) -> np.ndarray:
-  """Reads an image file as uint8 [H, W, 3] RGB (EXIF orientation applied).
+def _reduction(width: int, height: int, max_pixels: int | None) -> int:
+  """Smallest integer f with ceil(W / f) * ceil(H / f) <= max_pixels (1 if None)."""
+  if max_pixels is None:
+    return 1
+  f = max(1, math.ceil(math.sqrt(width * height / max_pixels)))
+  while -(-width // f) * -(-height // f) > max_pixels:
+    f += 1
+  return f
+
+
+def _eight_bit(img):
+  """A 16-bit grayscale PIL image (mode I;16*, or I as PIL gives 16-bit PGM
+  and TIFF) as mode L scaled by the bit depth, 65535 -> 255 (PIL's own
+  conversion clips at 255: almost all white)."""
+  from PIL import Image
+
+  lut = np.round(np.arange(65536) * (255 / 65535)).astype(np.uint8)
+  return Image.fromarray(lut[np.clip(np.asarray(img), 0, 65535)], "L")
+
+
+def decode_image(path: str, max_pixels: int | None = MAX_DECODE_PIXELS):
+  """Reads an image file as uint8 RGB, reduced when it has over max_pixels.
+
+  A larger image is decoded reduced by an integer factor f: JPEGs first by
+  libjpeg's DCT scaling (``draft``: 1/2, 1/4 or 1/8, the full size never in
+  memory), then any format by averaging f x f blocks (``reduce``). Decoded
+  pixel (x, y) is the mean of the original pixels [f x, f x + f) x
+  [f y, f y + f) (:func:`decoded_to_original`). 16-bit grayscale is scaled by
+  its bit depth; alpha is dropped, not composited (pixels as stored). EXIF
+  orientation is applied (as OpenCV's imread does), so sizes and pixels are
+  the image as viewers display it.
+
+  Args:
+      path: image file.
+      max_pixels: most decoded pixels; None: always the full size.
+
+  Returns:
+      (image, f, (H, W)): uint8 [ceil(H / f), ceil(W / f), 3], the
+      reduction f >= 1, and the displayed full size.
 
   Raises:
-      ValueError: empty, unreadable or non-image file (message says why).
+      ValueError: a broken symbolic link, an empty, unreadable or non-image
+          file (the message says why).
   """
-  from PIL import Image, ImageOps, UnidentifiedImageError
+  from PIL import ExifTags, Image, UnidentifiedImageError
 
+  if os.path.islink(path) and not os.path.exists(path):
+    raise ValueError(f"broken symbolic link (to {os.readlink(path)!r})")
   if os.path.getsize(path) == 0:
     raise ValueError("empty file")
   try:
     with Image.open(path) as img:
+      width, height = img.size
+      # Read from the file itself: reduced or converted copies lose TIFF tags.
+      orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+      f = _reduction(width, height, max_pixels)
+      # JPEG only: a power of two <= f (None for other formats).
+      drafted = img.draft(None, (-(-width // f), -(-height // f))) if f > 1 else None
+      factor = round(width / drafted[1][2]) if drafted else 1
       img.load()
-      img = ImageOps.exif_transpose(img)
+      if img.mode.startswith("I;16") or img.mode == "I":
+        img = _eight_bit(img)
+      elif img.mode not in ("L", "RGB"):
+        img = img.convert("RGB")
+      rest = _reduction(img.width, img.height, max_pixels)
+      factor *= rest
+      img = img.reduce(rest)
+      # As ImageOps.exif_transpose, which reads the tags from its argument.
+      method = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90}.get(orientation)
+      if method is not None:
+        img = img.transpose(method)
       rgb = np.asarray(img.convert("RGB"), np.uint8)
   except UnidentifiedImageError:
     raise ValueError("not an image (unrecognised format)") from None
@@ -461,25 +505,55 @@ def load_image(path: str) -> np.ndarray:
     raise ValueError(f"cannot decode: {e}") from None
   if rgb.ndim != 3 or rgb.shape[0] < 1 or rgb.shape[1] < 1:
     raise ValueError(f"empty image {rgb.shape}")
-  return rgb
+  size = (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+  return rgb, factor, size
+
+
+def load_image(path: str) -> np.ndarray:
+  """Reads an image file as uint8 [H, W, 3] RGB at full size (EXIF
+  orientation applied, 16-bit grayscale scaled to 8 bits).
+
+  Raises:
+      ValueError: empty, unreadable or non-image file (message says why).
+  """
+  return decode_image(path, max_pixels=None)[0]
+
+
+def decoded_to_original(factor: int) -> np.ndarray:
+  """[3, 3] decoded pixels -> full-size pixels for a reduction by factor.
+
+  Pixel centres at integer coordinates (OpenCV, :func:`peclr_jax.augment.warp`):
+  decoded pixel x averages original pixels f x .. f x + f - 1, so it sits at
+  f x + (f - 1) / 2.
+  """
+  f = float(factor)
+  return np.array([[f, 0, (f - 1) / 2], [0, f, (f - 1) / 2], [0, 0, 1]])
+
+
+def display_name(path: str) -> str:
+  """path as valid UTF-8 text: bytes of a non-UTF-8 file name (held by Python
+  as lone surrogates, which JSON parsers and fonts reject) shown as \\xNN."""
+  return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def list_inputs(paths: Sequence[str]) -> list[str]:
   """Files named on the command line; a directory adds its (non-hidden)
-  regular files, sorted, not recursively. Missing paths are kept so they are
-  reported as unreadable."""
+  regular files and broken symbolic links, sorted, not recursively. Missing
+  paths and broken links are kept so they are reported as unreadable."""
   files = []
   for p in paths:
     if os.path.isdir(p):
-      files.extend(os.path.join(p, f) for f in sorted(os.listdir(p))
-                   if not f.startswith(".") and os.path.isfile(os.path.join(p, f)))
+      for f in sorted(os.listdir(p)):
+        path = os.path.join(p, f)
+        if not f.startswith(".") and (os.path.isfile(path) or not os.path.exists(path)):
+          files.append(path)
     else:
       files.append(p)
   return files
 
 
 def _unique_stem(path: str, used: set[str]) -> str:
-  stem = os.path.splitext(os.path.basename(path))[0] or "image"
+  stem = os.path.splitext(os.path.basename(display_name(path)))[0] or "image"
   name, k = stem, 1
   while name in used:
     name, k = f"{stem}_{k}", k + 1
@@ -489,16 +563,87 @@ def _unique_stem(path: str, used: set[str]) -> str:
 
 def _write_viz(outdir: str, path: str, image: np.ndarray, kp2d, kp3d, used: set[str],
                unit: str) -> list[str]:
+  from PIL import Image
+
   from peclr_jax import visualize  # matplotlib only when asked for
 
+  f = _reduction(image.shape[1], image.shape[0], VIZ_PIXELS)
+  image = np.asarray(Image.fromarray(image).reduce(f))
+  kp2d = (np.asarray(kp2d) - (f - 1) / 2) / f  # as decoded_to_original
   stem = _unique_stem(path, used)
-  title = os.path.basename(path)
-  return [
+  title = os.path.basename(display_name(path))
+  return [display_name(p) for p in (
       visualize.plot_keypoints_2d(image, kp2d, os.path.join(outdir, f"{stem}_2d.png"),
                                   order="freihand", title=title),
       visualize.plot_skeleton_3d(kp3d, os.path.join(outdir, f"{stem}_3d.png"),
-                                 order="freihand", title=f"{title} ({unit})"),
-  ]
+                                 order="freihand", title=f"{title} ({unit})"))]
+
+
+def _reason(e: Exception) -> str:
+  """One line of UTF-8 text saying why a file failed (messages may quote a
+  non-UTF-8 path; a bare MemoryError has no message)."""
+  text = display_name(" ".join(str(e).split()))
+  if isinstance(e, (ValueError, OSError)):
+    return text
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _check_output_dir(directory: str, flag: str):
+  """Creates directory and a file in it, so a bad --out or --viz fails
+  before any work rather than after it.
+
+  Raises:
+      ValueError: the path is a file, or nothing can be written there.
+  """
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise ValueError(f"{flag}: {display_name(directory)} is not a directory")
+  try:
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.TemporaryFile(dir=directory):
+      pass
+  except OSError as e:
+    raise ValueError(f"{flag}: cannot write in {display_name(directory)}: "
+                     f"{e.strerror or e}") from None
+
+
+def _write_json(path: str, obj):
+  """Writes obj to a temporary file and renames it to path: a crash leaves
+  the previous file or none, never half a report."""
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                             prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(obj, f)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
+def _predict_files(predictor: Predictor, batch, scale) -> dict[str, np.ndarray]:
+  """Predictor.predict on decoded files [(path, image, factor, (H, W))].
+
+  A reduced image is predicted in its decoded pixels with the full image's
+  camera and first box mapped into them, so the network sees the crops it
+  would see in the full image (block-averaged rather than point-sampled).
+
+  Returns:
+      predict's output, plus ``kp2d_decoded`` [N, 21, 2] (decoded pixels);
+      ``kp2d`` and ``box`` are in full-size pixels.
+  """
+  K, first = [], []
+  for _, _, f, size in batch:
+    to_original = decoded_to_original(f)
+    K.append(np.linalg.solve(to_original, image_intrinsics(*size)))
+    first.append(evaluate.map_box(np.linalg.inv(to_original),
+                                  evaluate.initial_box(size, predictor.box_fraction)))
+  out = predictor.predict([im for _, im, _, _ in batch], K=np.stack(K), boxes=np.stack(first),
+                          scale=scale)
+  f = np.array([f for _, _, f, _ in batch], np.float64)[:, None, None]
+  out["kp2d_decoded"] = out["kp2d"]
+  out["kp2d"] = f * out["kp2d"] + (f - 1) / 2
+  out["box"] = f[:, 0] * out["box"] + (f[:, 0] - 1) / 2
+  return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -521,7 +666,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """CLI entry. Returns the exit status: 0 when at least one image was
-  predicted, 1 otherwise (nothing readable, or a bad checkpoint)."""
+  predicted, 1 otherwise (nothing readable, or a bad checkpoint), 2 for a
+  bad argument (checked before any work).
+
+  Whatever happens to one file or batch (undecodable, out of memory, a
+  failed model call) is recorded under "skipped" with the reason; a failed
+  batch is retried image by image. The JSON report is always written.
+  """
   from tqdm import tqdm
 
   args = build_parser().parse_args(argv)
@@ -532,46 +683,74 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("--scale must be a positive number", file=sys.stderr)
     return 2
   try:
+    if os.path.isdir(args.out):
+      raise ValueError(f"--out: {display_name(args.out)} is a directory; name the JSON "
+                       "file to write")
+    _check_output_dir(os.path.dirname(os.path.abspath(args.out)), "--out")
+    if args.viz:
+      _check_output_dir(args.viz, "--viz")
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  try:
     predictor = Predictor.from_checkpoint(args.checkpoint, batch_size=args.batch_size)
   except (checkpoints.CheckpointError, FileNotFoundError) as e:
-    print(f"error: cannot load a keypoint model from {args.checkpoint}: {e}", file=sys.stderr)
+    print(f"error: cannot load a keypoint model from {display_name(args.checkpoint)}: {e}",
+          file=sys.stderr)
     return 1
 
   files = list_inputs(args.images)
   unit = "bone" if args.scale is None else "metres"
   predictions, skipped, used = [], [], set()
-  pending: list[tuple[str, np.ndarray]] = []
+  pending: list[tuple[str, np.ndarray, int, tuple[int, int]]] = []
 
-  def flush():
-    if not pending:
+  def run(batch):
+    try:
+      out = _predict_files(predictor, batch, args.scale)
+    except Exception as e:  # pylint: disable=broad-except
+      # One bad image or an oversized batch must not cost the others.
+      if len(batch) > 1:
+        for item in batch:
+          run([item])
+      else:
+        skipped.append({"file": display_name(batch[0][0]),
+                        "error": f"prediction failed: {_reason(e)}"})
       return
-    out = predictor.predict([im for _, im in pending], scale=args.scale)
-    for i, (path, im) in enumerate(pending):
-      entry = {"file": path, "height": int(im.shape[0]), "width": int(im.shape[1]),
+    for i, (path, im, f, (h, w)) in enumerate(batch):
+      entry = {"file": display_name(path), "height": h, "width": w, "reduction": f,
                "kp3d": out["kp3d"][i].tolist(), "kp2d": out["kp2d"][i].tolist(),
                "box": out["box"][i].tolist()}
       if args.viz:
-        entry["viz"] = _write_viz(args.viz, path, im, out["kp2d"][i], out["kp3d"][i],
-                                  used, unit)
+        try:
+          entry["viz"] = _write_viz(args.viz, path, im, out["kp2d_decoded"][i],
+                                    out["kp3d"][i], used, unit)
+        except Exception as e:  # pylint: disable=broad-except
+          entry["viz_error"] = _reason(e)
       predictions.append(entry)
-    bar.update(len(pending))
-    pending.clear()
+
+  def flush():
+    if pending:
+      run(list(pending))
+      bar.update(len(pending))
+      pending.clear()
 
   with tqdm(total=len(files), desc="predict", unit="img", file=sys.stderr,
             disable=args.no_progress) as bar:
     for path in files:
       try:
-        pending.append((path, load_image(path)))
-      except (ValueError, OSError) as e:
-        skipped.append({"file": path, "error": str(e)})
+        pending.append((path, *decode_image(path, MAX_DECODE_PIXELS)))
+      except Exception as e:  # pylint: disable=broad-except
+        skipped.append({"file": display_name(path), "error": _reason(e)})
         bar.update(1)
         continue
-      if len(pending) >= predictor.batch_size:
+      # Decoded images wait for a full batch: bound them by pixels too.
+      if (len(pending) >= predictor.batch_size
+          or sum(im.shape[0] * im.shape[1] for _, im, _, _ in pending) >= predictor.pixel_budget):
         flush()
     flush()
 
   report = {
-      "checkpoint": predictor.path,
+      "checkpoint": display_name(predictor.path),
       "backbone": predictor.meta.get("backbone"),
       "input_size": predictor.input_size,
       "joint_order": "freihand",
@@ -579,17 +758,16 @@ def main(argv: Sequence[str] | None = None) -> int:
       "kp3d_units": "metres" if args.scale is not None else "reference bone (middle MCP-PIP)",
       "kp2d_units": "pixels of the original image (x, y)",
       "intrinsics": "assumed: 224 px default scaled to the longer image side",
+      "reduction": (f"images over {MAX_DECODE_PIXELS} pixels are decoded reduced by the "
+                    "integer factor 'reduction' (f x f pixel blocks averaged)"),
       "predictions": predictions,
       "skipped": skipped,
   }
-  out_dir = os.path.dirname(os.path.abspath(args.out))
-  os.makedirs(out_dir, exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(report, f)
+  _write_json(args.out, report)
   for s in skipped:
     print(f"skipped {s['file']}: {s['error']}", file=sys.stderr)
-  print(f"predicted {len(predictions)} image(s), skipped {len(skipped)}; wrote {args.out}",
-        file=sys.stderr)
+  print(f"predicted {len(predictions)} image(s), skipped {len(skipped)}; "
+        f"wrote {display_name(args.out)}", file=sys.stderr)
   return 0 if predictions else 1
 
 

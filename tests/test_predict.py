@@ -27,7 +27,7 @@ from peclr_jax import predict
 
 S = 64
 BATCH = 4
-# AIT index of each FreiHAND joint (DATASETS.md), independent of geometry.
+# AIT index of each FreiHAND joint (docs/datasets.md), independent of geometry.
 FH_FROM_AIT = [0, 1, 6, 11, 16, 2, 7, 12, 17, 3, 8, 13, 18, 4, 9, 14, 19, 5, 10, 15, 20]
 AIT_MIDDLE_MCP = 3
 FX224, FY224 = 388.9018310596544, 388.71231836584275
@@ -315,43 +315,75 @@ def test_wrong_inputs_raise_clear_errors(predictor, kwargs, match):
 # --------------------------------------------------------------------------
 
 
+# Runs the CLI with its address space limited to what it has once JAX's
+# CPU client is up (threads and all) plus HEADROOM bytes, so that the limit
+# does not depend on the machine's core count or malloc settings.
+_LIMITED_CLI = """
+import resource, runpy, sys
+import jax
+jax.devices()
+with open("/proc/self/status") as f:
+  size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+limit = size + int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+sys.argv = ["predict"] + sys.argv[2:]
+runpy.run_module("peclr_jax.predict", run_name="__main__")
+"""
+HEADROOM = 2 << 30  # the CLI needs < 1 GB; it needed > 3 GB before
+
+
 def _write_inputs(folder):
-  a, b = _images(5, [(48, 64, 3), (70, 52, 3)])
+  """Good, hostile and broken inputs; returns the good images' pixels."""
+  a, b, c = _images(5, [(48, 64, 3), (70, 52, 3), (40, 36)])
   Image.fromarray(a).save(folder / "a.png")
   Image.fromarray(b[..., 0]).save(folder / "b.jpg", quality=95)  # grayscale JPEG
+  # 16-bit grayscale (PIL mode I;16): c * 257 is c at 8 bits. Its name is
+  # not UTF-8 (Latin-1 e-acute), which Python holds as a lone surrogate.
+  Image.fromarray(c.astype(np.uint16) * 257).save(
+      os.path.join(os.fsencode(folder), b"caf\xe9.png"))
+  # 169 Mpx (under PIL's bomb limit), 0.2 MB as PNG, 0.5 GB as RGB: the CLI
+  # kept several full-size copies (3.2 GB peak) and died writing nothing.
+  Image.new("L", (13000, 13000), 90).save(folder / "huge.png", compress_level=1)
   (folder / "empty.png").write_bytes(b"")
   (folder / "notes.jpg").write_text("not an image\n")
+  os.symlink(folder / "gone.png", folder / "link.png")
+  return a, b, np.repeat(c[..., None], 3, -1)
 
 
 def test_cli(workdir, predictor, tmp_path):
   images = tmp_path / "images"
   images.mkdir()
-  _write_inputs(images)
+  a, b, c = _write_inputs(images)
   out, viz = tmp_path / "preds.json", tmp_path / "viz"
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   proc = subprocess.run(
-      [sys.executable, "-m", "peclr_jax.predict", "--checkpoint", str(workdir),
-       "--images", str(images), "--out", str(out), "--viz", str(viz), "--batch-size", "4"],
-      capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+      [sys.executable, "-c", _LIMITED_CLI, str(HEADROOM), "--checkpoint", str(workdir),
+       "--images", str(images), "--out", str(out), "--viz", str(viz), "--batch-size", "4",
+       "--no-progress"], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
   assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-  report = json.loads(out.read_text())
+  # Valid UTF-8 JSON without lone surrogates (strict parsers reject them).
+  report = json.loads(out.read_bytes().decode("utf-8"))
+  json.dumps(report, ensure_ascii=False).encode("utf-8")
   preds = report["predictions"]
-  assert [os.path.basename(p["file"]) for p in preds] == ["a.png", "b.jpg"]
+  names = ["a.png", "b.jpg", "caf\\xe9.png", "huge.png"]
+  assert [os.path.basename(p["file"]) for p in preds] == names
   for p in preds:
     assert np.asarray(p["kp3d"]).shape == (21, 3)
     assert np.asarray(p["kp2d"]).shape == (21, 2)
-  skipped = sorted(os.path.basename(s["file"]) for s in report["skipped"])
-  assert skipped == ["empty.png", "notes.jpg"]
-  assert "empty.png" in proc.stderr and "notes.jpg" in proc.stderr
-  # Same numbers as the API on the decoded files.
-  decoded = [predict.load_image(p["file"]) for p in preds]
-  assert decoded[1].shape == (70, 52, 3)
-  api = predictor.predict(decoded)
-  np.testing.assert_allclose([p["box"] for p in preds], api["box"], atol=1e-6)
-  np.testing.assert_allclose([p["kp2d"] for p in preds], api["kp2d"], atol=1e-3)
-  np.testing.assert_allclose([p["kp3d"] for p in preds], api["kp3d"], rtol=1e-4, atol=1e-4)
+    assert np.all(np.isfinite(p["kp3d"])) and np.all(np.isfinite(p["kp2d"]))
+  assert [(p["height"], p["width"], p["reduction"]) for p in preds] == [
+      (48, 64, 1), (70, 52, 1), (40, 36, 1), (13000, 13000, 4)]
+  skipped = {os.path.basename(s["file"]): s["error"] for s in report["skipped"]}
+  assert sorted(skipped) == ["empty.png", "link.png", "notes.jpg"]
+  assert "broken symbolic link" in skipped["link.png"]
+  assert all(name in proc.stderr for name in skipped)
+  # Same numbers as the API on the images as written (the JPEG as decoded).
+  api = predictor.predict([a, predict.load_image(str(images / "b.jpg")), c])
+  np.testing.assert_allclose([p["box"] for p in preds[:3]], api["box"], atol=1e-6)
+  np.testing.assert_allclose([p["kp2d"] for p in preds[:3]], api["kp2d"], atol=1e-3)
+  np.testing.assert_allclose([p["kp3d"] for p in preds[:3]], api["kp3d"], rtol=1e-4, atol=1e-4)
   pngs = sorted(os.listdir(viz))
-  assert pngs == ["a_2d.png", "a_3d.png", "b_2d.png", "b_3d.png"]
+  assert pngs == sorted(f"{os.path.splitext(n)[0]}_{k}.png" for n in names for k in ("2d", "3d"))
   for name in pngs:
     data = (viz / name).read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
@@ -387,3 +419,131 @@ def test_damaged_metadata_is_one_line_naming_the_file(tmp_path, model, damage):
     predict.Predictor.from_checkpoint(str(workdir))
   message = str(info.value)
   assert str(meta_dir) in message and "\n" not in message
+
+
+
+# --------------------------------------------------------------------------
+# Hostile images and outputs
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ext, mode", [("png", "I;16"), ("pgm", "I")])
+def test_16_bit_grayscale_is_scaled_by_its_bit_depth(tmp_path, ext, mode):
+  # PIL's convert('RGB') clips 16-bit values at 255: almost all white.
+  gray = np.arange(256, dtype=np.uint8).reshape(16, 16)
+  path = tmp_path / f"g.{ext}"
+  Image.fromarray(gray.astype(np.uint16) * 257).save(path)
+  assert Image.open(path).mode == mode
+  np.testing.assert_array_equal(predict.load_image(str(path)), np.repeat(gray[..., None], 3, -1))
+
+
+def test_decode_image_reduces_large_images(tmp_path):
+  # Blocks of 3 x 3 equal pixels: their means are known exactly.
+  small = _images(8, [(11, 14, 3)])[0]
+  Image.fromarray(np.kron(small, np.ones((3, 3, 1), np.uint8))).save(tmp_path / "b.png")
+  assert predict._reduction(42, 33, 14 * 11) == 3
+  image, factor, size = predict.decode_image(str(tmp_path / "b.png"), max_pixels=14 * 11)
+  np.testing.assert_array_equal(image, small)
+  assert (factor, size) == (3, (33, 42))
+  full, factor, size = predict.decode_image(str(tmp_path / "b.png"))
+  assert (full.shape, factor, size) == ((33, 42, 3), 1, (33, 42))
+  # JPEG: DCT-scaled by 8 (then 2 by block means), EXIF rotation applied
+  # after, with the full size reported as displayed.
+  smooth = np.broadcast_to(np.linspace(0, 255, 320)[None, :, None], (240, 320, 3))
+  jpeg = Image.fromarray(smooth.astype(np.uint8))
+  exif = jpeg.getexif()
+  exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+  jpeg.save(tmp_path / "r.jpg", exif=exif.tobytes(), quality=95)
+  image, factor, size = predict.decode_image(str(tmp_path / "r.jpg"), max_pixels=20 * 15)
+  assert (image.shape, factor, size) == ((20, 15, 3), 16, (320, 240))
+  # Columns of the stored image run down the displayed one; each decoded
+  # pixel is about the mean of its 16 x 16 block.
+  want = smooth[0, :, 0].reshape(20, 16).mean(1)
+  np.testing.assert_allclose(image[:, 7, 0], want, atol=4)
+
+
+def test_cli_reduced_image_is_predicted_in_full_size_pixels(workdir, predictor, tmp_path,
+                                                            monkeypatch):
+  # The same mapping as a 13000 px image, at a size the test can afford.
+  (big,) = _images(9, [(96, 120, 3)])
+  Image.fromarray(big).save(tmp_path / "big.png")
+  monkeypatch.setattr(predict, "MAX_DECODE_PIXELS", 40 * 32)
+  out = tmp_path / "p.json"
+  assert predict.main(["--checkpoint", str(workdir), "--images", str(tmp_path / "big.png"),
+                       "--out", str(out), "--no-progress"]) == 0
+  (pred,) = json.loads(out.read_text())["predictions"]
+  assert (pred["height"], pred["width"], pred["reduction"]) == (96, 120, 3)
+  # Written out: decoded pixel x sits at 3 x + 1 of the full image, so the
+  # full image's camera and first box are moved into decoded pixels and the
+  # results moved back.
+  image, _, _ = predict.decode_image(str(tmp_path / "big.png"), 40 * 32)
+  assert image.shape == (32, 40, 3)
+  K = np.array([[FX224 * 120 / 224, 0, 60], [0, FY224 * 120 / 224, 48], [0, 0, 1]])
+  K[:2] = (K[:2] - K[2]) / 3
+  side = 0.33 * 120
+  box = (np.array([60 - side / 2, 48 - side / 2, 60 + side / 2, 48 + side / 2]) - 1) / 3
+  ref = predictor.predict([image], K=K, boxes=box[None])
+  np.testing.assert_allclose(pred["kp2d"], ref["kp2d"][0] * 3 + 1, atol=3e-3)
+  np.testing.assert_allclose(pred["box"], ref["box"][0] * 3 + 1, atol=1e-5)
+  np.testing.assert_allclose(pred["kp3d"], ref["kp3d"][0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bad", ["out_is_dir", "out_under_file", "viz_is_file"])
+def test_cli_checks_outputs_before_any_work(tmp_path, capsys, bad):
+  (tmp_path / "file").write_text("x")
+  out, viz = tmp_path / "p.json", None
+  if bad == "out_is_dir":
+    out = tmp_path
+  elif bad == "out_under_file":
+    out = tmp_path / "file" / "p.json"
+  else:
+    viz = tmp_path / "file"
+  # The checkpoint does not exist: the outputs must be refused first.
+  rc = predict.main(["--checkpoint", str(tmp_path / "none"), "--images", str(tmp_path),
+                     "--out", str(out), "--no-progress"] + (["--viz", str(viz)] if viz else []))
+  err = capsys.readouterr().err.strip()
+  assert rc == 2 and "\n" not in err, err
+  flag = "--viz" if viz else "--out"
+  assert err.startswith(f"error: {flag}: ") and str(tmp_path) in err, err
+  assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+def test_cli_failed_batch_is_retried_and_recorded(workdir, tmp_path, monkeypatch):
+  a, poison, b = _images(10, [(40, 48, 3), (33, 33, 3), (50, 44, 3)])
+  for name, im in (("a.png", a), ("p.png", poison), ("b.png", b)):
+    Image.fromarray(im).save(tmp_path / name)
+  # Fault: any model call holding the 33 x 33 image runs out of memory.
+  original = predict.Predictor.predict
+
+  def failing(self, images, *args, **kwargs):
+    if any(np.shape(im)[:2] == (33, 33) for im in images):
+      raise MemoryError
+    return original(self, images, *args, **kwargs)
+
+  monkeypatch.setattr(predict.Predictor, "predict", failing)
+  out = tmp_path / "out" / "p.json"
+  assert predict.main(["--checkpoint", str(workdir), "--images", str(tmp_path), "--out",
+                       str(out), "--no-progress"]) == 0
+  report = json.loads(out.read_text())
+  assert [os.path.basename(p["file"]) for p in report["predictions"]] == ["a.png", "b.png"]
+  assert report["skipped"] == [{"file": str(tmp_path / "p.png"),
+                                "error": "prediction failed: MemoryError"}]
+  assert os.listdir(out.parent) == ["p.json"]  # the temporary file was renamed
+
+
+def test_chunks_stay_within_pixel_budget(model, predictor, monkeypatch):
+  shapes = [(40, 40, 3), (100, 90, 3), (30, 30, 3), (100, 100, 3), (40, 40, 3)]
+  images = _images(11, shapes)
+  # Canvas sides 40, 112 x 96, 32, 112 x 112: sorted by size, the three
+  # small images (4 rows of 40 x 40) and the two large ones (2 rows of
+  # 112 x 112) fit; a small chunk with a large image (4 x 112 x 96) does not.
+  p = predict.Predictor(model, S, batch_size=4, pixel_budget=2 * 112 * 112)
+  calls = []
+  two_pass = p._two_pass
+  monkeypatch.setattr(p, "_two_pass", lambda ims, *a: calls.append(
+      [im.shape[:2] for im in ims]) or two_pass(ims, *a))
+  out = p.predict(images)
+  assert calls == [[(30, 30), (40, 40), (40, 40)], [(100, 90), (100, 100)]]
+  ref = predictor.predict(images)
+  np.testing.assert_allclose(out["kp2d"], ref["kp2d"], atol=1e-3)
+  np.testing.assert_allclose(out["kp3d"], ref["kp3d"], rtol=1e-4, atol=1e-4)
