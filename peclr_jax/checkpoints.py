@@ -8,20 +8,33 @@ A checkpoint step holds four items:
   meta      {'kind': 'pretrain'|'finetune'|'backbone'|'keypoint', 'backbone': name, ...}.
 Converted PyTorch weights use the same layout with only state['model'], so
 fine-tuning, evaluation and the Predictor read both the same way.
+
+Every step also holds `checksums.json`: the size and SHA-256 of each of its
+files, computed in orbax's background thread once the step is complete and
+before it is renamed into place (so a step is never visible without it).
+Every read (`find_step`, hence `read_meta`, `read_config`, `restore_subtree`,
+`restore_module`; `CheckpointManager.latest_step`, hence resuming) takes the
+newest step whose files match it: a step damaged later (bit rot, a
+truncated or deleted file) is skipped with a one-line warning naming the
+file, and the run that holds the workdir's lock moves it aside to
+`<step>.damaged` (a name orbax ignores) for inspection. Steps written before
+checksums existed are read unverified.
 """
 
 import contextlib
 import datetime
 import errno
 import fcntl
+import hashlib
 import json
+import logging
 import os
+import re
 import socket
 import sys
 import threading
 from typing import Any
 
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -29,6 +42,13 @@ from flax import nnx
 
 CHECKPOINT_SUBDIR = "checkpoints"
 LOCK_FILE = ".lock"
+MANIFEST = "checksums.json"
+DAMAGED_SUFFIX = ".damaged"
+# Orbax writes step N into N + this suffix and renames it when complete.
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+# Orbax's bookkeeping of a step, rewritten at the rename (commit time),
+# after the checksums: not checked.
+_UNCHECKED = ("_CHECKPOINT_METADATA",)
 
 
 class CheckpointError(ValueError):
@@ -166,8 +186,11 @@ def checkpoint_dir(path: str) -> str:
 
 
 def _is_step_dir(path: str) -> bool:
-  return os.path.basename(path).isdigit() and os.path.isdir(
-      os.path.join(path, "state"))
+  # A step whose `state` was deleted still has its manifest: it is damaged,
+  # not absent.
+  return os.path.basename(path).isdigit() and (
+      os.path.isdir(os.path.join(path, "state"))
+      or os.path.isfile(os.path.join(path, MANIFEST)))
 
 
 def _abstract(tree):
@@ -179,7 +202,8 @@ class CheckpointManager:
 
   Saves are asynchronous: a write that fails in the background (disk full)
   is raised by the next `save`, `wait` or `close` as CheckpointWriteError
-  naming the step and the last complete one.
+  naming the step and the last complete one. The checksums of a step are
+  computed in the same background thread.
   """
 
   def __init__(self, workdir: str, *, max_to_keep: int | None = 3,
@@ -193,23 +217,51 @@ class CheckpointManager:
             # Temporary directories of saves cut short by a kill are never
             # read; remove them (process 0 only) so they do not pile up.
             cleanup_tmp_directories=not read_only,
-            enable_async_checkpointing=async_save))
+            # Always orbax's asynchronous checkpointer: only it calls back
+            # between the complete write and the rename, where the
+            # checksums are written. async_save=False waits in `save`.
+            enable_async_checkpointing=True,
+            async_options=ocp.AsyncOptions(
+                post_finalization_callback=self._write_checksums)))
+    self._async = async_save
     self._pending = None  # the step being written in the background
+    if not read_only:
+      _quiet_failed_saves()
 
   def latest_step(self) -> int | None:
-    return self._manager.latest_step()
+    """The newest intact step (damaged newer ones skipped, see the module
+    docstring), None when none was written.
+
+    Raises:
+      CheckpointError: every step is damaged.
+    """
+    step = _newest_intact(self.directory)
+    # Orbax lists the steps once; one may have just been moved aside.
+    self._manager.reload()
+    return step
 
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
   @contextlib.contextmanager
   def _writing(self, step):
-    """Turns an OSError of the write of `step` into CheckpointWriteError."""
+    """Turns a failed write of `step` into CheckpointWriteError: an OSError,
+    or tensorstore's ValueError carrying the OS error code (a full disk is
+    `ValueError('RESOURCE_EXHAUSTED: Error writing "<array>" in OCDBT
+    database ...: No space left on device [os_error_code='28']')`)."""
     try:
       yield
-    except OSError as e:
+    except (OSError, ValueError) as e:
       if isinstance(e, CheckpointWriteError):
         raise
+      if isinstance(e, OSError):
+        code, reason = e.errno, e.strerror or str(e)
+      else:
+        found = re.search(r"os_error_code='(\d+)'", str(e))
+        if found is None:  # not an I/O error: a bug, shown as it is
+          raise
+        code = int(found.group(1))
+        reason = os.strerror(code)
       self._pending = None
       where = self.directory if step is None else f"{self.directory}/{step}"
       # What is on disk, not orbax's list, which may name the failed step.
@@ -217,7 +269,7 @@ class CheckpointManager:
       kept = (f"step {done[-1]} is intact" if done
               else "no earlier step was written")
       raise CheckpointWriteError(
-          e.errno, f"writing checkpoint {where} failed: {e.strerror or e}; "
+          code, f"writing checkpoint {where} failed: {reason}; "
           f"{kept}. Fix the disk (space, permissions) and re-run the same "
           "command to continue from there.") from e
 
@@ -231,9 +283,17 @@ class CheckpointManager:
       items["data_iter"] = _grain_save(data_iter)
     # Orbax first waits for the previous save: its failure surfaces here.
     self.wait()
+    self._pending = step  # read by _write_checksums, maybe before save returns
     with self._writing(step):
       self._manager.save(step, args=ocp.args.Composite(**items), force=True)
-    self._pending = step
+    if not self._async:
+      self.wait()
+
+  def _write_checksums(self):
+    """Orbax's callback, in its background thread on process 0, once every
+    process has written step `_pending` and before it is renamed."""
+    _write_manifest(
+        os.path.join(self.directory, f"{self._pending}{_TMP_SUFFIX}"))
 
   def restore(self, step: int, state_template: dict, *, expect_meta: dict,
               data_iter=None) -> dict:
@@ -265,11 +325,16 @@ class CheckpointManager:
       self._manager.close()
 
 
+# grain only where a data iterator is saved or restored: the steps and the
+# Predictor import without it (benchmarks/accelerator_suite.sh carries no
+# grain to the GPU machine).
 def _grain_save(it):
+  import grain  # pylint: disable=g-import-not-at-top
   return grain.checkpoint.CheckpointSave(it)
 
 
 def _grain_restore(it):
+  import grain  # pylint: disable=g-import-not-at-top
   return grain.checkpoint.CheckpointRestore(it)
 
 
@@ -286,6 +351,167 @@ def check_meta(meta: dict, expect: dict, where: str):
           f"{key}={want!r}. Use another --workdir, or set the config to match.")
 
 
+class _Damaged(Exception):
+  """The files of a step differ from its manifest (the message says how)."""
+
+
+# The steps this process found intact, with the (inode, size, mtime) of each
+# of their files, and the warnings it printed: a step is read by several
+# helpers in a row (a run's start, fine-tuning's init, evaluation).
+_verified: set[tuple] = set()
+_reported: set[str] = set()
+
+
+def _warn_once(message: str):
+  if message not in _reported:
+    _reported.add(message)
+    print(message, file=sys.stderr, flush=True)
+
+
+def _checksums(step_dir: str) -> dict[str, list]:
+  """{path relative to step_dir: [size in bytes, SHA-256]} of its files
+  (but the manifest and `_UNCHECKED`)."""
+  sums = {}
+  for root, _, names in os.walk(step_dir):
+    for name in names:
+      path = os.path.join(root, name)
+      rel = os.path.relpath(path, step_dir)
+      if rel != MANIFEST and rel not in _UNCHECKED:
+        with open(path, "rb") as f:
+          sums[rel] = [os.fstat(f.fileno()).st_size,
+                       hashlib.file_digest(f, "sha256").hexdigest()]
+  return sums
+
+
+def _write_manifest(step_dir: str):
+  with open(os.path.join(step_dir, MANIFEST), "w") as f:
+    json.dump(_checksums(step_dir), f, indent=0)
+
+
+def _verify(step_dir: str):
+  """Checks the files of a finished step against its manifest.
+
+  A step without one (written before checksums existed) is accepted, with a
+  warning that it is unverified.
+
+  Raises:
+    _Damaged: a file is missing, of another size or content, or the manifest
+      itself is unreadable.
+  """
+  try:
+    with open(os.path.join(step_dir, MANIFEST), "rb") as f:
+      want = [(rel, int(size), str(digest))
+              for rel, (size, digest) in json.load(f).items()]
+  except FileNotFoundError:
+    _warn_once(f"warning: checkpoint {step_dir} has no {MANIFEST} (written "
+               "by an older version): read unverified.")
+    return
+  except (OSError, ValueError, TypeError, AttributeError) as e:
+    raise _Damaged(
+        f"{os.path.join(step_dir, MANIFEST)} is unreadable: {e}") from None
+  stats = []
+  for rel, _, _ in [(MANIFEST, 0, ""), *want]:
+    try:
+      st = os.stat(os.path.join(step_dir, rel))
+    except FileNotFoundError:
+      raise _Damaged(f"{os.path.join(step_dir, rel)} is missing") from None
+    stats.append((rel, st.st_ino, st.st_size, st.st_mtime_ns))
+  key = (step_dir, tuple(stats))
+  if key in _verified:
+    return
+  for rel, size, digest in want:
+    path = os.path.join(step_dir, rel)
+    with open(path, "rb") as f:
+      have = os.fstat(f.fileno()).st_size
+      if have != size:
+        raise _Damaged(f"{path} has {have} bytes, {size} were written")
+      if hashlib.file_digest(f, "sha256").hexdigest() != digest:
+        raise _Damaged(f"{path} differs from what was written (SHA-256)")
+  _verified.add(key)
+
+
+def _owned(path: str) -> bool:
+  """Whether this process holds the lock of a workdir that contains path."""
+  path = os.path.realpath(path)
+  with _held_guard:
+    return any(path.startswith(os.path.dirname(lock) + os.sep)
+               for lock in _held)
+
+
+def _set_aside(step_dir: str) -> str:
+  """Renames a damaged step to <step>.damaged (or .damaged2, ...), which
+  orbax neither lists nor deletes, so that the step can be written again."""
+  target, n = step_dir + DAMAGED_SUFFIX, 1
+  while os.path.exists(target):
+    n += 1
+    target = f"{step_dir}{DAMAGED_SUFFIX}{n}"
+  os.rename(step_dir, target)
+  return target
+
+
+def _newest_intact(directory: str) -> int | None:
+  """The newest finished step of `directory` that `_verify` accepts; None
+  when there is no step.
+
+  Each damaged newer step is named in a warning. The process that holds the
+  workdir's lock (a run about to write those step numbers again) moves it
+  aside; other readers only skip it.
+
+  Raises:
+    CheckpointError: every step is damaged (none is moved).
+  """
+  damaged = []
+  for step in reversed(_finished_steps(directory)):
+    step_dir = os.path.join(directory, str(step))
+    try:
+      _verify(step_dir)
+    except _Damaged as e:
+      damaged.append((step_dir, str(e)))
+      continue
+    for bad_dir, why in damaged:
+      kept = f"; moved to {_set_aside(bad_dir)}" if _owned(bad_dir) else ""
+      _warn_once(f"warning: skipping damaged checkpoint {bad_dir}: {why}"
+                 f"{kept}; using step {step}.")
+    return step
+  if damaged:
+    raise CheckpointError(
+        f"no intact checkpoint step in {directory}: "
+        + "; ".join(why for _, why in damaged))
+  return None
+
+
+class _DropOrbaxErrors(logging.Filter):
+  """Orbax logs a failed background save at ERROR, with a traceback, from
+  each thread the failure passes through; the failure itself is raised by
+  the next save, wait or close (as CheckpointWriteError), so these records
+  only repeat it, hundreds of lines long."""
+
+  def filter(self, record):
+    return not (record.levelno == logging.ERROR
+                and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _quiet_failed_saves():
+  """Installs (once per process) `_DropOrbaxErrors` and an unraisable hook
+  that drops tensorstore's reports of writes completing after orbax closed
+  the event loop that awaited them (each other array write of a failed
+  save: `RuntimeError: Event loop is closed`, one traceback each)."""
+  absl_logger = logging.getLogger("absl")
+  if not any(isinstance(f, _DropOrbaxErrors) for f in absl_logger.filters):
+    absl_logger.addFilter(_DropOrbaxErrors())
+  if getattr(sys.unraisablehook, "drops_closed_loop", False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook.drops_closed_loop = True
+  sys.unraisablehook = hook
+
+
 def _finished_steps(directory: str) -> list[int]:
   """Steps renamed into place (orbax's temporary directories excluded)."""
   if not os.path.isdir(directory):
@@ -295,18 +521,23 @@ def _finished_steps(directory: str) -> list[int]:
 
 
 def find_step(path: str) -> tuple[str, int]:
-  """(steps directory, step) of the latest step under `path` (a workdir, its
-  checkpoints directory, or one step directory)."""
+  """(steps directory, step) of the latest intact step under `path` (a
+  workdir, its checkpoints directory, or one step directory, which must be
+  intact itself); damaged newer steps are skipped with a warning."""
   path = os.path.abspath(os.fspath(path))
   if _is_step_dir(path):
+    try:
+      _verify(path)
+    except _Damaged as e:
+      raise CheckpointError(f"checkpoint {path} is damaged: {e}") from None
     return os.path.dirname(path), int(os.path.basename(path))
   directory = checkpoint_dir(path)
   if not os.path.isdir(directory):
     raise CheckpointError(f"No checkpoint directory at {path}")
-  steps = _finished_steps(directory)
-  if not steps:
+  step = _newest_intact(directory)
+  if step is None:
     raise CheckpointError(f"{directory} holds no finished checkpoint step")
-  return directory, steps[-1]
+  return directory, step
 
 
 def read_meta(path: str) -> dict:
