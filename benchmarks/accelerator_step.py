@@ -1,13 +1,16 @@
-"""Pre-training step on an accelerator: images/s, MFU, compile time, memory,
+"""Training step on an accelerator: images/s, MFU, compile time, memory,
 scaling over devices; prints JSON.
 
 The step is the real one (see pretrain_step.py: `training.make_train_step` +
-`pretrain.contrastive_loss` + `training.make_optimizer`, state donated,
+`pretrain.contrastive_loss` (or, with `--step finetune`,
+`finetune.keypoint_loss`) and `training.make_optimizer`, state donated,
 batch sharded on the 'data' mesh). FLOPs per step come from XLA's cost
-analysis of the compiled one-device step (`jitted.lower(...).compile()
-.cost_analysis()['flops']`, the forward + backward + optimiser arithmetic XLA
-counts); model FLOP utilisation = flops/step * steps/s / (peak * devices)
-with the chip's dense peak for the dtype (table below, or --peak_tflops).
+analysis of the one-device step as traced (`jitted.lower(...)
+.cost_analysis()['flops']`: forward, backward and optimiser arithmetic, the
+same count on every platform; the compiled executable's count is reported
+next to it). Model FLOP utilisation = flops/step * steps/s / (peak *
+devices) with the chip's dense peak for the dtype (table below, or
+--peak_tflops).
 Peak memory is `device.memory_stats()['peak_bytes_in_use']` (absent on CPU,
 where the compiled memory analysis is reported instead).
 
@@ -71,9 +74,10 @@ def main():
     devices = devices[:args.max_devices]
   kind = devices[0].device_kind
   peak = args.peak_tflops or peak_for(kind, args.dtype)
+  views = pretrain_step.views_per_example(args)
   out = {"benchmark": "accelerator_step", **common.machine(),
          "platform": devices[0].platform, "device_kind": kind,
-         "num_devices": len(devices), "dtype": args.dtype,
+         "num_devices": len(devices), "step": args.step, "dtype": args.dtype,
          "backbone": args.backbone, "pairs_per_device": args.pairs,
          "out_size": args.out_size, "peak_tflops_per_device": peak,
          "scaling": []}
@@ -85,8 +89,11 @@ def main():
     info = {}
     run, flops, compile_s = pretrain_step.make_jax_step(
         step_args, devices=devices[:n], info=info)
+    print(f"accelerator_step: {args.step} {args.backbone}, {n} device(s), "
+          f"{step_args.pairs} pairs: compiled in {compile_s:.0f} s",
+          file=sys.stderr, flush=True)
     if n == 1:
-      flops_per_image = flops / (2 * args.pairs)  # views through the network
+      flops_per_image = flops / (views * args.pairs)  # images through the network
     for _ in range(args.warmup):
       run()
     times = []
@@ -94,13 +101,13 @@ def main():
       t = time.perf_counter()
       loss = run()
       times.append(time.perf_counter() - t)
-    s = common.summary(times, 2 * step_args.pairs)
+    s = common.summary(times, views * step_args.pairs)
     row = {"devices": n, "global_pairs": step_args.pairs,
            "compile_s": round(compile_s, 1),
            "images_per_s": s["rate_at_median"],
            "images_per_s_min_max": s["rate_min_max"],
            "step_s_median": s["median_s"], "loss_last": loss,
-           "xla_flops_per_step_reported": flops, **info}
+           "model_flops_per_step": flops, **info}
     if flops_per_image:
       achieved = flops_per_image * s["rate_at_median"]
       row["achieved_tflops"] = round(achieved / 1e12, 3)

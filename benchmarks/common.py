@@ -26,8 +26,9 @@ GLIBC_TUNABLES = ("glibc.malloc.mmap_max=0:"
 
 
 def ensure_glibc_tunables():
-  """Re-executes this script with GLIBC_TUNABLES set (glibc reads it at start)."""
-  if os.environ.get("GLIBC_TUNABLES") != GLIBC_TUNABLES:
+  """Re-executes this script with GLIBC_TUNABLES set (glibc reads it at start),
+  unless the caller set GLIBC_TUNABLES itself (even to "", glibc's defaults)."""
+  if "GLIBC_TUNABLES" not in os.environ:
     env = dict(os.environ, GLIBC_TUNABLES=GLIBC_TUNABLES)
     os.execve(sys.executable, [sys.executable] + sys.argv, env)
 

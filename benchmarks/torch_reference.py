@@ -1,7 +1,7 @@
-"""A faithful PyTorch reference of the public PeCLR pre-training step (CPU).
+"""A faithful PyTorch reference of the public PeCLR pre-training step.
 
-Written for the benchmarks from the public code's description (PAPER.md and
-the "hybrid2" experiment of dahiyaaneesh/peclr); no code is copied. What it
+Written for the benchmarks from the public code's description (docs/method.md
+and the "hybrid2" experiment of dahiyaaneesh/peclr); no code is copied. What it
 reproduces, because each part costs time:
 
 * encoder: torchvision-layout ResNet (v1.5: stride on the 3x3 conv, zero-init
@@ -163,7 +163,7 @@ def rotate_latent(p: torch.Tensor, angle_deg: torch.Tensor):
   c = p.detach().mean(1)
   t = angle_deg * math.pi / 180
   a, b = torch.cos(t), torch.sin(t)
-  m = torch.zeros((len(t), 3, 2))  # [x, y, 1] @ m, built as the public code did
+  m = p.new_zeros((len(t), 3, 2))  # [x, y, 1] @ m, built as the public code did
   m[:, :, 0] = torch.stack([a, b, (1 - a) * c[:, 0] - b * c[:, 1]], 1)
   m[:, :, 1] = torch.stack([-b, a, (1 - a) * c[:, 1] + b * c[:, 0]], 1)
   hom = torch.cat([p[..., :2], torch.ones_like(p[..., -1:])], 2)
@@ -176,7 +176,8 @@ def nt_xent_exp(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5):
   z = torch.cat([z1, z2], 0)
   n = len(z)
   sim = torch.exp(torch.mm(z, z.t().contiguous()) / temperature)
-  neg = sim.masked_select(~torch.eye(n, dtype=torch.bool)).view(n, -1).sum(-1)
+  neg = sim.masked_select(~torch.eye(n, dtype=torch.bool, device=z.device)
+                          ).view(n, -1).sum(-1)
   pos = torch.exp(torch.sum(z1 * z2, -1) / temperature)
   pos = torch.cat([pos, pos], 0)
   return -torch.log(pos / neg).mean()
@@ -249,24 +250,34 @@ def _owner(model, name):
 
 
 class TorchStep:
-  """model + optimiser + one `step(v1, v2, jx, jy, angle) -> loss` call."""
+  """model + optimiser + one `step(v1, v2, jx, jy, angle) -> loss` call.
+
+  `device`: 'cpu' or 'cuda'; bfloat16 is autocast on either. `compile_backend`:
+  torch.compile the model (forward and backward) with it, e.g. 'inductor';
+  the loss and the optimiser stay eager, as in the public step.
+  """
 
   def __init__(self, backbone: str = "resnet50", dtype: str = "float32",
                effective_batch: int = 2048, channels_last: bool = False,
-               seed: int = 5):
+               seed: int = 5, device: str = "cpu", compile_backend: str = ""):
     torch.manual_seed(seed)
-    self.model = PeCLRTorch(backbone).train()
+    self.device = torch.device(device)
+    self.model = PeCLRTorch(backbone).train().to(self.device)
     self.channels_last = channels_last
     if channels_last:
       self.model = self.model.to(memory_format=torch.channels_last)
+    # Before compiling: the optimiser groups parameters by module names.
     self.opt = LARSAdam(self.model, lr=1e-4 * math.sqrt(effective_batch))
+    if compile_backend:
+      self.model = torch.compile(self.model, backend=compile_backend)
     self.dtype = dtype
 
   def step(self, v1, v2, jx, jy, angle) -> float:
     if self.channels_last:
       v1 = v1.contiguous(memory_format=torch.channels_last)
       v2 = v2.contiguous(memory_format=torch.channels_last)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == "bfloat16"):
+    with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                        enabled=self.dtype == "bfloat16"):
       loss, _ = hybrid2_loss(self.model, v1, v2, jx, jy, angle)
     loss.backward()
     self.opt.step()
@@ -274,8 +285,9 @@ class TorchStep:
     return float(loss.detach())
 
 
-def random_views(pairs: int, size: int = 128, seed: int = 0):
-  """Pre-augmented view pairs as the public data loader hands them over."""
+def random_views(pairs: int, size: int = 128, seed: int = 0, device: str = "cpu"):
+  """Pre-augmented view pairs as the public data loader hands them over
+  (already on `device`, as a pinned-memory loader overlaps the copy)."""
   g = torch.Generator().manual_seed(seed)
   v1 = torch.randn(pairs, 3, size, size, generator=g)
   v2 = torch.randn(pairs, 3, size, size, generator=g)
@@ -283,7 +295,7 @@ def random_views(pairs: int, size: int = 128, seed: int = 0):
   jx = torch.randint(-15, 1, (2 * pairs,), generator=g).float()
   jy = torch.randint(-15, 1, (2 * pairs,), generator=g).float()
   angle = torch.randint(-45, 45, (2 * pairs,), generator=g).float()
-  return v1, v2, jx, jy, angle
+  return tuple(x.to(device) for x in (v1, v2, jx, jy, angle))
 
 
 # ----------------------------------------------------------- augmentation --
