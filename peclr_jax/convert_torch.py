@@ -10,8 +10,9 @@ first 63 of the released 64 outputs (``uv_units='pixels'``).
 docs/pytorch_weights.md describes the released files and each rule.
 
 Public API: :func:`load_pth` (the safe reader, from `torch_pickle`),
-:func:`load_backbone`, :func:`load_keypoint_model`, :func:`convert` (writes
-the orbax checkpoint read by fine-tuning, evaluation and the Predictor).
+:func:`backbone_from_pth`, :func:`keypoint_model_from_pth`, :func:`convert`
+(writes the orbax checkpoint read by fine-tuning, evaluation and the
+Predictor).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from peclr_jax.torch_pickle import TorchFileError, load_pth
 
 __all__ = [
     'TorchFileError', 'ConversionError', 'load_pth', 'state_dict_from',
-    'infer_kind', 'infer_arch', 'convert_state_dict', 'load_backbone',
-    'load_keypoint_model', 'convert', 'ConversionReport',
+    'infer_kind', 'infer_arch', 'convert_state_dict', 'backbone_from_pth',
+    'keypoint_model_from_pth', 'convert', 'ConversionReport',
     'KEYPOINT_INPUT_SIZE',
 ]
 
@@ -490,8 +491,8 @@ def _materialise(module: nnx.Module, pure: dict) -> nnx.Module:
   return module
 
 
-def load_backbone(path: str | os.PathLike, arch: str | None = None
-                  ) -> models.ResNet:
+def backbone_from_pth(path: str | os.PathLike, arch: str | None = None
+                      ) -> models.ResNet:
   """A backbone with converted weights, in eval mode.
 
   Args:
@@ -509,8 +510,8 @@ def load_backbone(path: str | os.PathLike, arch: str | None = None
   return _materialise(module, pure)
 
 
-def load_keypoint_model(path: str | os.PathLike, arch: str | None = None
-                        ) -> models.KeypointModel:
+def keypoint_model_from_pth(path: str | os.PathLike, arch: str | None = None
+                            ) -> models.KeypointModel:
   """A released fine-tuned model as a ``KeypointModel``, in eval mode.
 
   Args:

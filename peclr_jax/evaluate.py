@@ -10,7 +10,8 @@ Three independent pieces that the evaluation mode and the Predictor compose:
     float64 so that it matches the official SciPy-based script to ~1e-12.
 * :func:`two_pass_predict` reproduces the public PeCLR test-time cropping
     (first crop about the image centre, second crop from the first prediction's
-    2D bounding box) with a caller-supplied batched ``predict_fn``.
+    2D bounding box) with a caller-supplied batched ``predict_fn``: the one
+    implementation, for evaluate mode's batches and the Predictor's canvases.
 * :func:`write_submission` writes the CodaLab ``pred.zip``.
 
 Units: metrics take metres and report centimetres (``*_cm``), millimetres
@@ -417,12 +418,13 @@ def two_pass_predict(
         *,
         fill: float = BOX_FILL,
         box_fraction: float = INITIAL_BOX_FRACTION,
-        crop_fn: Callable[..., Any] | None = None,
+        first_box=None,
 ) -> dict[str, np.ndarray]:
   """The public FreiHAND test-time procedure, batched.
 
   1. Crop a square of side ``box_fraction * image side`` about the image
-     centre so that it fills ``fill`` of a ``crop_size`` crop; predict.
+     centre (or ``first_box``) so that it fills ``fill`` of a ``crop_size``
+     crop; predict.
   2. Take the integer bounding box of the predicted 2D keypoints (crop
      pixels), map it back to the image with the inverse crop transform, and
      crop again from that box (same 0.7 fill, no extra margin); predict.
@@ -430,7 +432,9 @@ def two_pass_predict(
      times the sample's metric reference-bone length.
 
   Camera intrinsics of each crop are ``T @ K`` (T the crop transform), as
-  the public ``preprocess``.
+  the public ``preprocess``. Evaluation runs it on same-size batches; the
+  Predictor on images of mixed sizes placed top-left on a zero-padded canvas,
+  with each image's own first box.
 
   Args:
       predict_fn: ``predict_fn(crops float32 [N, S, S, 3] normalised,
@@ -438,13 +442,14 @@ def two_pass_predict(
           [N, 21, 3] reference-bone units}`` in AIT order with the palm at
           joint 0 (the 2.5D model's outputs). Called twice on the whole batch.
       images: uint8 [N, H, W, 3] original images.
-      K: [N, 3, 3] intrinsics of the original images.
-      scale: [N] metric length of the reference bone (metres).
+      K: [N, 3, 3] (or a shared [3, 3]) intrinsics of the original images.
+      scale: [N] (or a shared scalar) metric length of the reference bone
+          (metres); 1 keeps reference-bone units.
       crop_size: S (224 for the released models).
       fill: fraction of the crop covered by the box.
       box_fraction: first-pass box side relative to the image side.
-      crop_fn: optional ``crop_fn(images, matrix [N, 3, 3], crop_size) ->
-          normalised crops``; default :func:`crop_and_normalise`.
+      first_box: optional [N, 4] first-pass boxes (x1, y1, x2, y2) in image
+          pixels; default :func:`initial_box` of the H x W image.
 
   Returns:
       dict of float64 NumPy arrays:
@@ -461,20 +466,21 @@ def two_pass_predict(
   n, height, width = images.shape[:3]
   K = np.broadcast_to(np.asarray(K, np.float64), (n, 3, 3))
   scale = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (n,))
-  crop_fn = crop_fn or crop_and_normalise
+  if first_box is None:  # the hand is roughly centred
+    first_box = initial_box((height, width), box_fraction)
+  first_box = np.broadcast_to(np.asarray(first_box, np.float64), (n, 4))
 
-  # Pass 1: fixed box about the image centre (the hand is roughly centred).
-  t1 = np.broadcast_to(box_affine(initial_box((height, width), box_fraction),
-                                  crop_size, fill), (n, 3, 3))
+  # Pass 1: the first box.
+  t1 = box_affine(first_box, crop_size, fill)
   k1 = t1 @ K
-  out1 = predict_fn(crop_fn(images, t1, crop_size), k1)
+  out1 = predict_fn(crop_and_normalise(images, t1, crop_size), k1)
   kp2d_1 = np.asarray(out1["kp2d"], np.float64)
 
   # Pass 2: box of the first prediction, taken back to image pixels.
   box = map_box(np.linalg.inv(t1), keypoint_box(kp2d_1))
   t2 = box_affine(box, crop_size, fill)
   k2 = t2 @ K
-  out2 = predict_fn(crop_fn(images, t2, crop_size), k2)
+  out2 = predict_fn(crop_and_normalise(images, t2, crop_size), k2)
 
   kp3d_ait = geometry.palm_to_wrist(np.asarray(out2["kp3d"], np.float64)) * scale[:, None, None]
   kp2d_crop = geometry.palm_to_wrist(np.asarray(out2["kp2d"], np.float64))

@@ -19,6 +19,7 @@ from peclr_jax import input_pipeline
 from peclr_jax import predict
 from peclr_jax import training
 from peclr_jax import visualize
+from peclr_jax.models import restore
 
 
 def _ground_truth_crop(predict_fn, batch, crop_size):
@@ -38,13 +39,11 @@ def run(config, workdir: str) -> dict:
   if not config.checkpoint:
     raise ValueError("config.checkpoint is empty: name a fine-tuning workdir "
                      "or converted weights")
-  predictor = predict.Predictor.from_checkpoint(
-      config.checkpoint, batch_size=config.batch_size,
-      dtype=training.compute_dtype(config.model.dtype))
-  path, meta = predictor.path, predictor.meta
+  model, crop_size, meta, path = restore.keypoint_model(
+      config.checkpoint, dtype=training.compute_dtype(config.model.dtype))
   checkpoints.check_meta(meta, {"backbone": config.model.backbone}, path)
-  crop_size = predictor.input_size
-  predict_fn = predictor.predict_crops
+  # The Predictor's batched, jitted model call on ready crops.
+  predict_fn = predict.Predictor(model, crop_size, batch_size=config.batch_size).predict_crops
   sources = datasets.open_sources(config.data, config.data.eval_split)
 
   acc = evaluate.KeypointMetricsAccumulator()

@@ -114,7 +114,8 @@ def make_evaluator(config, mesh, sources, out_size: int, *, max_batches=-1):
   return evaluate
 
 
-def load_backbone(model: models.KeypointModel, path: str, backbone: str):
+def init_backbone_from_checkpoint(model: models.KeypointModel, path: str,
+                                  backbone: str):
   """Partial restore of state/model/backbone from a pre-training checkpoint
   or converted PyTorch weights; nothing else in the checkpoint is read."""
   meta = checkpoints.read_meta(path)
@@ -145,7 +146,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
 
   model = make_model(config, nnx.Rngs(config.seed))
   if config.init:
-    load_backbone(model, config.init, config.model.backbone)
+    init_backbone_from_checkpoint(model, config.init, config.model.backbone)
 
   aug_cfg = augment.AugmentConfig.from_config(config.augment)
   weights = LossWeights(config.loss.uv_weight, config.loss.zrel_weight,

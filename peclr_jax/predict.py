@@ -36,12 +36,11 @@ from flax import nnx
 
 from peclr_jax import checkpoints
 from peclr_jax import evaluate
-from peclr_jax import geometry
 from peclr_jax import models
+from peclr_jax.models import restore
 
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_INPUT_SIZE = evaluate.CROP_SIZE
-PREDICT_KINDS = ("finetune", "keypoint")
 # The CLI decodes larger images reduced (decode_image): the network sees
 # crops of input_size pixels cut from boxes of about half the image, so a
 # 4096 px side is already several times more detail than it uses, while a
@@ -166,18 +165,6 @@ def _forward(graphdef, state, crops, K):
   return out["kp2d"], out["kp3d"]
 
 
-def resolve_checkpoint(path: str) -> str:
-  """`<path>/best` when it holds a finished step (fine-tuning workdirs), else path."""
-  best = os.path.join(os.fspath(path), "best")
-  if os.path.isdir(best):
-    try:
-      checkpoints.find_step(best)
-      return best
-    except checkpoints.CheckpointError:
-      pass
-  return os.fspath(path)
-
-
 # ==========================================================================
 # Predictor
 # ==========================================================================
@@ -229,7 +216,8 @@ class Predictor:
   @classmethod
   def from_checkpoint(cls, path: str, *, batch_size: int = DEFAULT_BATCH_SIZE,
                       dtype=jnp.float32, **kwargs) -> "Predictor":
-    """Loads a fine-tuned or converted keypoint model.
+    """Loads a fine-tuned or converted keypoint model
+    (:func:`peclr_jax.models.restore.keypoint_model`).
 
     Args:
         path: a fine-tuning workdir (its ``best/`` is used when it holds a
@@ -247,26 +235,10 @@ class Predictor:
         peclr_jax.checkpoints.CheckpointError: no checkpoint, or one of
             another kind (e.g. a pre-training checkpoint).
     """
-    path = resolve_checkpoint(path)
-    meta = checkpoints.read_meta(path)
-    if meta.get("kind") not in PREDICT_KINDS:
-      raise checkpoints.CheckpointError(
-          f"{path} holds a {meta.get('kind')!r} checkpoint; prediction needs a "
-          f"keypoint model (kind in {PREDICT_KINDS}): fine-tune one first")
-    uv_units = meta.get("uv_units") or ("pixels" if meta["kind"] == "keypoint" else "normalized")
-    # Abstract build (no random init of a ResNet-152), then real arrays.
-    model = nnx.eval_shape(lambda: models.KeypointModel(
-        meta["backbone"], rngs=nnx.Rngs(0), dtype=dtype, uv_units=uv_units,
-        head=meta.get("head", "linear")))
-    checkpoints.restore_module(path, model)
-    # restore_module leaves host NumPy arrays; put them on the device once
-    # rather than transferring the weights at every model call.
-    nnx.update(model, jax.tree.map(jnp.asarray, nnx.state(model)))
-    model.eval()
-    predictor = cls(model, int(meta.get("input_size") or DEFAULT_INPUT_SIZE),
-                    batch_size=batch_size, **kwargs)
-    predictor.meta = dict(meta)
-    predictor.path = os.path.abspath(path)
+    restored = restore.keypoint_model(path, dtype=dtype)
+    predictor = cls(restored.model, restored.input_size, batch_size=batch_size, **kwargs)
+    predictor.meta = restored.meta
+    predictor.path = restored.path
     return predictor
 
   # ----------------------------------------------------------------------
@@ -325,34 +297,25 @@ class Predictor:
     if chunk:
       yield chunk
 
-  def _crop(self, canvas: np.ndarray, matrix: np.ndarray, rows: int):
-    """Normalised crops of a padded chunk (rows >= len(matrix))."""
-    n = matrix.shape[0]
-    if rows > n:
-      matrix = np.concatenate([matrix, np.repeat(matrix[:1], rows - n, axis=0)])
-    return evaluate.crop_and_normalise(canvas, matrix, self.input_size)[:n]
-
-  def _two_pass(self, images: list[np.ndarray], K: np.ndarray, first: np.ndarray):
-    """Two passes on a chunk of at most batch_size images (host bookkeeping f64)."""
+  def _two_pass(self, images: list[np.ndarray], K: np.ndarray, first: np.ndarray,
+                scale: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`evaluate.two_pass_predict` on a chunk of at most batch_size
+    images, placed top-left on one zero-padded canvas (coordinates kept)."""
     n = len(images)
     rows = self._rows(n)
     height = _canvas_side(max(im.shape[0] for im in images))
     width = _canvas_side(max(im.shape[1] for im in images))
     canvas = np.zeros((rows, height, width, 3), np.uint8)
     for i, im in enumerate(images):
-      canvas[i, :im.shape[0], :im.shape[1]] = im  # top-left: coordinates kept
-
-    t1 = evaluate.box_affine(first, self.input_size, self.fill)
-    out1 = self.predict_crops(self._crop(canvas, t1, rows), t1 @ K)
-    box = evaluate.map_box(np.linalg.inv(t1), evaluate.keypoint_box(out1["kp2d"]))
-    t2 = evaluate.box_affine(box, self.input_size, self.fill)
-    k2 = t2 @ K
-    out2 = self.predict_crops(self._crop(canvas, t2, rows), k2)
-    kp2d_crop = geometry.palm_to_wrist(out2["kp2d"])
-    kp2d = np.asarray(evaluate._host_f64(geometry.apply_affine, np.linalg.inv(t2), kp2d_crop))
-    kp3d = geometry.palm_to_wrist(out2["kp3d"])
-    return {"kp2d": kp2d, "kp3d": kp3d, "box": box, "affine": t2, "K_crop": k2,
-            "first_affine": t1}
+      canvas[i, :im.shape[0], :im.shape[1]] = im
+    # Rows past n (black, with the first image's camera and box) keep the
+    # crops' and the model's batch at a power of two; dropped below.
+    pad = np.zeros(rows - n, np.int64)
+    out = evaluate.two_pass_predict(
+        self.predict_crops, canvas, np.concatenate([K, K[pad]]),
+        np.concatenate([scale, scale[pad]]), self.input_size, fill=self.fill,
+        first_box=np.concatenate([first, first[pad]]))
+    return {k: v[:n] for k, v in out.items()}
 
   def predict(self, images, K=None, boxes=None, scale=None) -> dict[str, np.ndarray]:
     """Predicts 3D and 2D hand keypoints (one right or left hand per image).
@@ -409,13 +372,11 @@ class Predictor:
                                             _canvas_side(sizes[i, 1]), i))
     for chunk in self._chunks(sizes, order):
       idx = np.array(chunk)
-      out = self._two_pass([ims[i] for i in idx], K[idx], first[idx])
+      out = self._two_pass([ims[i] for i in idx], K[idx], first[idx], factor[idx])
       result["kp2d"][idx] = out["kp2d"]
-      result["kp3d"][idx] = out["kp3d"]
+      result["kp3d"][idx] = out["kp3d_metres"]  # x scale: bone units when None
       result["box"][idx] = out["box"]
       result["affine"][idx] = out["affine"]
-    result["kp2d"] = np.asarray(geometry.ait_to_freihand(result["kp2d"]))
-    result["kp3d"] = np.asarray(geometry.ait_to_freihand(result["kp3d"])) * factor[:, None, None]
     return result
 
 

@@ -341,7 +341,7 @@ def test_backbone_parity_resnet50(tmp_path):
   x = images(1, 224)
   with torch.no_grad():
     want = net.features(torch_nchw(x)).numpy()
-  backbone = ct.load_backbone(path)  # arch inferred
+  backbone = ct.backbone_from_pth(path)  # arch inferred
   assert backbone.num_features == 2048
   got = np.asarray(_apply(backbone, jnp.asarray(x)))
   assert got.shape == (1, 2048)
@@ -383,7 +383,7 @@ def test_keypoint_model_parity_and_checkpoint_round_trip(tmp_path, capsys):
   path = tmp_path / 'rn18_ft.pth'
   torch.save({'state_dict': net.state_dict(), 'epoch': 99}, path)
 
-  model = ct.load_keypoint_model(path)
+  model = ct.keypoint_model_from_pth(path)
   assert model.uv_units == 'pixels'
   got = _apply(model, jnp.asarray(x), jnp.asarray(K))
   np.testing.assert_allclose(got['kp2d'], want['kp2d'], rtol=0, atol=1e-3)
@@ -434,7 +434,7 @@ def test_prefixes_and_sequential_layout(tmp_path):
   x = images(1, 32, seed=5)
   with torch.no_grad():
     want = net.features(torch_nchw(x)).numpy()
-  plain = ct.load_backbone(_save(tmp_path / 'plain.pth', sd), 'resnet_tiny')
+  plain = ct.backbone_from_pth(_save(tmp_path / 'plain.pth', sd), 'resnet_tiny')
   assert rel_err(_apply(plain, jnp.asarray(x)), want) <= 1e-4
   ref = jax.tree.leaves(nnx.to_pure_dict(nnx.state(plain)))
 

@@ -24,6 +24,7 @@ from peclr_jax import checkpoints
 from peclr_jax import evaluate
 from peclr_jax import models
 from peclr_jax import predict
+from peclr_jax.models import restore
 
 S = 64
 BATCH = 4
@@ -186,6 +187,11 @@ def test_from_checkpoint_prefers_best_and_checks_kind(model, tmp_path):
   _save(tmp_path / "run", pure)
   _save(tmp_path / "run" / "best", best)
   loaded = predict.Predictor.from_checkpoint(str(tmp_path / "run"))
+  assert loaded.path == str(tmp_path / "run" / "best")
+  # The Predictor's restore is the models' one (evaluate mode uses it too).
+  restored = restore.keypoint_model(str(tmp_path / "run"))
+  assert (restored.path, restored.input_size, restored.meta) == (loaded.path, S, loaded.meta)
+  assert restored.model.backbone.bn1.use_running_average  # eval mode
   have = nnx.to_pure_dict(nnx.state(loaded.model))
   np.testing.assert_array_equal(np.asarray(have["keypoint_head"]["linear"]["kernel"]),
                                 best["keypoint_head"]["linear"]["kernel"])
@@ -268,7 +274,10 @@ def test_mixed_sizes_and_channels_equal_single_predictions(predictor):
   np.testing.assert_allclose(arr["kp2d"][1], out["kp2d"][0], atol=1e-3)
 
 
-def test_padded_canvas_agrees_with_evaluate_two_pass(predictor):
+def test_predictor_canvas_agrees_with_evaluate_modes_batch(predictor):
+  # One two-pass implementation, two callers: the Predictor (mixed sizes on
+  # a zero-padded canvas, rows padded to a power of two) and evaluate mode
+  # (a same-size batch, as evaluate_mode.run calls it).
   small, big = _images(4, [(48, 48, 3), (100, 80, 3)])
   K = np.array([[120.0, 0, 24.0], [0, 120.0, 24.0], [0, 0, 1]])
   out = predictor.predict([small, big], K=np.stack([K, K * [[1.5], [1.5], [1]]]),
