@@ -4,53 +4,32 @@ Command line::
 
   python -m peclr_jax.data build <name> --manual_dir <dir> --data_dir <dir> \\
       [--config <builder config>] [--regressor <file>]
+  python -m peclr_jax.data precrop <name> --data_dir <dir> \\
+      [--config <builder config>] [--split train] [--source_size 224]
 
   <name>: freihand | youtube3d_hands | synthetic_hands | hand_crops
 
-It shows TFDS's per-split progress bars (tqdm) and prints a summary: examples
-per split, skipped examples with reasons, time. Errors are one message and a
-non-zero exit code (2: bad request, e.g. unknown dataset/config or missing
-manual directory; 1: the build failed, e.g. a broken file); `--traceback`
-shows the stack. Python code (training, benchmarks) calls `build_dataset`.
+`precrop` stores the pipeline's hand crops of a built split as raw arrays
+(`peclr_jax.precrop`; used with config.data.precropped=True).
 
-Protocol for builder authors (tfds_builders/<name>/<name>_dataset_builder.py):
+It shows TFDS's per-split progress bars (tqdm, on a terminal) and prints a
+summary: examples per split, skipped examples with reasons, time. Errors are
+one message and a non-zero exit code (2: bad request, e.g. unknown
+dataset/config or missing manual directory; 1: the build failed, e.g. a
+broken file); `--traceback` shows the stack. Python code (training, benchmarks) calls `build_dataset`.
 
-* Class `Builder(tfds.core.GeneratorBasedBuilder)`, configs in
-  BUILDER_CONFIGS. Set `MANUAL_DOWNLOAD_INSTRUCTIONS` when the data comes from
-  a manual directory (then `--manual_dir` is required unless already built).
-* Default to array_record in the constructor
-  (`super().__init__(file_format=file_format or 'array_record', **kw)`):
-  TFDS's default, tfrecord, needs TensorFlow. `build_dataset` also passes
-  `file_format='array_record'` to `download_and_prepare`.
-* A builder that needs the MANO joint regressor accepts a `regressor_path`
-  constructor keyword (`--regressor` is passed as `regressor_path=...`;
-  builders without that keyword reject `--regressor` with a clear error).
-* Skipped examples: declare `metadata=tfds.core.MetadataDict()` in `_info()`
-  and record counts in `self.info.metadata['skipped']` as
-  `{split: {reason: count}}` (plain str keys, int counts; `{}` when nothing
-  was skipped). TFDS writes the metadata (metadata.json) after all splits
-  are generated, so counting inside the example generators works, and the
-  counts are read back later from the prepared dataset (`skipped_counts`).
-* Return a sized iterable per split from `_split_generators` (an object with
-  `__iter__` and `__len__`, e.g. tfds_builders.crop_utils.SizedExamples):
-  tqdm takes its len(), so the progress bars get a total and an ETA.
-* A split with zero examples makes TFDS fail ("No examples were yielded"):
-  leave such a split out of the returned dict instead.
-* Build `tfds.core.DatasetInfo(builder=self, ...)` directly and set
-  `code_path = epath.Path(__file__)` on the class: `dataset_info_from_configs`
-  and TFDS's default `code_path` go through importlib.resources of
-  `tfds_builders`, which raises NotADirectoryError when the package resolves
-  as a namespace package (an editable install made before
-  tfds_builders/__init__.py existed).
-* Readers: `tfds.data_source(name, data_dir=..., download=False)`; with the
-  default download=True an unprepared registered dataset starts a build.
+A new dataset is a `Builder` in tfds_builders/<name>/<name>_dataset_builder.py
+with its name in DATASET_NAMES; docs/datasets.md#writing-a-builder lists
+what a builder must do (array_record, skipped counts, sized splits, ...).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import inspect
+import io
 import os
 import sys
 import time
@@ -167,9 +146,102 @@ def _prepare(builder, name: str, manual_dir: str | os.PathLike | None) -> None:
           f'{instructions}')
   download_config = tfds.download.DownloadConfig(
       manual_dir=os.fspath(manual_dir) if manual_dir is not None else None)
-  with tfds_shuffle.spill_without_tensorflow():
+  print(f'Building {source_name(builder)} in {builder.data_dir} ...',
+        flush=True)
+  with tfds_shuffle.spill_without_tensorflow(), _quiet_tfds():
     builder.download_and_prepare(download_config=download_config,
                                  file_format='array_record')
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+  """Within the block, TFDS's prints and, off a terminal, its progress bars
+  are hidden.
+
+  TFDS prints (to stdout, where nothing else of a build goes) "Downloading
+  and preparing dataset Unknown size": these datasets are generated from
+  local files or procedurally, nothing is downloaded. Its progress bars are
+  nested (splits, then each split's examples and shuffling), redrawn with
+  cursor-up codes that are garbage in a log file or a notebook.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds.display_progress_bar(sys.stderr.isatty())
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    tfds.display_progress_bar(True)  # TFDS's default
+
+
+def source_name(builder) -> str:
+  """The name the pipelines read a built dataset by: '<name>[/<config>]'."""
+  if builder.builder_config:
+    return f'{builder.name}/{builder.builder_config.name}'
+  return builder.name
+
+
+class DamagedShardError(OSError):
+  """A record of a built dataset could not be read (a truncated or garbled
+  shard); the message names the file, the record and the rebuild command."""
+
+
+class NamedShards:
+  """A TFDS data source whose read errors name the shard file.
+
+  array_record reports a damaged file as a RuntimeError without its name;
+  this re-raises any error of a read as `DamagedShardError` naming the
+  shard, the record in it, and how to rebuild the dataset. Otherwise it
+  is the wrapped source: `len`, `[i]`, `dataset_info`, `split`.
+  """
+
+  def __init__(self, source):
+    self._source = source
+    self.dataset_info = source.dataset_info
+    self.split = source.split
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index):
+    try:
+      return self._source[index]
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._error(int(index), e) from e
+
+  def __repr__(self) -> str:
+    return f'NamedShards({self._source!r})'
+
+  def _error(self, index: int, cause: Exception) -> DamagedShardError:
+    info = self.dataset_info
+    where, left = 'a shard', index
+    for shard in info.splits[self.split].file_instructions:
+      if left < shard.take:
+        where = f'record {shard.skip + left} of {shard.filename}'
+        break
+      left -= shard.take
+    reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    return DamagedShardError(
+        f'cannot read example {index} of {info.full_name} split '
+        f'{self.split!r}: {where} is damaged ({type(cause).__name__}: '
+        f'{reason}); rebuild the dataset: {rebuild_command(info)}')
+
+
+def rebuild_command(info) -> str:
+  """Shell command that deletes and rebuilds the dataset of a DatasetInfo."""
+  cls = builder_class(info.name)
+  # info.data_dir is <data_dir>/<name>[/<config>]/<version>.
+  data_dir = info.data_dir
+  for _ in range(3 if info.config_name else 2):
+    data_dir = os.path.dirname(data_dir)
+  command = f'python -m peclr_jax.data build {info.name}'
+  if info.config_name:
+    command += f' --config {info.config_name}'
+  command += f' --data_dir {data_dir}'
+  if getattr(cls, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None):
+    command += ' --manual_dir <dir>'
+  if REGRESSOR_KWARG in inspect.signature(cls.__init__).parameters:
+    command += ' --regressor <MANO_RIGHT.pkl>'
+  return f'rm -r {info.data_dir} && {command}'
 
 
 def skipped_counts(builder) -> dict[str, dict[str, int]]:
@@ -226,32 +298,78 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                      'builders that need it (youtube3d_hands)')
   build.add_argument('--traceback', action='store_true',
                      help='show the full stack on errors')
+  precrop = sub.add_parser(
+      'precrop', help="store a built split's hand crops as raw arrays")
+  precrop.add_argument('name', choices=DATASET_NAMES)
+  precrop.add_argument('--data_dir', required=True,
+                       help='TFDS data directory the dataset is built in')
+  precrop.add_argument('--config', help='builder config name (default: the '
+                       "builder's default)")
+  precrop.add_argument('--split', default='train')
+  precrop.add_argument('--source_size', type=int, default=224,
+                       help='crop side (config.data.source_size)')
+  precrop.add_argument('--num_threads', type=int, default=4,
+                       help='decoding threads')
+  precrop.add_argument('--traceback', action='store_true',
+                       help='show the full stack on errors')
   return parser.parse_args(argv)
+
+
+def _precrop(args) -> str:
+  """Builds the pre-cropped store `args` asks for; returns a summary."""
+  from peclr_jax import precrop  # pylint: disable=g-import-not-at-top
+  builder = make_builder(args.name, args.data_dir, args.config)
+  name = source_name(builder)
+  if not builder.is_prepared():
+    raise DatasetBuildError(
+        f'{name} is not built in {args.data_dir}; build it first with: '
+        f'python -m peclr_jax.data build {args.name} --manual_dir <dir> '
+        f'--data_dir {args.data_dir}')
+  if args.split not in builder.info.splits:
+    raise DatasetBuildError(f'{name} has no split {args.split!r}; it has '
+                            f'{sorted(builder.info.splits)}')
+  if args.source_size < 1:
+    raise DatasetBuildError(
+        f'--source_size must be >= 1, got {args.source_size}')
+  start = time.perf_counter()
+  out = precrop.build(name, args.split, args.data_dir,
+                      source_size=args.source_size,
+                      num_threads=max(1, args.num_threads), progress=True)
+  n = builder.info.splits[args.split].num_examples
+  return (f'{name} ({args.split}): {n:,} crops of {args.source_size} px -> '
+          f'{out}\n  time: {time.perf_counter() - start:.1f} s')
+
+
+def _build(args) -> str:
+  """Builds the dataset `args` asks for (unless prepared); returns a summary."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  kwargs = {}
+  if args.regressor is not None:
+    kwargs[REGRESSOR_KWARG] = args.regressor
+  start = time.perf_counter()
+  tfds.display_progress_bar(True)
+  builder = make_builder(args.name, args.data_dir, args.config, **kwargs)
+  prepared_before = builder.is_prepared()
+  if not prepared_before:
+    _prepare(builder, args.name, args.manual_dir)
+  seconds = None if prepared_before else time.perf_counter() - start
+  return summary(builder, seconds)
 
 
 def main(argv: list[str] | None = None) -> int:
   """CLI entry point; returns the exit code."""
   args = _parse(argv)
-  kwargs = {}
-  if args.regressor is not None:
-    kwargs[REGRESSOR_KWARG] = args.regressor
-  start = time.perf_counter()
   try:
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    tfds.display_progress_bar(True)
-    builder = make_builder(args.name, args.data_dir, args.config, **kwargs)
-    prepared_before = builder.is_prepared()
-    if not prepared_before:
-      _prepare(builder, args.name, args.manual_dir)
+    text = _precrop(args) if args.command == 'precrop' else _build(args)
   except Exception as e:  # pylint: disable=broad-except
     if args.traceback:
       raise
     code = 2 if isinstance(e, DatasetBuildError) else 1
     kind = '' if isinstance(e, DatasetBuildError) else f'{type(e).__name__}: '
-    print(f'error: building {args.name} failed: {kind}{e}', file=sys.stderr)
+    verb = 'pre-cropping' if args.command == 'precrop' else 'building'
+    print(f'error: {verb} {args.name} failed: {kind}{e}', file=sys.stderr)
     return code
-  seconds = None if prepared_before else time.perf_counter() - start
-  print(summary(builder, seconds))
+  print(text)
   return 0
 
 

@@ -4,6 +4,7 @@ import os
 
 from peclr_jax import data
 from peclr_jax import input_pipeline
+from peclr_jax import precrop
 
 # Built from nothing but code; every other dataset needs the user's files.
 EMBEDDED = ("synthetic_hands",)
@@ -25,14 +26,17 @@ def _builder(data_cfg, source: str):
   return builder
 
 
-def open_sources(data_cfg, split: str, *, missing_ok: bool = False):
+def open_sources(data_cfg, split: str, *, missing_ok: bool = False,
+                 precropped: bool = False):
   """[(name, random-access source)] for every dataset in data_cfg.sources.
 
   Args:
-    data_cfg: config.data (sources, data_dir, build_if_missing).
+    data_cfg: config.data (sources, data_dir, build_if_missing, source_size).
     split: split name.
     missing_ok: skip datasets without that split instead of failing (some
       datasets have no validation split).
+    precropped: read each split's pre-cropped store at data_cfg.source_size
+      (`peclr_jax.precrop`, same batches, no decoding) instead of its JPEGs.
   """
   out = []
   for source in data_cfg.sources:
@@ -43,9 +47,10 @@ def open_sources(data_cfg, split: str, *, missing_ok: bool = False):
       raise ValueError(
           f"dataset {source} has no split {split!r}; it has "
           f"{sorted(builder.info.splits)}")
-    name = builder.name
-    if builder.builder_config:
-      name = f"{name}/{builder.builder_config.name}"
-    out.append((name, input_pipeline.open_source(name, split,
-                                                 data_cfg.data_dir)))
+    name = data.source_name(builder)
+    src = input_pipeline.open_source(name, split, data_cfg.data_dir)
+    if precropped:
+      src = precrop.open_store(data_cfg.data_dir, name, split,
+                               data_cfg.source_size, reference=src)
+    out.append((name, src))
   return out

@@ -3,49 +3,14 @@
 Host work is only: read, decode, one fixed-size hand-centred source crop and
 batching. All per-view randomness (rotation, scale, jitter, colour) happens on
 the accelerator in `peclr_jax.augment`, which cuts its 128 px views out of the
-`source_size` px crop made here.
+`source_size` px crop made here. Every step is deterministic for a seed, and
+process p takes local batch p of every group of process_count, so the global
+batch is the same whatever the number of processes. The iterator's state
+(`it.get_state()`, JSON) is saved in every checkpoint.
 
-Pipelines (grain dataset API, every step deterministic for a seed):
-
-  pre-training / fine-tuning, per source i:
-    source -> [labels_fraction subset] -> tag (index, source id)
-      -> shuffle (a new permutation every epoch) -> repeat
-    then: mix(sources, weights) -> decode + crop -> batch(global // processes)
-      -> [process_index::process_count] of the batches
-      -> threads (ReadOptions) -> [processes (mp_prefetch)]
-    Process p takes local batch p of every group of process_count, so the
-    global batch is the same examples in the same order whatever the number
-    of processes (and each image gets the same on-device augmentation).
-  evaluation:
-    source -> padded, process-sharded index layout -> decode + crop -> batch
-
-Sampling differs from the PyTorch original on purpose: the original drew
-samples with replacement with weight 1/len(source) (each source equally often);
-here every source is read as shuffled epochs without replacement and the
-sources are interleaved in exact proportion to `weights` (default equal), which
-gives the same expected share with less variance and a resumable state.
-
-The crop differs from the original's training crop too (DATASETS.md "Crops"):
-it is one affine warp with constant fill outside the image instead of a crop
-truncated at the image border and then stretched; the hand's aspect ratio is
-always kept. The crop is a square centred on the mean 2D keypoint with
-half-side = max keypoint distance from that centre x `crop_margin` (default
-1.5 * sqrt(2): the largest augmentation margin, with room for a 45 degree
-rotation), so every on-device view stays inside real or filled pixels.
-
-Checkpointing the iterator with orbax (grain registers the handler):
-
-  import orbax.checkpoint as ocp
-  mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      data_iter=grain.checkpoint.CheckpointSave(it)))
-  mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
-      data_iter=grain.checkpoint.CheckpointRestore(it)))   # restores `it` in place
-
-`it.get_state()` / `it.set_state(state)` are JSON-able dicts (one file per JAX
-process: `process_<i>-of-<n>.json`). A state is only meaningful for a pipeline
-built with the same sources, seed, batch size, process layout and num_workers.
+docs/design.md#input-pipeline shows the pipeline, why sources are mixed in
+exact proportion without replacement, the crop, and how the iterator state
+is checkpointed.
 """
 
 from __future__ import annotations
@@ -61,11 +26,12 @@ import grain
 import numpy as np
 from PIL import Image
 
+from peclr_jax import joints
+
 # Half-side factor of the source crop over the max keypoint distance: the
 # largest margin of the view augmentation (1.5) times sqrt(2) so a view rotated
 # by up to 45 degrees stays inside the crop.
 DEFAULT_CROP_MARGIN = 1.5 * math.sqrt(2.0)
-NUM_JOINTS = 21
 
 # Keys of every batch (evaluation adds 'mask').
 BATCH_KEYS = ('image', 'keypoints_2d', 'keypoints_3d', 'K', 'scale', 'valid',
@@ -91,12 +57,14 @@ def open_source(name: str, split: str, data_dir: str | os.PathLike | None = None
     data_dir: the TFDS data directory.
 
   Returns:
-    A picklable random-access data source (`len`, `[i]` -> feature dict).
+    A picklable random-access data source (`len`, `[i]` -> feature dict);
+    a damaged shard is a `data.DamagedShardError` naming the file.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  return tfds.data_source(
+  from peclr_jax import data  # pylint: disable=g-import-not-at-top
+  return data.NamedShards(tfds.data_source(
       name, split=split, data_dir=None if data_dir is None else os.fspath(data_dir),
-      download=False, decoders={'image': tfds.decode.SkipDecoding()})
+      download=False, decoders={'image': tfds.decode.SkipDecoding()}))
 
 
 class _Tagged:
@@ -315,7 +283,7 @@ def decode_and_crop(ex: Mapping[str, Any], *, size: int, crop: str = 'hand',
   """
   image = _open_image(ex['image'])  # parses only the header until warped
   hw = (image.size[1], image.size[0])
-  kp2d = np.asarray(ex.get('keypoints_2d', np.zeros((NUM_JOINTS, 2))), np.float64)
+  kp2d = np.asarray(ex.get('keypoints_2d', np.zeros((joints.NUM_JOINTS, 2))), np.float64)
   if crop == 'hand':
     centre, half = hand_crop_box(kp2d, hw, margin=margin)
   elif crop == 'none':
@@ -327,12 +295,12 @@ def decode_and_crop(ex: Mapping[str, Any], *, size: int, crop: str = 'hand',
   out = {
       'image': warp_crop(image, centre, half, size, fill=fill),
       'keypoints_2d': (kp2d @ m[:2, :2].T + m[:2, 2]).astype(np.float32),
-      'keypoints_3d': np.asarray(ex.get('keypoints_3d', np.zeros((NUM_JOINTS, 3))),
-                                 np.float32).reshape(NUM_JOINTS, 3),
+      'keypoints_3d': np.asarray(ex.get('keypoints_3d', np.zeros((joints.NUM_JOINTS, 3))),
+                                 np.float32).reshape(joints.NUM_JOINTS, 3),
       'K': (m @ k_in).astype(np.float32),
       'scale': np.float32(ex.get('scale', 0.0)),
-      'valid': np.asarray(ex.get('valid', np.zeros(NUM_JOINTS, bool)),
-                          np.bool_).reshape(NUM_JOINTS),
+      'valid': np.asarray(ex.get('valid', np.zeros(joints.NUM_JOINTS, bool)),
+                          np.bool_).reshape(joints.NUM_JOINTS),
       'source': np.int32(ex.get('source', 0)),
       'index': np.int64(ex.get('index', -1)),
   }
@@ -342,8 +310,9 @@ def decode_and_crop(ex: Mapping[str, Any], *, size: int, crop: str = 'hand',
 
 
 @dataclasses.dataclass(frozen=True)
-class _DecodeAndCrop:
-  """Picklable map step (mp_prefetch sends the pipeline to worker processes)."""
+class DecodeAndCrop:
+  """`decode_and_crop` as a picklable map step (mp_prefetch sends the
+  pipeline to worker processes; `precrop` builds its stores with it)."""
   size: int
   crop: str
   margin: float
@@ -357,6 +326,24 @@ class _DecodeAndCrop:
 # ----------------------------------------------------------------------------
 # Pipelines
 # ----------------------------------------------------------------------------
+def _is_precropped(name: str, src: Source,
+                   decode: DecodeAndCrop) -> bool:
+  """Whether `src` yields finished crops (`precrop.Store`) made with the
+  pipeline's crop settings; other settings are a ValueError."""
+  made = getattr(src, 'crop_settings', None)
+  if made is None:
+    return False
+  wanted = {'source_size': decode.size, 'crop_margin': decode.margin,
+            'fill': decode.fill}
+  for key, value in wanted.items():
+    if made[key] != value:
+      raise ValueError(
+          f'source {name!r} was pre-cropped with {key}={made[key]!r} but the '
+          f'pipeline crops with {key}={value!r}; build the pre-cropped copy '
+          'for these settings or turn config.data.precropped off')
+  return True
+
+
 def _process_layout(global_batch: int, process_index: int | None,
                     process_count: int | None) -> tuple[int, int, int]:
   if process_index is None or process_count is None:
@@ -423,16 +410,18 @@ def _train_dataset(sources, *, global_batch, source_size, seed, weights,
     weights = [float(w) for w in weights]
     if len(weights) != len(sources) or min(weights) <= 0:
       raise ValueError(f'need one positive weight per source, got {weights}')
+  decode = DecodeAndCrop(source_size, 'hand', crop_margin, fill)
   parts = []
-  for i, (_, src) in enumerate(sources):
+  for i, (name, src) in enumerate(sources):
     indices = (None if labels_fraction is None else
                labelled_subset(len(src), labels_fraction, seed=labels_seed))
     ds = grain.MapDataset.source(_Tagged(src, i, indices))
     # Shuffle before repeat: a new permutation of the whole source per epoch.
     ds = ds.shuffle(seed=_source_seed(seed, i)).repeat()
-    parts.append(ds)
+    # Decoding is per source (mixing only picks elements, so the batches are
+    # the same as decoding after the mix): pre-cropped sources skip it.
+    parts.append(ds if _is_precropped(name, src, decode) else ds.map(decode))
   ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
-  ds = ds.map(_DecodeAndCrop(source_size, 'hand', crop_margin, fill))
   # Batch before going to threads/processes: each mp worker then makes whole
   # batches of the mixed stream (mp_prefetch slices the dataset right before
   # to_iter_dataset; slicing elements would give single-source batches).
@@ -541,7 +530,7 @@ def make_eval_dataset(
     raise ValueError(f"crop must be 'hand' or 'none', got {crop!r}")
   shard = _PaddedEvalShard(source, source_id, global_batch, p, n_proc)
   ds = (grain.MapDataset.source(shard)
-        .map(_DecodeAndCrop(source_size, crop, crop_margin, fill))
+        .map(DecodeAndCrop(source_size, crop, crop_margin, fill))
         .batch(local_batch))
   return _to_iter(ds, num_threads, 0, prefetch)
 

@@ -15,7 +15,7 @@ the result (seed, learning rate, labels, model, data, ...) is refused with
 one `error:` line listing each changed key with its old and new value, before
 anything in the workdir is written. Changing only log_every_steps,
 checkpoint_every_steps, keep_checkpoints, eval_every_steps, eval_batches,
-data.num_workers or the run's length (num_train_steps, num_epochs: the
+data.num_workers, data.precropped, data.device_prefetch or the run's length (num_train_steps, num_epochs: the
 learning-rate schedule is then recomputed for the new length) is allowed and
 the changed keys are printed in one line. Set PECLR_ALLOW_CONFIG_CHANGE=1 to
 continue with any other change anyway (`training.check_config_change`).
@@ -29,6 +29,7 @@ cross-process collectives use gloo, JAX's default.
 
 import ast
 import os
+import re
 import sys
 
 import jax
@@ -38,7 +39,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from peclr_jax import checkpoints
-from peclr_jax import defaults
+from peclr_jax import config_checks
 from peclr_jax import training
 
 FLAGS = flags.FLAGS
@@ -52,12 +53,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 def run(config, workdir: str):
   """Dispatches on config.mode; returns what the mode returns.
 
-  The config is checked first, then the workdir is locked for the whole run
-  (`checkpoints.lock_workdir`): a second run on it is refused before it
-  touches anything.
+  The config's values are checked first (`config_checks`), then the workdir
+  is locked for the whole run (`checkpoints.lock_workdir`): a second run on
+  it is refused before it touches anything.
   """
-  defaults.check_mode(config)
-  training.check_counts(config)
+  config_checks.check_config(config)
   with checkpoints.lock_workdir(workdir):
     os.makedirs(workdir, exist_ok=True)
     return _run_mode(config, workdir)
@@ -154,7 +154,11 @@ def parse_flags(argv):
   a file that is not Python) is one `error:` line and exit 1, as the run's
   own errors, instead of a traceback from inside the config loader."""
   try:
-    return FLAGS(argv)
+    argv = FLAGS(argv)
+    # A config file that cannot be read is reported by ml_collections only
+    # when the config is first used.
+    FLAGS.config.get("mode")
+    return argv
   except (flags.Error, ValueError, AttributeError, KeyError, TypeError,
           SyntaxError, OSError) as e:
     if os.environ.get("PECLR_TRACEBACK"):
@@ -181,9 +185,13 @@ def _one_line(e: BaseException) -> str:
         text = str(ast.literal_eval(text))
       except (ValueError, SyntaxError):
         break
-  if "Traceback (most recent call last)" in text:
-    text = text.strip().splitlines()[-1]
-  if isinstance(e, (AttributeError, KeyError)):
+  if ("Traceback (most recent call last)" in text
+      or "earlier failure to load" in text):  # a missing file: its errno line
+    text = text.strip().splitlines()[-1].strip()
+    text = re.sub(r"^\w+(Error|Exception): ", "", text)  # its class's name
+  if "attribute 'get_config'" in text:
+    text = f"the config file defines no get_config(): {text}"
+  elif isinstance(e, (AttributeError, KeyError)):
     text = f"unknown config key {text}"
   return " ".join(text.split())
 

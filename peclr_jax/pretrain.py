@@ -16,17 +16,9 @@ from flax import nnx
 
 from peclr_jax import augment
 from peclr_jax import checkpoints
-from peclr_jax import datasets
-from peclr_jax import input_pipeline
 from peclr_jax import losses
 from peclr_jax import models
 from peclr_jax import training
-
-
-def augment_config(config: ml_collections.ConfigDict) -> augment.AugmentConfig:
-  return augment.AugmentConfig(**{
-      k: tuple(v) if isinstance(v, list) else v
-      for k, v in config.augment.to_dict().items()})
 
 
 class LossSettings(NamedTuple):
@@ -67,14 +59,16 @@ def contrastive_loss(model, batch, key, *, aug_cfg, loss_cfg):
   z = model(jnp.concatenate([v1, v2], axis=0)).astype(jnp.float32)
   z1, z2 = jnp.split(z, 2, axis=0)
   if loss_cfg.kind == "peclr":
-    loss = losses.peclr_loss(
-        z1, z2, t1, t2, temperature=loss_cfg.temperature,
-        invert=loss_cfg.invert, translation_mode=loss_cfg.translation_mode)
+    z1, z2 = losses.peclr_latents(
+        z1, z2, t1, t2, invert=loss_cfg.invert,
+        translation_mode=loss_cfg.translation_mode)
   else:  # SimCLR: invariant, nothing undone.
     normalise = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-    loss = losses.nt_xent(normalise(z1), normalise(z2),
-                          temperature=loss_cfg.temperature)
-  return loss, {"train_loss": loss}
+    z1, z2 = normalise(z1), normalise(z2)
+  loss = losses.nt_xent(z1, z2, temperature=loss_cfg.temperature)
+  metrics = losses.contrastive_metrics(z1, z2)
+  return loss, {"train_loss": loss,
+                **{f"train_{k}": v for k, v in metrics.items()}}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5))
@@ -88,6 +82,10 @@ def _eval_loss(graphdef, state, batch, key, aug_cfg, loss_cfg):
 def _validation(config, mesh, aug_cfg, loss_cfg):
   """Returns evaluate(model, step) -> {'eval_loss'}: the contrastive loss in
   eval mode over fixed batches of the validation split, with fixed views."""
+  # The data modules (grain) only when a run reads data: the step alone
+  # imports without them (benchmarks/accelerator_suite.sh).
+  from peclr_jax import datasets  # pylint: disable=g-import-not-at-top
+  from peclr_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   sources = datasets.open_sources(config.data, config.data.eval_split,
                                   missing_ok=True)
   if not sources or config.eval_every_steps <= 0:
@@ -113,9 +111,12 @@ def _validation(config, mesh, aug_cfg, loss_cfg):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """Pre-trains (or resumes) in `workdir`; returns (model, last metrics)."""
+  from peclr_jax import datasets  # pylint: disable=g-import-not-at-top
+  from peclr_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   mesh = training.make_mesh()
   training.check_batch_divisible(config.batch_size, mesh)
-  sources = datasets.open_sources(config.data, config.data.train_split)
+  sources = datasets.open_sources(config.data, config.data.train_split,
+                                  precropped=config.data.precropped)
   num_examples = sum(len(s) for _, s in sources)
   tx, steps, updates = training.optimizer_for(config, num_examples)
 
@@ -125,7 +126,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       source_size=config.data.source_size, seed=config.seed,
       weights=config.data.weights, num_workers=config.data.num_workers)
 
-  aug_cfg = augment_config(config)
+  aug_cfg = augment.AugmentConfig.from_config(config.augment)
   loss_cfg = LossSettings.from_config(config.loss)
   loss_fn = functools.partial(contrastive_loss, aug_cfg=aug_cfg,
                               loss_cfg=loss_cfg)

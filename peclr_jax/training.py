@@ -26,10 +26,11 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from peclr_jax import checkpoints
+from peclr_jax import device_prefetch
+from peclr_jax import config_checks
 
 DATA_AXIS = "data"
 
@@ -176,6 +177,9 @@ class MetricWriter:
       if resume_step is not None:
         truncate_metrics(path, resume_step)
       self._jsonl = open(path, "a")
+      # Imported here: tensorboardX imports torch when it is installed
+      # (~2.5 s), which a step alone never needs.
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(
           os.path.join(workdir, "tensorboard"),
           purge_step=None if resume_step is None else resume_step + 1)
@@ -330,43 +334,6 @@ class _PreemptionWatch:
     return False
 
 
-# Config counts that must be positive, wherever they appear in a config
-# (the demo's holds one config per stage), and what they mean.
-POSITIVE_COUNTS = {
-    "batch_size": "images per step",
-    "grad_accum_steps": "micro-batches per optimiser update; 1: none",
-    "log_every_steps": "steps between logged metrics",
-    "checkpoint_every_steps": "steps between checkpoints",
-    "keep_checkpoints": "how many recent checkpoints are kept",
-}
-
-
-def check_counts(config: ml_collections.ConfigDict, prefix: str = "config"):
-  """Raises one ValueError naming every count of `config` (and of the
-  configs nested in it) that is not a positive integer.
-
-  Called by main.run before the workdir is touched or anything compiled,
-  and by fit for callers that go around main. Zero or negative values would
-  otherwise misbehave quietly: keep_checkpoints=0 trains and leaves no
-  checkpoint; *_every_steps=0 divides by zero at the first step.
-  """
-  problems = []
-
-  def visit(node, path):
-    for key, value in node.items():
-      if isinstance(value, ml_collections.ConfigDict):
-        visit(value, f"{path}.{key}")
-      elif key in POSITIVE_COUNTS and not (
-          isinstance(value, int) and not isinstance(value, bool)
-          and value >= 1):
-        problems.append(f"{path}.{key}={value!r}, but it must be an integer "
-                        f">= 1 ({POSITIVE_COUNTS[key]})")
-
-  visit(config, prefix)
-  if problems:
-    raise ValueError("; ".join(problems))
-
-
 def check_finite(step: int, metrics: Mapping[str, float], name="train_loss"):
   value = float(metrics[name])
   if not math.isfinite(value):
@@ -412,14 +379,16 @@ def _pure(tree):
 
 # Config keys (of the config `fit` gets) that may change when a run resumes:
 # they change when things are logged, saved or evaluated, how many workers
-# read the data, or how long the run is. A longer or shorter run recomputes
+# read the data or whether from pre-cropped stores (the same batches and
+# iterator state), how many batches go to the devices ahead, or how long the
+# run is. A longer or shorter run recomputes
 # the learning-rate schedule for the new length (from the restored step on),
 # as the issue asks ("the number of steps"); everything else changes the
 # result and is refused unless ALLOW_CONFIG_CHANGE_ENV is set to 1.
 RESUME_SAFE_KEYS = frozenset({
     "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
     "eval_every_steps", "eval_batches", "num_train_steps", "num_epochs",
-    "data.num_workers"})
+    "data.num_workers", "data.precropped", "data.device_prefetch"})
 ALLOW_CONFIG_CHANGE_ENV = "PECLR_ALLOW_CONFIG_CHANGE"
 
 
@@ -500,12 +469,14 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, mesh, model, tx,
     checkpoints.CheckpointWriteError: a checkpoint could not be written; the
       previous one is left intact.
     checkpoints.WorkdirBusyError: another process is running in `workdir`.
-    ValueError: a count of the config is not positive (`check_counts`), or
+    ValueError: a value of the config is not allowed
+      (`config_checks.check_config`), or
       the workdir's checkpoint was trained with a config that differs in a
       key that changes the result (`check_config_change`; allowed with
       PECLR_ALLOW_CONFIG_CHANGE=1).
   """
-  check_counts(config)
+  # main.run has checked the config; callers that go around it have not.
+  config_checks.check_config(config, devices=mesh.devices.size)
   # Held for the whole loop (main.run already holds it for CLI runs; the
   # lock is re-entrant): notebooks and the demo's stages call fit directly.
   with checkpoints.lock_workdir(workdir):
@@ -528,6 +499,11 @@ def _fit(config, workdir, *, mesh, model, tx, train_iter, loss_fn, num_steps,
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   graphdef, state = nnx.split((model, optimizer))
   rng = jax.random.key(config.seed)
+  # The next batches go to the devices while a step runs; checkpoints hold
+  # the state after the batches consumed, not after those read ahead.
+  train_iter = device_prefetch.DevicePrefetcher(
+      train_iter, lambda batch: shard_batch(batch, mesh),
+      size=config.data.device_prefetch)
 
   manager = checkpoints.CheckpointManager(
       workdir, max_to_keep=config.keep_checkpoints)
@@ -599,15 +575,16 @@ def _fit(config, workdir, *, mesh, model, tx, train_iter, loss_fn, num_steps,
     if best_manager is not None:
       cleanup.callback(best_manager.close)
     cleanup.callback(manager.close)
+    cleanup.callback(train_iter.close)
     cleanup.enter_context(jax.set_mesh(mesh))
     bar = tqdm(total=num_steps, initial=start, desc=desc, unit="step",
                dynamic_ncols=True, disable=jax.process_index() != 0)
     # Closed first, also on errors: an open bar is redrawn at exit, after
     # the error message.
     cleanup.callback(bar.close)
-    t0, steps_since = time.perf_counter(), 0
+    t0, steps_since, wait0 = time.perf_counter(), 0, train_iter.wait_seconds
     for step in range(start + 1, num_steps + 1):
-      batch = shard_batch(next(train_iter), mesh)
+      batch = next(train_iter)
       state, metrics = train_step(state, batch, rng, jnp.int32(step))
       steps_since += 1
       bar.update(1)
@@ -617,7 +594,13 @@ def _fit(config, workdir, *, mesh, model, tx, train_iter, loss_fn, num_steps,
         check_finite(step, metrics)
         elapsed = time.perf_counter() - t0
         metrics["train_steps_per_sec"] = steps_since / max(elapsed, 1e-9)
+        # Time the loop waited for the host's next batch, per step (near 0:
+        # the input pipeline keeps up with the devices).
+        waited = train_iter.wait_seconds - wait0
+        metrics["input_wait_ms"] = 1000 * waited / steps_since
+        metrics["input_wait_fraction"] = waited / max(elapsed, 1e-9)
         t0, steps_since = time.perf_counter(), 0
+        wait0 = train_iter.wait_seconds
         writer.write(step, metrics)
         bar.set_postfix(loss=f"{metrics['train_loss']:.4f}")
         last_metrics = metrics
