@@ -9,7 +9,14 @@ import difflib
 
 import ml_collections
 
-MODES = ("pretrain", "finetune", "evaluate", "demo")
+# config.mode -> the function that runs it, "module:function" (main imports
+# only the one it runs, so one mode's imports never slow another's start).
+MODES = {
+    "pretrain": "peclr_jax.pretrain:train_and_evaluate",
+    "finetune": "peclr_jax.finetune:train_and_evaluate",
+    "evaluate": "peclr_jax.evaluate_mode:run",
+    "demo": "peclr_jax.demo:run",
+}
 
 
 def _data() -> ml_collections.ConfigDict:

@@ -346,3 +346,11 @@ def test_finetune_validates_on_evaluate_modes_ground_truth_crop(
   # batch composition differ, far below the metric's own scale.
   for key in ("epe_cm", "pa_epe_cm"):
     np.testing.assert_allclose(row[f"eval_{key}"], metrics[key], rtol=1e-4)
+
+
+def test_every_mode_names_a_function_main_can_run():
+  import importlib  # pylint: disable=g-import-not-at-top
+  from peclr_jax import defaults  # pylint: disable=g-import-not-at-top
+  for mode, target in defaults.MODES.items():
+    module, function = target.split(":")
+    assert callable(getattr(importlib.import_module(module), function)), mode
