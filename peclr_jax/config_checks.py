@@ -197,6 +197,8 @@ RULES = (
     Rule("optim.warmup_epochs", TRAIN, _number_at_least(0), "a number >= 0"),
     Rule("crop", ("evaluate",), _one_of(("two_pass", "ground_truth")),
          _choices(("two_pass", "ground_truth"))),
+    Rule("first_box_fraction", ("evaluate",),
+         lambda v, c: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     Rule("label_fractions", ("demo",), lambda v, c: _sequence(v) and all(
         _is_number(f) and 0 < f <= 1 for f in v),
          "a non-empty tuple of numbers in (0, 1]"),

@@ -56,8 +56,9 @@ def run(config, workdir: str) -> dict:
     total = input_pipeline.num_eval_batches(len(source), config.batch_size)
     for batch in tqdm(it, total=total, desc=f"evaluate {name}", unit="batch"):
       if config.crop == "two_pass":
-        out = evaluate.two_pass_predict(predict_fn, batch["image"], batch["K"],
-                                        batch["scale"], crop_size)
+        out = evaluate.two_pass_predict(
+            predict_fn, batch["image"], batch["K"], batch["scale"], crop_size,
+            box_fraction=config.first_box_fraction)
       elif config.crop == "ground_truth":
         out = _ground_truth_crop(predict_fn, batch, crop_size)
       else:
