@@ -480,6 +480,27 @@ def _newest_intact(directory: str) -> int | None:
   return None
 
 
+def _read_only_manager(directory: str) -> ocp.CheckpointManager:
+  """An orbax manager that only reads `directory` (a context manager).
+
+  Orbax warns at every read-only open (a restore opens two): about each
+  option it has to change (given here as it wants them), and always "Given
+  directory is read only", dropped by `_DropReadOnlyNotice`.
+  """
+  absl_logger = logging.getLogger("absl")
+  if not any(isinstance(f, _DropReadOnlyNotice) for f in absl_logger.filters):
+    absl_logger.addFilter(_DropReadOnlyNotice())
+  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      read_only=True, create=False, save_interval_steps=0))
+
+
+class _DropReadOnlyNotice(logging.Filter):
+  """Drops orbax's notice that a read-only manager was opened read-only."""
+
+  def filter(self, record):
+    return record.msg != "Given directory is read only=%s"
+
+
 class _DropOrbaxErrors(logging.Filter):
   """Orbax logs a failed background save at ERROR, with a traceback, from
   each thread the failure passes through; the failure itself is raised by
@@ -547,8 +568,7 @@ def read_meta(path: str) -> dict:
   directory, step = find_step(path)
   where = os.path.join(directory, str(step), "meta")
   try:
-    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-        read_only=True, create=False)) as mgr:
+    with _read_only_manager(directory) as mgr:
       meta = mgr.restore(
           step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
   except Exception as e:  # orbax wraps JSON and file errors in many types
@@ -572,8 +592,7 @@ def read_config(path: str) -> dict | None:
     return None
   if not os.path.isdir(os.path.join(directory, str(step), "config")):
     return None
-  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      read_only=True, create=False)) as mgr:
+  with _read_only_manager(directory) as mgr:
     return dict(mgr.restore(
         step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
 
@@ -585,8 +604,7 @@ def restore_subtree(path: str, subtree: tuple[str, ...], template: Any):
   target = _abstract(template)
   for key in reversed(subtree):
     target = {key: target}
-  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      read_only=True, create=False)) as mgr:
+  with _read_only_manager(directory) as mgr:
     try:
       restored = mgr.restore(step, args=ocp.args.Composite(
           state=ocp.args.PyTreeRestore(item=target, partial_restore=True)))

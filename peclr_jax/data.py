@@ -16,7 +16,8 @@ It shows TFDS's per-split progress bars (tqdm, on a terminal) and prints a
 summary: examples per split, skipped examples with reasons, time. Errors are
 one message and a non-zero exit code (2: bad request, e.g. unknown
 dataset/config or missing manual directory; 1: the build failed, e.g. a
-broken file); `--traceback` shows the stack. Python code (training, benchmarks) calls `build_dataset`.
+broken file); `--traceback` shows the stack. Python code (training,
+benchmarks) calls `build_dataset`.
 
 A new dataset is a `Builder` in tfds_builders/<name>/<name>_dataset_builder.py
 with its name in DATASET_NAMES; docs/datasets.md#writing-a-builder lists
@@ -112,9 +113,16 @@ def build_dataset(name: str, data_dir: str | os.PathLike,
       unchanged; TFDS leaves no prepared-looking dataset behind on failure.
   """
   builder = make_builder(name, data_dir, config, **builder_kwargs)
-  if not builder.is_prepared():
+  if not is_prepared(builder):
     _prepare(builder, name, manual_dir)
   return builder
+
+
+def is_prepared(builder) -> bool:
+  """Whether the dataset is built: TFDS's `builder.is_prepared()`, asked
+  only once the dataset's folder exists (it warns that a folder it has not
+  made yet "has no dataset_info.json")."""
+  return os.path.isdir(builder.data_dir) and builder.is_prepared()
 
 
 def make_builder(name: str, data_dir: str | os.PathLike,
@@ -146,8 +154,7 @@ def _prepare(builder, name: str, manual_dir: str | os.PathLike | None) -> None:
           f'{instructions}')
   download_config = tfds.download.DownloadConfig(
       manual_dir=os.fspath(manual_dir) if manual_dir is not None else None)
-  print(f'Building {source_name(builder)} in {builder.data_dir} ...',
-        flush=True)
+  print(f'Building dataset {builder.data_dir} ...', flush=True)
   with tfds_shuffle.spill_without_tensorflow(), _quiet_tfds():
     builder.download_and_prepare(download_config=download_config,
                                  file_format='array_record')
@@ -320,7 +327,7 @@ def _precrop(args) -> str:
   from peclr_jax import precrop  # pylint: disable=g-import-not-at-top
   builder = make_builder(args.name, args.data_dir, args.config)
   name = source_name(builder)
-  if not builder.is_prepared():
+  if not is_prepared(builder):
     raise DatasetBuildError(
         f'{name} is not built in {args.data_dir}; build it first with: '
         f'python -m peclr_jax.data build {args.name} --manual_dir <dir> '
@@ -349,7 +356,7 @@ def _build(args) -> str:
   start = time.perf_counter()
   tfds.display_progress_bar(True)
   builder = make_builder(args.name, args.data_dir, args.config, **kwargs)
-  prepared_before = builder.is_prepared()
+  prepared_before = is_prepared(builder)
   if not prepared_before:
     _prepare(builder, args.name, args.manual_dir)
   seconds = None if prepared_before else time.perf_counter() - start

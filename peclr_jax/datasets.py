@@ -17,7 +17,7 @@ def _builder(data_cfg, source: str):
   if name in EMBEDDED and data_cfg.build_if_missing:
     return data.build_dataset(name, data_cfg.data_dir, config=builder_config)
   builder = data.make_builder(name, data_cfg.data_dir, builder_config)
-  if not builder.is_prepared():
+  if not data.is_prepared(builder):
     raise FileNotFoundError(
         f"dataset {source} is not built in "
         f"{os.path.abspath(data_cfg.data_dir)} (config.data.data_dir). Build "

@@ -1,7 +1,10 @@
 """Entry point: `python -m peclr_jax.main --config configs/<x>.py --workdir <dir>`.
 
 Parses flags and hands the config to the mode's `train_and_evaluate` (or
-`run`); everything else lives in the modules named below.
+`run`); everything else lives in the modules named below. The installed
+command `peclr-train` is the same (`cli`); a --config path that does not
+exist from the current directory is looked up in the installed configs
+(`config_files.find`).
 
 Exit status: 0 when done, and also when preempted or interrupted (SIGTERM,
 or a first Ctrl-C: the checkpoint is saved, re-running the same command
@@ -28,6 +31,7 @@ cross-process collectives use gloo, JAX's default.
 """
 
 import ast
+import importlib
 import os
 import re
 import sys
@@ -40,12 +44,19 @@ from ml_collections import config_flags
 
 from peclr_jax import checkpoints
 from peclr_jax import config_checks
+from peclr_jax import config_files
+from peclr_jax import defaults
 from peclr_jax import training
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. configs/peclr.py:backbone=rn152.",
+    "config", None, "Config file, e.g. configs/peclr.py:backbone=rn152 "
+    "(a name such as peclr.py is also looked up in the installed configs).",
     lock_config=True)
+# A path missing from the current directory is looked up in the installed
+# configs/ (`config_files.find`): the package also works once installed.
+FLAGS["config"].parser = config_files.ConfigFileParser("config",
+                                                       lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -64,17 +75,8 @@ def run(config, workdir: str):
 
 
 def _run_mode(config, workdir: str):
-  if config.mode == "pretrain":
-    from peclr_jax import pretrain  # pylint: disable=g-import-not-at-top
-    return pretrain.train_and_evaluate(config, workdir)
-  if config.mode == "finetune":
-    from peclr_jax import finetune  # pylint: disable=g-import-not-at-top
-    return finetune.train_and_evaluate(config, workdir)
-  if config.mode == "evaluate":
-    from peclr_jax import evaluate_mode  # pylint: disable=g-import-not-at-top
-    return evaluate_mode.run(config, workdir)
-  from peclr_jax import demo  # pylint: disable=g-import-not-at-top
-  return demo.run(config, workdir)
+  module, function = defaults.MODES[config.mode].split(":")
+  return getattr(importlib.import_module(module), function)(config, workdir)
 
 
 # README "Running on a CPU"; BENCHMARKS.md section 1.
@@ -196,5 +198,15 @@ def _one_line(e: BaseException) -> str:
   return " ".join(text.split())
 
 
-if __name__ == "__main__":
+def cli():
+  """The `peclr-train` console script: `python -m peclr_jax.main`."""
+  # absl's --help shows __main__'s docstring and flags: as a console script
+  # that is the script's wrapper, which has neither.
+  sys.modules["__main__"].__doc__ = __doc__
+  for name in ("config", "workdir"):
+    FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
   app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  cli()
