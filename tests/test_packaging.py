@@ -57,7 +57,7 @@ def installed(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("packaging")
   src = tmp / "src"
   src.mkdir()
-  for name in ("pyproject.toml", "README.md", *PACKAGED):
+  for name in ("pyproject.toml", "README.md", "LICENSE", *PACKAGED):
     path = os.path.join(REPO, name)
     if os.path.isdir(path):
       shutil.copytree(path, src / name,
