@@ -3,7 +3,7 @@ scaling over devices; prints JSON.
 
 The step is the real one (see pretrain_step.py: `training.make_train_step` +
 `pretrain.contrastive_loss` (or, with `--step finetune`,
-`finetune.keypoint_loss`) and `training.make_optimizer`, state donated,
+`finetune.keypoint_loss`) and `optim.make_optimizer`, state donated,
 batch sharded on the 'data' mesh). FLOPs per step come from XLA's cost
 analysis of the one-device step as traced (`jitted.lower(...)
 .cost_analysis()['flops']`: forward, backward and optimiser arithmetic, the

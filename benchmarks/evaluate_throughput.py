@@ -32,13 +32,12 @@ def main():
   args = ap.parse_args()
   common.set_xla_flags(args.xla_flags)
 
-  import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from peclr_jax import evaluate, models, predict, training  # pylint: disable=g-import-not-at-top
+  from peclr_jax import evaluate, models, predict  # pylint: disable=g-import-not-at-top
 
   model = models.KeypointModel(args.backbone, rngs=nnx.Rngs(0),
-                               dtype=training.compute_dtype(args.dtype))
+                               dtype=models.compute_dtype(args.dtype))
   model.eval()
   predict_fn = predict.Predictor(model, args.crop_size,
                                  batch_size=args.batch).predict_crops

@@ -3,7 +3,7 @@
 The JAX side is the real step: `training.make_train_step` with
 `pretrain.contrastive_loss` (on-device two-view augmentation of uint8 224 px
 source crops, ResNet + projection head on both views, latent inversion,
-NT-Xent) and `training.make_optimizer` (Adam + LARS trust ratio, weight decay,
+NT-Xent) and `optim.make_optimizer` (Adam + LARS trust ratio, weight decay,
 warm-up/cosine schedule), the state donated, the host batch sharded onto the
 'data' mesh every step as `training.fit` does. The reference is
 `torch_reference.TorchStep` (the public hybrid2 step; its views arrive
@@ -109,7 +109,8 @@ def make_jax_step(args, devices=None, info=None):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from peclr_jax import augment, defaults, finetune, pretrain, training  # pylint: disable=g-import-not-at-top
+  from peclr_jax import augment, defaults, finetune, optim, pretrain  # pylint: disable=g-import-not-at-top
+  from peclr_jax import sharding, training  # pylint: disable=g-import-not-at-top
 
   finetuning = args.step == "finetune"
   cfg = defaults.finetune_config() if finetuning else defaults.pretrain_config()
@@ -128,14 +129,14 @@ def make_jax_step(args, devices=None, info=None):
     loss_fn = functools.partial(
         pretrain.contrastive_loss, aug_cfg=aug_cfg,
         loss_cfg=pretrain.LossSettings.from_config(cfg.loss))
-  tx = training.make_optimizer(
+  tx = optim.make_optimizer(
       cfg.optim, effective_batch=2048, total_updates=100_000,
       warmup_updates=1000, grad_accum_steps=1)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   graphdef, state = nnx.split((model, optimizer))
-  mesh = training.make_mesh(devices)
-  state = training.replicate(state, mesh)
-  rng = training.replicate(jax.random.key(cfg.seed), mesh)
+  mesh = sharding.make_mesh(devices)
+  state = sharding.replicate(state, mesh)
+  rng = sharding.replicate(jax.random.key(cfg.seed), mesh)
   train_step = training.make_train_step(graphdef, loss_fn)
 
   r = np.random.default_rng(0)
@@ -158,7 +159,7 @@ def make_jax_step(args, devices=None, info=None):
                            np.float32), (b, 1, 1)),
         valid=np.ones((b, 21), bool))
   with jax.set_mesh(mesh):
-    batch = training.shard_batch(host_batch, mesh)
+    batch = sharding.shard_batch(host_batch, mesh)
     t = time.perf_counter()
     lowered = train_step.lower(state, batch, rng, jnp.int32(0))
     compiled = lowered.compile()
@@ -176,7 +177,7 @@ def make_jax_step(args, devices=None, info=None):
   def run():
     with jax.set_mesh(mesh):
       holder["step"] += 1
-      batch = training.shard_batch(host_batch, mesh)
+      batch = sharding.shard_batch(host_batch, mesh)
       # The AOT-compiled executable, the one timed and cost-analysed above:
       # `lower().compile()` need not fill the jitted function's dispatch
       # cache, so calling `train_step` could trace and compile it again.

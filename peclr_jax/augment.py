@@ -7,9 +7,10 @@ drop) and ImageNet normalisation. Batched jnp code that runs inside
 ``jax.jit``; all randomness comes from one key (same key -> same views).
 
 Pixel (row i, col j) is centred at (x=j, y=i); keypoints are (x, y). The
-returned matrix maps source pixels to view pixels, so fine-tuning maps
-labels with ``kp_view = M @ kp`` (``geometry.apply_affine``) and cameras
-with ``K_view = M @ K``. Each view reports what ``losses.undo_transforms``
+returned matrix (``crops.crop_matrix``, whose docstring has the pixel
+convention) maps source pixels to view pixels, so fine-tuning maps labels
+with ``kp_view = M @ kp`` (``crops.apply_affine``) and cameras with
+``K_view = M @ K``. Each view reports what ``losses.undo_transforms``
 undoes: ``rotation`` [B] degrees (CCW positive), ``scale`` [B] (zoom
 relative to the margin-1 crop) and ``translation`` [B, 2] (fraction of the
 view side).
@@ -27,13 +28,11 @@ from typing import Any, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 
+from peclr_jax import crops
 from peclr_jax.cpu_fusion import materialise
-from peclr_jax.geometry import apply_affine
+from peclr_jax.crops import IMAGENET_MEAN, IMAGENET_STD
 
 Array = jax.Array
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,76 +88,9 @@ class AugmentConfig:
 
 
 # --------------------------------------------------------------------------
-# Geometry (deterministic; reused by evaluation and fine-tuning)
+# Device warp (deterministic; reused by evaluation and fine-tuning). Boxes and
+# crop matrices: peclr_jax/crops.py; its host twin: crops.warp_crop.
 # --------------------------------------------------------------------------
-
-
-def hand_box(keypoints_2d, image_hw: Optional[tuple[int, int]] = None,
-             min_half_side: float = 1.0) -> tuple[Array, Array]:
-  """Hand centre and base half-side (margin 1) from 2D keypoints.
-
-  Args:
-      keypoints_2d: [..., J, 2] (x, y) pixels.
-      image_hw: (H, W) of the source image. When given, samples whose
-          keypoints are degenerate (half-side < ``min_half_side`` or NaN,
-          e.g. missing labels stored as zeros) fall back to the whole image
-          so that the warp never divides by zero.
-      min_half_side: threshold for the fallback, px.
-
-  Returns:
-      center [..., 2] (mean keypoint), half_side [...] (max distance to it).
-  """
-  kp = jnp.asarray(keypoints_2d, jnp.float32)
-  center = jnp.mean(kp, axis=-2)
-  half = jnp.sqrt(jnp.max(jnp.sum((kp - center[..., None, :]) ** 2, -1), -1))
-  if image_hw is not None:
-    h, w = image_hw
-    bad = ~(half >= min_half_side)  # the negation also catches NaN
-    whole = jnp.array([w / 2.0, h / 2.0], jnp.float32)
-    center = jnp.where(bad[..., None], whole, center)
-    half = jnp.where(bad, max(h, w) / 2.0, half)
-  return center, half
-
-
-def rotation_2d(theta_deg) -> Array:
-  """OpenCV-sense rotation [..., 2, 2]: CCW on screen (y down) positive."""
-  t = jnp.deg2rad(jnp.asarray(theta_deg, jnp.float32))
-  c, s = jnp.cos(t), jnp.sin(t)
-  return jnp.stack([jnp.stack([c, s], -1), jnp.stack([-s, c], -1)], -2)
-
-
-def crop_matrix(center, half_side, out_size: int, rotation=None,
-                jitter=None) -> Array:
-  """Source -> view matrix of a square crop (optionally rotated, jittered).
-
-  ``q = z R(rotation) (p - center) + S/2 - z jitter`` with
-  ``z = S / (2 half_side)``. A test-time crop of a box of half-side ``b``
-  that should fill a fraction ``f`` of the view is
-  ``crop_matrix(box_center, b / f, S)``.
-
-  Args:
-      center: [..., 2] crop centre (x, y), source px.
-      half_side: [...] crop half-side, source px.
-      out_size: S, the view side in px.
-      rotation: [...] degrees, CCW on screen positive (None: 0).
-      jitter: [..., 2] crop-origin shift in source px along the view axes
-          (None: 0).
-
-  Returns:
-      [..., 3, 3] float32 homogeneous affine matrices.
-  """
-  center = jnp.asarray(center, jnp.float32)
-  z = out_size / (2.0 * jnp.asarray(half_side, jnp.float32))
-  batch = jnp.broadcast_shapes(center.shape[:-1], z.shape)
-  rot = jnp.zeros(batch) if rotation is None else rotation
-  jit_ = jnp.zeros(batch + (2,)) if jitter is None else jitter
-  a = z[..., None, None] * rotation_2d(rot)  # [..., 2, 2]
-  t = (out_size / 2.0 - z[..., None] * jnp.asarray(jit_, jnp.float32)
-       - jnp.einsum('...ij,...j->...i', a, center))
-  top = jnp.concatenate([a, t[..., None]], -1)
-  bottom = jnp.broadcast_to(jnp.array([0.0, 0.0, 1.0], jnp.float32),
-                            top.shape[:-2] + (1, 3))
-  return jnp.concatenate([top, bottom], -2)
 
 
 def invert_affine(matrix) -> Array:
@@ -374,9 +306,10 @@ def sample_geometry(key, keypoints_2d, image_hw: tuple[int, int],
   else:
     margin = jnp.full((bsz,), cfg.fixed_margin, jnp.float32)
     jitter = jnp.zeros((bsz, 2), jnp.float32)
-  center, h0 = hand_box(keypoints_2d, image_hw)
+  center, h0 = crops.hand_box(jnp.asarray(keypoints_2d, jnp.float32),
+                              image_hw)
   half = margin * h0
-  matrix = crop_matrix(center, half, s, theta, jitter)
+  matrix = crops.crop_matrix(center, half, s, theta, jitter)
   z = s / (2.0 * half)
   params = {'rotation': theta, 'scale': 1.0 / margin,
             'translation': -z[:, None] * jitter / s}
@@ -446,7 +379,8 @@ def augment_view(key, images, keypoints_2d, cfg: AugmentConfig = AugmentConfig()
   params, matrix = sample_geometry(k_geo, keypoints_2d, images.shape[1:3], cfg)
   x = warp(images, matrix, cfg.out_size, cfg.fill_value) * (1.0 / 255.0)
   if photometric:
-    kp_view = apply_affine(matrix, jnp.asarray(keypoints_2d, jnp.float32))
+    kp_view = crops.apply_affine(matrix,
+                                 jnp.asarray(keypoints_2d, jnp.float32))
     x = _appearance(k_app, x, kp_view, cfg)
   return normalise(x, cfg.mean, cfg.std), params, matrix
 

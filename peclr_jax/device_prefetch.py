@@ -36,7 +36,7 @@ class DevicePrefetcher:
   Args:
     iterator: a checkpointable iterator of host batches (`get_state`,
       `set_state`); only this object reads it from now on.
-    put: host batch -> device batch (e.g. `training.shard_batch`).
+    put: host batch -> device batch (e.g. `sharding.shard_batch`).
     size: batches held ready on the devices; 0: no thread and no reading
       ahead, each `next()` reads and puts its batch (config.data.
       device_prefetch=0, e.g. for tests that act on the n-th batch read).

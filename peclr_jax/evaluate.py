@@ -31,7 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from peclr_jax import augment
+from peclr_jax import crops
 from peclr_jax import geometry
+from peclr_jax.crops import IMAGENET_MEAN, IMAGENET_STD
 
 # Official script: get_measures(0.0, 0.050, 100) on metric xyz.
 PCK_MIN_M = 0.0
@@ -39,14 +41,6 @@ PCK_MAX_M = 0.05
 PCK_STEPS = 100
 # The headline numbers of a run, in the order tables print them.
 SUMMARY_KEYS = ("epe_cm", "auc", "pa_epe_cm", "pa_auc")
-
-# Public test-time cropping constants (testing/pred_fh.py, fh_utils.py).
-CROP_SIZE = 224
-INITIAL_BOX_FRACTION = 0.33
-BOX_FILL = 0.7
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 NUM_VERTICES = 778
 
@@ -264,95 +258,7 @@ class KeypointMetricsAccumulator:
 # ==========================================================================
 
 
-def initial_box(image_size, fraction: float = INITIAL_BOX_FRACTION) -> np.ndarray:
-  """First-pass box: a square about the image centre, ``fraction`` of its side.
-
-  As the public ``modify_bbox([0, 0, W, H], 0.33)``: centre (W/2, H/2), side
-  ``fraction * max(W, H)`` (73.92 px for FreiHAND's 224 px images; the 0.7 fill
-  of :func:`box_affine` then zooms the image centre by ~2.1x).
-
-  Args:
-      image_size: side of a square image, or (height, width).
-      fraction: side of the box relative to the image's longer side.
-
-  Returns:
-      [4] float64 box (x1, y1, x2, y2) in image pixels.
-  """
-  if np.ndim(image_size) == 0:
-    height = width = float(image_size)
-  else:
-    height, width = (float(s) for s in image_size)
-  cx, cy = width / 2.0, height / 2.0
-  half = fraction * max(width, height) / 2.0
-  return np.array([cx - half, cy - half, cx + half, cy + half], np.float64)
-
-
-def box_affine(box, crop_size: float = CROP_SIZE, fill: float = BOX_FILL,
-               min_side: float = 1e-6) -> np.ndarray:
-  """Scale + translation mapping a box to the centre of a square crop.
-
-  As the public ``create_affine_transform_from_bbox``: the box centre goes to
-  (S/2, S/2) and the box's longer side to ``fill * S`` (no rotation).
-
-  Args:
-      box: [..., 4] boxes (x1, y1, x2, y2) in source pixels.
-      crop_size: S, output side in pixels.
-      fill: fraction of the crop covered by the box's longer side.
-      min_side: lower bound on the box side (a degenerate box would give an
-          infinite zoom; the public code has no guard and would fail).
-
-  Returns:
-      [..., 3, 3] float64 homogeneous matrices, source pixels -> crop pixels.
-  """
-  box = np.asarray(box, np.float64)
-  side = np.maximum(np.maximum(box[..., 2] - box[..., 0], box[..., 3] - box[..., 1]), min_side)
-  a = fill * crop_size / side
-  cx = 0.5 * (box[..., 0] + box[..., 2])
-  cy = 0.5 * (box[..., 1] + box[..., 3])
-  m = np.zeros(box.shape[:-1] + (3, 3), np.float64)
-  m[..., 0, 0] = a
-  m[..., 1, 1] = a
-  m[..., 0, 2] = crop_size / 2.0 - a * cx
-  m[..., 1, 2] = crop_size / 2.0 - a * cy
-  m[..., 2, 2] = 1.0
-  return m
-
-
-def keypoint_box(kp2d) -> np.ndarray:
-  """Integer bounding box of 2D keypoints, as the public ``get_bbox_from_pose``.
-
-  The public code casts with Python ``int()``, i.e. truncation toward zero
-  (equal to floor for the usual non-negative coordinates), for both the
-  minimum and the maximum; NaN keypoints are ignored.
-
-  Args:
-      kp2d: [..., J, 2] keypoints (x, y).
-
-  Returns:
-      [..., 4] float64 boxes (x1, y1, x2, y2) with integer values.
-  """
-  kp2d = np.asarray(kp2d, np.float64)
-  lo = np.trunc(np.nanmin(kp2d, axis=-2))
-  hi = np.trunc(np.nanmax(kp2d, axis=-2))
-  return np.concatenate([lo, hi], axis=-1)
-
-
-def map_box(matrix, box) -> np.ndarray:
-  """Maps a box's two corners through an affine transform.
-
-  Args:
-      matrix: [..., 3, 3] affine transforms.
-      box: [..., 4] (x1, y1, x2, y2).
-
-  Returns:
-      [..., 4] the mapped corners (exact for scale + translation transforms).
-  """
-  corners = np.asarray(box, np.float64).reshape(np.shape(box)[:-1] + (2, 2))
-  mapped = _host_f64(geometry.apply_affine, matrix, corners)
-  return mapped.reshape(mapped.shape[:-2] + (4,))
-
-
-def ground_truth_matrix(kp2d, crop_size: int = CROP_SIZE) -> np.ndarray:
+def ground_truth_matrix(kp2d, crop_size: int = crops.TEST_CROP_SIZE) -> np.ndarray:
   """The crop around the labelled hand: [..., 3, 3] float64.
 
   The test-time second-pass crop made from the true keypoints instead of the
@@ -360,7 +266,7 @@ def ground_truth_matrix(kp2d, crop_size: int = CROP_SIZE) -> np.ndarray:
   that picks fine-tuning's best checkpoint both use it, so the checkpoint is
   chosen on the crop it is reported on.
   """
-  return box_affine(keypoint_box(kp2d), crop_size)
+  return crops.box_affine(crops.keypoint_box(kp2d), crop_size)
 
 
 def warp_and_normalise(images, matrix, crop_size: int,
@@ -368,8 +274,8 @@ def warp_and_normalise(images, matrix, crop_size: int,
                        std: Sequence[float] = IMAGENET_STD):
   """Traceable body of :func:`crop_and_normalise` (black border, then
   normalisation), for callers that crop inside their own jitted step."""
-  crops = augment.warp(images, matrix, crop_size, 0.0)
-  return augment.normalise(crops / 255.0, mean, std)
+  warped = augment.warp(images, matrix, crop_size, 0.0)
+  return augment.normalise(warped / 255.0, mean, std)
 
 
 @functools.partial(jax.jit, static_argnames=("crop_size",))
@@ -377,7 +283,7 @@ def _crop_normalise_jit(images, matrix, mean, std, *, crop_size: int):
   return warp_and_normalise(images, matrix, crop_size, mean, std)
 
 
-def crop_and_normalise(images, matrix, crop_size: int = CROP_SIZE,
+def crop_and_normalise(images, matrix, crop_size: int = crops.TEST_CROP_SIZE,
                        mean: Sequence[float] = IMAGENET_MEAN,
                        std: Sequence[float] = IMAGENET_STD):
   """Cuts affine crops from uint8 images and applies ImageNet normalisation.
@@ -414,10 +320,10 @@ def two_pass_predict(
         images,
         K,
         scale,
-        crop_size: int = CROP_SIZE,
+        crop_size: int = crops.TEST_CROP_SIZE,
         *,
-        fill: float = BOX_FILL,
-        box_fraction: float = INITIAL_BOX_FRACTION,
+        fill: float = crops.BOX_FILL,
+        box_fraction: float = crops.INITIAL_BOX_FRACTION,
         first_box=None,
 ) -> dict[str, np.ndarray]:
   """The public FreiHAND test-time procedure, batched.
@@ -449,7 +355,7 @@ def two_pass_predict(
       fill: fraction of the crop covered by the box.
       box_fraction: first-pass box side relative to the image side.
       first_box: optional [N, 4] first-pass boxes (x1, y1, x2, y2) in image
-          pixels; default :func:`initial_box` of the H x W image.
+          pixels; default :func:`crops.initial_box` of the H x W image.
 
   Returns:
       dict of float64 NumPy arrays:
@@ -467,24 +373,24 @@ def two_pass_predict(
   K = np.broadcast_to(np.asarray(K, np.float64), (n, 3, 3))
   scale = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (n,))
   if first_box is None:  # the hand is roughly centred
-    first_box = initial_box((height, width), box_fraction)
+    first_box = crops.initial_box((height, width), box_fraction)
   first_box = np.broadcast_to(np.asarray(first_box, np.float64), (n, 4))
 
   # Pass 1: the first box.
-  t1 = box_affine(first_box, crop_size, fill)
+  t1 = crops.box_affine(first_box, crop_size, fill)
   k1 = t1 @ K
   out1 = predict_fn(crop_and_normalise(images, t1, crop_size), k1)
   kp2d_1 = np.asarray(out1["kp2d"], np.float64)
 
   # Pass 2: box of the first prediction, taken back to image pixels.
-  box = map_box(np.linalg.inv(t1), keypoint_box(kp2d_1))
-  t2 = box_affine(box, crop_size, fill)
+  box = crops.map_box(np.linalg.inv(t1), crops.keypoint_box(kp2d_1))
+  t2 = crops.box_affine(box, crop_size, fill)
   k2 = t2 @ K
   out2 = predict_fn(crop_and_normalise(images, t2, crop_size), k2)
 
   kp3d_ait = geometry.palm_to_wrist(np.asarray(out2["kp3d"], np.float64)) * scale[:, None, None]
   kp2d_crop = geometry.palm_to_wrist(np.asarray(out2["kp2d"], np.float64))
-  kp2d_ait = _host_f64(geometry.apply_affine, np.linalg.inv(t2), kp2d_crop)
+  kp2d_ait = _host_f64(crops.apply_affine, np.linalg.inv(t2), kp2d_crop)
   return {
           "kp3d_metres": geometry.ait_to_freihand(kp3d_ait),
           "kp2d": geometry.ait_to_freihand(kp2d_ait),

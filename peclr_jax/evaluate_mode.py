@@ -12,12 +12,13 @@ import numpy as np
 from tqdm import tqdm
 
 from peclr_jax import checkpoints
+from peclr_jax import crops
 from peclr_jax import datasets
 from peclr_jax import evaluate
 from peclr_jax import geometry
 from peclr_jax import input_pipeline
+from peclr_jax import models
 from peclr_jax import predict
-from peclr_jax import training
 from peclr_jax import visualize
 from peclr_jax.models import restore
 
@@ -29,7 +30,7 @@ def _ground_truth_crop(predict_fn, batch, crop_size):
                    matrix @ batch["K"])
   kp3d = geometry.palm_to_wrist(np.asarray(out["kp3d"], np.float64))
   kp2d = geometry.palm_to_wrist(np.asarray(out["kp2d"], np.float64))
-  kp2d = np.asarray(geometry.apply_affine(np.linalg.inv(matrix), kp2d))
+  kp2d = crops.apply_affine(np.linalg.inv(matrix), kp2d)
   return {"kp3d_ait_metres": kp3d * batch["scale"][:, None, None],
           "kp2d_ait": kp2d}
 
@@ -40,7 +41,7 @@ def run(config, workdir: str) -> dict:
     raise ValueError("config.checkpoint is empty: name a fine-tuning workdir "
                      "or converted weights")
   model, crop_size, meta, path = restore.keypoint_model(
-      config.checkpoint, dtype=training.compute_dtype(config.model.dtype))
+      config.checkpoint, dtype=models.compute_dtype(config.model.dtype))
   checkpoints.check_meta(meta, {"backbone": config.model.backbone}, path)
   # The Predictor's batched, jitted model call on ready crops.
   predict_fn = predict.Predictor(model, crop_size, batch_size=config.batch_size).predict_crops

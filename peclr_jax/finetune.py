@@ -22,6 +22,8 @@ from peclr_jax import evaluate as evaluate_lib
 from peclr_jax import geometry
 from peclr_jax import losses
 from peclr_jax import models
+from peclr_jax import optim
+from peclr_jax import sharding
 from peclr_jax import training
 
 class LossWeights(NamedTuple):
@@ -33,7 +35,7 @@ class LossWeights(NamedTuple):
 def make_model(config, rngs: nnx.Rngs) -> models.KeypointModel:
   return models.KeypointModel(
       config.model.backbone, rngs=rngs,
-      dtype=training.compute_dtype(config.model.dtype),
+      dtype=models.compute_dtype(config.model.dtype),
       uv_units=config.model.uv_units, head=config.model.head)
 
 
@@ -101,7 +103,7 @@ def make_evaluator(config, mesh, sources, out_size: int, *, max_batches=-1):
             break
           matrix = evaluate_lib.ground_truth_matrix(
               host_batch["keypoints_2d"], out_size).astype(np.float32)
-          batch = training.shard_batch(
+          batch = sharding.shard_batch(
               {"matrix": matrix,
                **{k: host_batch[k] for k in ("image", "K", "scale")}}, mesh)
           kp3d = np.asarray(_predict_ground_truth_crop(graphdef, state, batch,
@@ -130,8 +132,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """Fine-tunes (or resumes) in `workdir`; returns (model, last metrics)."""
   from peclr_jax import datasets  # pylint: disable=g-import-not-at-top
   from peclr_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  mesh = training.make_mesh()
-  training.check_batch_divisible(config.batch_size, mesh)
+  mesh = sharding.make_mesh()
+  sharding.check_batch_divisible(config.batch_size, mesh)
   sources = datasets.open_sources(config.data, config.data.train_split,
                                   precropped=config.data.precropped)
   train_iter = input_pipeline.make_finetune_iterator(
@@ -142,7 +144,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       num_workers=config.data.num_workers)
   num_examples = sum(len(s) for _, s in sources)
   num_examples = max(int(num_examples * config.data.labels_fraction), 1)
-  tx, steps, _ = training.optimizer_for(config, num_examples)
+  tx, steps, _ = optim.optimizer_for(config, num_examples)
 
   model = make_model(config, nnx.Rngs(config.seed))
   if config.init:

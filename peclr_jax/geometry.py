@@ -264,19 +264,3 @@ def procrustes_align(pred, gt, eps: float = 1e-8):
   r = jnp.matmul(u, vt)
   scale = jnp.sum(sv, axis=-1)[..., None, None]
   return jnp.matmul(b, _swap(r)) * scale * s_gt + t_gt
-
-
-def apply_affine(M, pts):
-  """Applies a 2D affine transform to points.
-
-  Args:
-      M: [..., 3, 3] homogeneous affine matrices (last row (0, 0, 1)); a
-          [..., 2, 3] matrix works too. Leading dims broadcast with pts'.
-      pts: [..., J, 2] points (x, y).
-
-  Returns:
-      [..., J, 2] transformed points M @ [x, y, 1].
-  """
-  lin = M[..., :2, :2]
-  t = M[..., :2, 2]
-  return jnp.matmul(pts, _swap(lin)) + t[..., None, :]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
-import math
 import os
 from typing import Any, Mapping, Sequence
 
@@ -26,12 +25,13 @@ import grain
 import numpy as np
 from PIL import Image
 
+from peclr_jax import crops
 from peclr_jax import joints
 
 # Half-side factor of the source crop over the max keypoint distance: the
 # largest margin of the view augmentation (1.5) times sqrt(2) so a view rotated
 # by up to 45 degrees stays inside the crop.
-DEFAULT_CROP_MARGIN = 1.5 * math.sqrt(2.0)
+DEFAULT_CROP_MARGIN = crops.DEFAULT_MARGIN * crops.ROTATION_ROOM
 
 # Keys of every batch (evaluation adds 'mask').
 BATCH_KEYS = ('image', 'keypoints_2d', 'keypoints_3d', 'K', 'scale', 'valid',
@@ -129,64 +129,8 @@ class _PaddedEvalShard:
 
 
 # ----------------------------------------------------------------------------
-# Crop geometry and decoding (public: evaluation and prediction reuse them)
+# Decoding and the host crop (its geometry: peclr_jax/crops.py)
 # ----------------------------------------------------------------------------
-def hand_crop_box(keypoints_2d: np.ndarray, image_hw: tuple[int, int], *,
-                  margin: float = DEFAULT_CROP_MARGIN) -> tuple[np.ndarray, float]:
-  """Square around the hand: centre = mean keypoint, half-side = margin x spread.
-
-  Falls back to the whole image (`full_image_box`) when the keypoints carry no
-  extent (missing labels are zeros) or are not finite.
-
-  Args:
-    keypoints_2d: [21, 2] (x, y) pixels of the image.
-    image_hw: (height, width) of the image.
-    margin: half-side over the max keypoint distance from the centre.
-
-  Returns:
-    (centre [2] float64 (x, y) pixels, half_side float pixels).
-  """
-  kp = np.asarray(keypoints_2d, np.float64).reshape(-1, 2)
-  centre = kp.mean(axis=0)
-  spread = np.sqrt(((kp - centre) ** 2).sum(-1)).max() if len(kp) else 0.0
-  if not (np.all(np.isfinite(centre)) and np.isfinite(spread) and spread >= 1.0):
-    return full_image_box(image_hw)
-  return centre, float(spread * margin)
-
-
-def full_image_box(image_hw: tuple[int, int]) -> tuple[np.ndarray, float]:
-  """Square that holds the whole image, centred (letterboxing a non-square one).
-
-  Args:
-    image_hw: (height, width).
-
-  Returns:
-    (centre [2] (x, y), half_side): an S x S crop of it is the image resized by
-    S / max(H, W); identity when H = W = S.
-  """
-  h, w = image_hw
-  return np.array([(w - 1) / 2.0, (h - 1) / 2.0]), max(h, w) / 2.0
-
-
-def crop_matrix(centre: np.ndarray, half_side: float, size: int) -> np.ndarray:
-  """Affine map from image pixels to crop pixels (pixel centres at integers).
-
-  The square [c - h, c + h]^2 (continuous coordinates) fills the crop's extent
-  [-0.5, size - 0.5]^2: q = z (p - c) + (size - 1) / 2 with z = size / (2 h).
-
-  Args:
-    centre: [2] (x, y).
-    half_side: h in image pixels.
-    size: crop side S in pixels.
-
-  Returns:
-    [3, 3] float64 homogeneous matrix M, q = M @ [x, y, 1].
-  """
-  z = size / (2.0 * half_side)
-  off = (size - 1) / 2.0 - z * np.asarray(centre, np.float64)
-  return np.array([[z, 0.0, off[0]], [0.0, z, off[1]], [0.0, 0.0, 1.0]])
-
-
 def _open_image(image: Any) -> Image.Image:
   if isinstance(image, Image.Image):
     return image
@@ -208,56 +152,6 @@ def image_size(image: Any) -> tuple[int, int]:
   return h, w
 
 
-def warp_crop(image: Any, centre: np.ndarray, half_side: float, size: int, *,
-              fill: int = 0) -> np.ndarray:
-  """Decodes `image` and cuts the square (centre, half_side) out as size x size.
-
-  Bilinear sampling with `fill` outside the image. Shrinking by 2x or more
-  first decodes JPEGs at 1/2, 1/4 or 1/8 scale (DCT scaling) and then
-  box-reduces by an integer factor, so the final bilinear step never shrinks
-  by 2x or more (plain bilinear would alias) and big frames decode fast.
-
-  Args:
-    image: encoded bytes (JPEG/PNG), a path, a PIL image or uint8 [H, W(, 3)].
-    centre: [2] (x, y) pixels of the image.
-    half_side: pixels of the image.
-    size: output side S.
-    fill: constant value outside the image.
-
-  Returns:
-    uint8 [S, S, 3]; pixel (i, j) of it shows image point
-    inverse(crop_matrix(centre, half_side, size)) @ [j, i, 1].
-  """
-  im = _open_image(image)
-  width, height = im.size
-  zoom = size / (2.0 * half_side)
-  # PIL's transform uses corner coordinates (pixel centres at +0.5) and
-  # samples output pixel centres; work in them: image corner point P maps to
-  # output corner point U = zoom * (P - C) + S / 2 with C = centre + 0.5.
-  reduction = 1.0
-  if zoom <= 0.5:
-    res = im.draft('RGB', (max(1, math.ceil(width * zoom)),
-                           max(1, math.ceil(height * zoom))))
-    if res is not None:  # JPEG decoded at 1/scale: corner coords divide by it
-      reduction = width / res[1][2]
-  im = im.convert('RGB')
-  k = int(math.floor(1.0 / (zoom * reduction) + 1e-9))
-  if k >= 2:
-    im = im.reduce(k)
-    reduction *= k
-  cx, cy = np.asarray(centre, np.float64) + 0.5
-  a = 1.0 / (zoom * reduction)
-  if (a == 1.0 and im.size == (size, size) and cx - size / 2 == 0
-      and cy - size / 2 == 0):
-    return np.asarray(im, np.uint8)  # identity (e.g. FreiHAND at 224): no resampling
-  coeffs = (a, 0.0, cx / reduction - a * size / 2.0,
-            0.0, a, cy / reduction - a * size / 2.0)
-  out = im.transform((size, size), Image.Transform.AFFINE, coeffs,
-                     resample=Image.Resampling.BILINEAR,
-                     fillcolor=(int(fill),) * 3)
-  return np.asarray(out, np.uint8)
-
-
 def decode_and_crop(ex: Mapping[str, Any], *, size: int, crop: str = 'hand',
                     margin: float = DEFAULT_CROP_MARGIN, fill: int = 0
                     ) -> dict[str, np.ndarray]:
@@ -272,7 +166,8 @@ def decode_and_crop(ex: Mapping[str, Any], *, size: int, crop: str = 'hand',
     size: output side S.
     crop: 'hand' (box around the keypoints) or 'none' (whole image, resized so
       the longer side is S and centred).
-    margin: see `hand_crop_box`.
+    margin: half-side over the max keypoint distance from the mean keypoint
+      (`crops.hand_box`).
     fill: constant value outside the image.
 
   Returns:
@@ -285,16 +180,16 @@ def decode_and_crop(ex: Mapping[str, Any], *, size: int, crop: str = 'hand',
   hw = (image.size[1], image.size[0])
   kp2d = np.asarray(ex.get('keypoints_2d', np.zeros((joints.NUM_JOINTS, 2))), np.float64)
   if crop == 'hand':
-    centre, half = hand_crop_box(kp2d, hw, margin=margin)
+    centre, half = crops.hand_box(kp2d, hw, margin=margin)
   elif crop == 'none':
-    centre, half = full_image_box(hw)
+    centre, half = crops.full_image_box(hw)
   else:
     raise ValueError(f"crop must be 'hand' or 'none', got {crop!r}")
-  m = crop_matrix(centre, half, size)
+  m = crops.crop_matrix(centre, half, size)
   k_in = np.asarray(ex.get('K', np.eye(3)), np.float64).reshape(3, 3)
   out = {
-      'image': warp_crop(image, centre, half, size, fill=fill),
-      'keypoints_2d': (kp2d @ m[:2, :2].T + m[:2, 2]).astype(np.float32),
+      'image': crops.warp_crop(image, m, size, fill=fill),
+      'keypoints_2d': crops.apply_affine(m, kp2d).astype(np.float32),
       'keypoints_3d': np.asarray(ex.get('keypoints_3d', np.zeros((joints.NUM_JOINTS, 3))),
                                  np.float32).reshape(joints.NUM_JOINTS, 3),
       'K': (m @ k_in).astype(np.float32),
@@ -334,7 +229,7 @@ def _is_precropped(name: str, src: Source,
   if made is None:
     return False
   wanted = {'source_size': decode.size, 'crop_margin': decode.margin,
-            'fill': decode.fill}
+            'fill': decode.fill, 'crop_centre': crops.CROP_CENTRE}
   for key, value in wanted.items():
     if made[key] != value:
       raise ValueError(

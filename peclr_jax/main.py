@@ -21,7 +21,7 @@ checkpoint_every_steps, keep_checkpoints, eval_every_steps, eval_batches,
 data.num_workers, data.precropped, data.device_prefetch or the run's length (num_train_steps, num_epochs: the
 learning-rate schedule is then recomputed for the new length) is allowed and
 the changed keys are printed in one line. Set PECLR_ALLOW_CONFIG_CHANGE=1 to
-continue with any other change anyway (`training.check_config_change`).
+continue with any other change anyway (`resume_checks.check_config_change`).
 
 Several processes (one per host, or several on one machine): run the same
 command in each with JAX_COORDINATOR_ADDRESS=<host of process 0>:<port>,
@@ -46,7 +46,7 @@ from peclr_jax import checkpoints
 from peclr_jax import config_checks
 from peclr_jax import config_files
 from peclr_jax import defaults
-from peclr_jax import training
+from peclr_jax import preemption
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -133,7 +133,7 @@ def main(argv):
     if hint:
       print(hint, flush=True)
     run(FLAGS.config, FLAGS.workdir)
-  except training.Preempted as e:
+  except preemption.Preempted as e:
     # SIGTERM or a first Ctrl-C: the checkpoint is saved; a scheduler that
     # re-runs the same command continues, so this is a success, not a
     # failure.

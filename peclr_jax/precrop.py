@@ -22,8 +22,9 @@ Layout, <data_dir>/precropped/<tfds name>/<split>-<S>px/:
   pixels), keypoints_3d.npy float32 [N, 21, 3], K.npy float32 [N, 3, 3] (crop
   pixels), scale.npy float32 [N], valid.npy bool [N, 21], and meta.json (the
   TFDS dataset's full name and version, split, N, source_size, crop_margin,
-  fill). A store is written into a temporary folder that is renamed when
-  complete, so an interrupted build never leaves a store that looks usable.
+  fill, crop_centre). A store is written into a temporary folder that is
+  renamed when complete, so an interrupted build never leaves a store that
+  looks usable.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import grain
 import numpy as np
 from tqdm import tqdm
 
+from peclr_jax import crops
 from peclr_jax import input_pipeline
 from peclr_jax import joints
 
@@ -123,7 +125,8 @@ def build(name: str, split: str, data_dir: str | os.PathLike, *,
     del arrays
     meta = {'dataset': source.dataset_info.full_name, 'split': split,
             'num_examples': n, 'source_size': int(source_size),
-            'crop_margin': float(crop_margin), 'fill': int(fill)}
+            'crop_margin': float(crop_margin), 'fill': int(fill),
+            'crop_centre': crops.CROP_CENTRE}
     with open(os.path.join(tmp, META_FILE), 'w') as f:
       json.dump(meta, f, indent=1)
     shutil.rmtree(out, ignore_errors=True)
@@ -160,6 +163,9 @@ class Store:
       self.num_examples = int(meta['num_examples'])
       self.crop_settings = {k: meta[k] for k in
                             ('source_size', 'crop_margin', 'fill')}
+      # Stores written before the key existed crop about (S - 1)/2.
+      self.crop_settings['crop_centre'] = meta.get('crop_centre',
+                                                   '(S - 1)/2')
       self.dataset = str(meta['dataset'])
     except (ValueError, KeyError, TypeError) as e:
       raise ValueError(f'{meta_path}: damaged pre-cropped store metadata '

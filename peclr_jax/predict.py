@@ -37,10 +37,12 @@ from flax import nnx
 from peclr_jax import checkpoints
 from peclr_jax import evaluate
 from peclr_jax import models
+from peclr_jax.crops import (BOX_FILL, INITIAL_BOX_FRACTION, TEST_CROP_SIZE, initial_box,
+                             map_box)
 from peclr_jax.models import restore
 
 DEFAULT_BATCH_SIZE = 16
-DEFAULT_INPUT_SIZE = evaluate.CROP_SIZE
+DEFAULT_INPUT_SIZE = TEST_CROP_SIZE
 # The CLI decodes larger images reduced (decode_image): the network sees
 # crops of input_size pixels cut from boxes of about half the image, so a
 # 4096 px side is already several times more detail than it uses, while a
@@ -184,8 +186,8 @@ class Predictor:
   """
 
   def __init__(self, model: models.KeypointModel, input_size: int = DEFAULT_INPUT_SIZE, *,
-               batch_size: int = DEFAULT_BATCH_SIZE, fill: float = evaluate.BOX_FILL,
-               box_fraction: float = evaluate.INITIAL_BOX_FRACTION,
+               batch_size: int = DEFAULT_BATCH_SIZE, fill: float = BOX_FILL,
+               box_fraction: float = INITIAL_BOX_FRACTION,
                pixel_budget: int = PIXEL_BUDGET):
     """Wraps an in-memory keypoint model (e.g. right after fine-tuning).
 
@@ -349,7 +351,7 @@ class Predictor:
     else:
       K = _per_image(K, n, (3, 3), "K", allow_shared=True)
     if boxes is None:
-      first = np.stack([evaluate.initial_box((h, w), self.box_fraction)
+      first = np.stack([initial_box((h, w), self.box_fraction)
                         for h, w in sizes]) if n else np.zeros((0, 4))
     else:
       first = _per_image(boxes, n, (4,), "boxes", allow_shared=False)
@@ -596,8 +598,8 @@ def _predict_files(predictor: Predictor, batch, scale) -> dict[str, np.ndarray]:
   for _, _, f, size in batch:
     to_original = decoded_to_original(f)
     K.append(np.linalg.solve(to_original, image_intrinsics(*size)))
-    first.append(evaluate.map_box(np.linalg.inv(to_original),
-                                  evaluate.initial_box(size, predictor.box_fraction)))
+    first.append(map_box(np.linalg.inv(to_original),
+                         initial_box(size, predictor.box_fraction)))
   out = predictor.predict([im for _, im, _, _ in batch], K=np.stack(K), boxes=np.stack(first),
                           scale=scale)
   f = np.array([f for _, _, f, _ in batch], np.float64)[:, None, None]

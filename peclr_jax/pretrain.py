@@ -18,6 +18,8 @@ from peclr_jax import augment
 from peclr_jax import checkpoints
 from peclr_jax import losses
 from peclr_jax import models
+from peclr_jax import optim
+from peclr_jax import sharding
 from peclr_jax import training
 
 
@@ -40,7 +42,7 @@ class LossSettings(NamedTuple):
 def make_model(config, rngs: nnx.Rngs) -> models.PeCLRModel:
   return models.PeCLRModel(
       config.model.backbone, rngs=rngs,
-      dtype=training.compute_dtype(config.model.dtype),
+      dtype=models.compute_dtype(config.model.dtype),
       proj_hidden=config.model.proj_hidden, proj_dim=config.model.proj_dim)
 
 
@@ -101,7 +103,7 @@ def _validation(config, mesh, aug_cfg, loss_cfg):
     values = []
     with jax.set_mesh(mesh):
       for i in range(config.eval_batches):
-        batch = training.shard_batch(next(it), mesh)
+        batch = sharding.shard_batch(next(it), mesh)
         values.append(float(_eval_loss(graphdef, state, batch, jax.random.key(i),
                                        aug_cfg, loss_cfg)))
     return {"eval_loss": float(np.mean(values))}
@@ -113,12 +115,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """Pre-trains (or resumes) in `workdir`; returns (model, last metrics)."""
   from peclr_jax import datasets  # pylint: disable=g-import-not-at-top
   from peclr_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  mesh = training.make_mesh()
-  training.check_batch_divisible(config.batch_size, mesh)
+  mesh = sharding.make_mesh()
+  sharding.check_batch_divisible(config.batch_size, mesh)
   sources = datasets.open_sources(config.data, config.data.train_split,
                                   precropped=config.data.precropped)
   num_examples = sum(len(s) for _, s in sources)
-  tx, steps, updates = training.optimizer_for(config, num_examples)
+  tx, steps, updates = optim.optimizer_for(config, num_examples)
 
   model = make_model(config, nnx.Rngs(config.seed))
   train_iter = input_pipeline.make_pretrain_iterator(

@@ -22,9 +22,7 @@ import mpl_toolkits.mplot3d  # noqa: F401  (registers the '3d' projection)
 
 from peclr_jax import geometry
 from peclr_jax import joints
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from peclr_jax.crops import IMAGENET_MEAN, IMAGENET_STD
 
 #: One colour per finger (thumb..pinky); the wrist is drawn in black.
 FINGER_COLOURS = ("#e6194b", "#f58231", "#3cb44b", "#4363d8", "#911eb4")
@@ -448,9 +446,9 @@ def plot_training_curves(workdirs: Mapping[str, str], path: str,
   Returns:
     ``path``.
   """
-  from peclr_jax import training  # pylint: disable=g-import-not-at-top
+  from peclr_jax import metrics_log  # pylint: disable=g-import-not-at-top
 
-  rows = {label: training.read_metrics(w) for label, w in workdirs.items()}
+  rows = {label: metrics_log.read_metrics(w) for label, w in workdirs.items()}
   fig = _new_figure(4.2 * len(keys), 3.2)
   for i, key in enumerate(keys):
     ax = fig.add_subplot(1, len(keys), i + 1)

@@ -13,6 +13,7 @@ import pytest
 from scipy import ndimage
 
 from peclr_jax import augment as A
+from peclr_jax import crops
 
 S = 32  # view size used throughout (tiny on purpose)
 MEAN255 = np.round(np.array(A.IMAGENET_MEAN) * 255.0)
@@ -131,8 +132,8 @@ def test_warp_matches_scipy_bilinear_with_constant_border():
   img = rng.uniform(0, 255, (2, 20, 24, 3)).astype(np.float32)
   fill = np.array([10.0, 50.0, 200.0], np.float32)
   mats = np.stack([
-      np.asarray(A.crop_matrix(np.array([11.3, 9.7]), 13.0, 16, 30.0,
-                               np.array([4.0, 1.5]))),
+      np.asarray(crops.crop_matrix(np.array([11.3, 9.7]), 13.0, 16, 30.0,
+                                   np.array([4.0, 1.5]))),
       np.array([[1.7, 0.2, -3.1], [-0.4, 1.1, 2.6], [0, 0, 1]], np.float32),
   ])
   out = np.asarray(A.warp(img, mats, (16, 18), fill))
@@ -237,8 +238,8 @@ def test_matrix_equals_documented_formula():
 
 def test_crop_matrix_known_answer_and_inverse():
   c = np.array([[40.0, 25.0]])
-  mat = np.asarray(A.crop_matrix(c, np.array([20.0]), 32, np.array([0.0]),
-                                 np.array([[4.0, 2.0]])))
+  mat = np.asarray(crops.crop_matrix(c, np.array([20.0]), 32, np.array([0.0]),
+                                     np.array([[4.0, 2.0]])))
   # z = 32 / 40 = 0.8: the crop origin c - 20 + j maps to (0, 0). About 8
   # roundings (z, z j, A c, t) of terms up to |A c| = 32 px.
   corner = np.array([[[40 - 20 + 4.0, 25 - 20 + 2.0]]])
@@ -247,7 +248,7 @@ def test_crop_matrix_known_answer_and_inverse():
   # cos 0 and sin 0 are exact; 32 / 40 is one division (GPU: 2 ulp).
   np.testing.assert_allclose(mat[0, :2, :2], 0.8 * np.eye(2), rtol=0,
                              atol=2 * EPS)
-  m = np.asarray(A.crop_matrix(c, np.array([13.0]), 32, np.array([33.0])))
+  m = np.asarray(crops.crop_matrix(c, np.array([13.0]), 32, np.array([33.0])))
   # Checked in float64: only the float32 inverse's error remains, a few EPS
   # of A^-1 (det and a division) and of the terms of -A^-1 t.
   prod = np.asarray(A.invert_affine(m), np.float64) @ m.astype(np.float64)
@@ -261,13 +262,13 @@ def test_crop_matrix_known_answer_and_inverse():
 
 def test_positive_rotation_is_counter_clockwise_on_screen():
   c = np.array([[16.0, 16.0]])
-  mat = A.crop_matrix(c, np.array([16.0]), S, np.array([90.0]))  # z = 1
+  mat = crops.crop_matrix(c, np.array([16.0]), S, np.array([90.0]))  # z = 1
   right = np.array([[[26.0, 16.0]]])  # 10 px right of the centre
   q = _np_apply(mat, right)[0, 0]
   # float32 cos(deg2rad(90)) is -4.4e-8, not 0 (x 26 px), plus ~8
   # roundings of terms up to |A c| = 23 px.
   np.testing.assert_allclose(q, [16.0, 6.0], atol=16 * EPS * 32)  # 10 px above
-  mat45 = A.crop_matrix(c, np.array([16.0]), S, np.array([45.0]))
+  mat45 = crops.crop_matrix(c, np.array([16.0]), S, np.array([45.0]))
   q45 = _np_apply(mat45, right)[0, 0]
   assert q45[0] > 16 and q45[1] < 16  # up-right: CCW on screen
   # The image content follows the matrix: a dot right of centre shows above.

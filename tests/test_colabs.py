@@ -22,7 +22,7 @@ import pytest
 from nbclient import NotebookClient
 
 from peclr_jax import augment
-from peclr_jax import geometry
+from peclr_jax import crops
 from peclr_jax import losses
 from peclr_jax import defaults
 from peclr_jax import notebook_utils
@@ -97,8 +97,8 @@ def test_keypoint_latent_is_undone_by_undo_transforms(jitter, min_cos):
   # The views' geometry as augment_view draws it (the pixels are not needed).
   t1, m1 = augment.sample_geometry(jax.random.key(1), kp, (96, 96), cfg)
   t2, m2 = augment.sample_geometry(jax.random.key(2), kp, (96, 96), cfg)
-  e1 = notebook_utils.keypoint_latent(geometry.apply_affine(m1, kp), 48)
-  e2 = notebook_utils.keypoint_latent(geometry.apply_affine(m2, kp), 48)
+  e1 = notebook_utils.keypoint_latent(crops.apply_affine(m1, kp), 48)
+  e2 = notebook_utils.keypoint_latent(crops.apply_affine(m2, kp), 48)
   assert e1.shape == (4, 42)
   before = np.sum(losses.l2_normalize(e1) * losses.l2_normalize(e2), -1)
   u1 = losses.undo_transforms(e1, t1["rotation"], t1["scale"],
@@ -155,9 +155,9 @@ def test_quickstart_runs(tmp_path, kernel_env):
   nb, stdout = execute("quickstart", tmp_path, SIZE="small",
                        DATA_DIR=str(tmp_path / "tfds"), WORKDIR=str(workdir))
   # Every stage ran to its last step, the fine-tuning from the pre-training.
-  from peclr_jax import training  # pylint: disable=g-import-not-at-top
+  from peclr_jax import metrics_log  # pylint: disable=g-import-not-at-top
   for stage in ("pretrain", "finetune"):
-    steps = [r["step"] for r in training.read_metrics(str(workdir / stage))]
+    steps = [r["step"] for r in metrics_log.read_metrics(str(workdir / stage))]
     assert max(steps) == 16, (stage, steps)
   assert f"Initialised the backbone from {workdir / 'pretrain'}" in stdout
   with open(workdir / "evaluate" / "metrics.json") as f:
@@ -182,9 +182,9 @@ def test_equivariance_runs(tmp_path, kernel_env):
     assert (figures / png).is_file(), png
   assert images_shown(nb) == 6
   # Both encoders were pre-trained to their last step, each with its loss.
-  from peclr_jax import training  # pylint: disable=g-import-not-at-top
+  from peclr_jax import metrics_log  # pylint: disable=g-import-not-at-top
   for kind in ("simclr", "peclr"):
-    rows = training.read_metrics(str(tmp_path / "pretrain" / f"pretrain_{kind}"))
+    rows = metrics_log.read_metrics(str(tmp_path / "pretrain" / f"pretrain_{kind}"))
     assert max(r["step"] for r in rows) == 16
   number = r"-?\d+\.\d+"
   table = re.findall(rf"^(random resnet_tiny|SimCLR|PeCLR)\s+((?:{number}\s+){{5}}"

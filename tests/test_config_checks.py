@@ -82,7 +82,7 @@ BAD = [
     ("finetune", "loss.uv_weight", -1.0, "a number >= 0"),
     ("evaluate", "batch_size", 0, "an integer >= 1"),
     ("evaluate", "crop", "twopass", "one of 'two_pass', 'ground_truth'"),
-    ("evaluate", "first_box_fraction", 0, "a number in (0, 1]"),
+    ("evaluate", "first_box_fraction", 0.0, "a number in (0, 1]"),
     ("evaluate", "data.source_size", -3, "an integer >= 1"),
     ("demo", "label_fractions", (0.1, 0.0), "numbers in (0, 1]"),
     ("demo", "seeds", (), "a non-empty tuple of integers >= 0"),

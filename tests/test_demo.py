@@ -9,7 +9,7 @@ import pytest
 
 from peclr_jax import defaults
 from peclr_jax import demo
-from peclr_jax import training
+from peclr_jax import metrics_log
 
 
 def _run(method, labels, seed, pa):
@@ -51,7 +51,7 @@ def test_small_comparison_runs_and_resumes(tmp_path):
   assert [(r["method"], r["labels"]) for r in results["rows"]] == [
       ("scratch", 0.1), ("PeCLR", 0.1)]
   for run in results["runs"]:
-    steps = [r["step"] for r in training.read_metrics(run["finetune_dir"])]
+    steps = [r["step"] for r in metrics_log.read_metrics(run["finetune_dir"])]
     assert max(steps) == config.finetune.num_train_steps
     for crop in demo.CROPS:
       assert np.isfinite(run[crop]["pa_epe_cm"])
@@ -68,11 +68,11 @@ def test_small_comparison_runs_and_resumes(tmp_path):
     assert json.load(f)["rows"] == json.loads(json.dumps(results["rows"]))
 
   # A second run reuses every finished run: no training step is repeated.
-  before = {r["finetune_dir"]: len(training.read_metrics(r["finetune_dir"]))
+  before = {r["finetune_dir"]: len(metrics_log.read_metrics(r["finetune_dir"]))
             for r in results["runs"]}
   again = demo.run(config, workdir)
   for run in again["runs"]:
-    assert len(training.read_metrics(run["finetune_dir"])) == before[
+    assert len(metrics_log.read_metrics(run["finetune_dir"])) == before[
         run["finetune_dir"]]
   assert again["rows"] == results["rows"]
 

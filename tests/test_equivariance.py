@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from peclr_jax import augment
+from peclr_jax import crops
 from peclr_jax import equivariance
-from peclr_jax import geometry
 from peclr_jax import notebook_utils
 from tfds_builders.synthetic_hands import render
 
@@ -49,8 +49,8 @@ def test_equivariant_stand_in_is_aligned_by_undoing(hands, transform):
       augment.AugmentConfig(out_size=SIZE), transform)
   _, (t1, t2), (m1, m2) = augment.augment_pair(jax.random.key(1), images, kp,
                                                cfg)
-  e1 = notebook_utils.keypoint_latent(geometry.apply_affine(m1, kp), SIZE)
-  e2 = notebook_utils.keypoint_latent(geometry.apply_affine(m2, kp), SIZE)
+  e1 = notebook_utils.keypoint_latent(crops.apply_affine(m1, kp), SIZE)
+  e2 = notebook_utils.keypoint_latent(crops.apply_affine(m2, kp), SIZE)
   before, after = equivariance.pair_similarity(e1, e2, t1, t2, transform)
   assert after == pytest.approx(1.0, abs=1e-5)
   if transform == 'rotate':

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from scipy.linalg import orthogonal_procrustes
 
+from peclr_jax import crops
 from peclr_jax import evaluate
 
 # AIT index of each FreiHAND joint, written out from docs/datasets.md (not taken
@@ -170,15 +171,15 @@ def test_accumulator_empty_raises():
 # --------------------------------------------------------------------------
 
 def test_initial_box_as_public_code():
-  np.testing.assert_allclose(evaluate.initial_box(224), [75.04, 75.04, 148.96, 148.96])
+  np.testing.assert_allclose(crops.initial_box(224), [75.04, 75.04, 148.96, 148.96])
   # Non-square image: centred, side from the longer side.
-  np.testing.assert_allclose(evaluate.initial_box((100, 200), 0.5), [50, 0, 150, 100])
+  np.testing.assert_allclose(crops.initial_box((100, 200), 0.5), [50, 0, 150, 100])
 
 
 @pytest.mark.parametrize("box", [[10.0, 20.0, 50.0, 60.0], [3.0, 40.0, 23.0, 120.0]])
 def test_box_affine_centres_box_filling_70_percent(box):
   s = 224
-  m = evaluate.box_affine(np.array(box), s)
+  m = crops.box_affine(np.array(box), s)
   corners = np.array([[box[0], box[1], 1.0], [box[2], box[3], 1.0]]) @ m.T
   lo, hi = corners[0, :2], corners[1, :2]
   np.testing.assert_allclose((lo + hi) / 2, [s / 2, s / 2], atol=1e-9)
@@ -204,7 +205,7 @@ def _hand_scene(rng, n, image_size, crop_size):
   """Truth whose first-pass crop coordinates are integers (no truncation)."""
   k = np.array([[150.0, 0, image_size / 2], [0, 150.0, image_size / 2], [0, 0, 1]])
   K = np.broadcast_to(k, (n, 3, 3)).copy()
-  t1 = evaluate.box_affine(evaluate.initial_box(image_size), crop_size)
+  t1 = crops.box_affine(crops.initial_box(image_size), crop_size)
   # AIT-order 2D keypoints with the palm at joint 0 in crop-1 pixels: integers.
   q = rng.integers(crop_size // 4, 3 * crop_size // 4, size=(n, 21, 2)).astype(np.float64)
   palm_img = (q - t1[:2, 2]) / t1[0, 0]  # back to image pixels
@@ -237,7 +238,7 @@ def test_two_pass_maps_keypoints_back_exactly():
   assert len(calls) == 2
   # Pass 1: the fixed centre crop.
   np.testing.assert_allclose(calls[0], np.broadcast_to(
-      evaluate.box_affine(evaluate.initial_box(image_size), crop_size), (n, 3, 3)), atol=1e-9)
+      crops.box_affine(crops.initial_box(image_size), crop_size), (n, 3, 3)), atol=1e-9)
   # Pass 2: the keypoints' box is centred and fills 70% of the crop.
   kp2 = palm_img @ calls[1][:, :2, :2].transpose(0, 2, 1) + calls[1][:, None, :2, 2]
   lo, hi = kp2.min(1), kp2.max(1)
@@ -273,7 +274,7 @@ def test_two_pass_random_keypoints_round_trip():
 
 def test_keypoint_box_truncates_like_int():
   kp = np.array([[[1.7, 2.2], [5.9, -0.5], [3.0, 7.99]]])
-  np.testing.assert_array_equal(evaluate.keypoint_box(kp), [[1, 0, 5, 7]])
+  np.testing.assert_array_equal(crops.keypoint_box(kp), [[1, 0, 5, 7]])
 
 
 # --------------------------------------------------------------------------

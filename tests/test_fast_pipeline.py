@@ -1,5 +1,6 @@
 """The pre-cropped fast path (peclr_jax.precrop) and the device prefetcher."""
 
+import json
 import os
 import pickle
 import threading
@@ -14,9 +15,9 @@ from peclr_jax import data
 from peclr_jax import datasets
 from peclr_jax import device_prefetch
 from peclr_jax import input_pipeline as ip
+from peclr_jax import metrics_log
 from peclr_jax import precrop
 from peclr_jax import pretrain
-from peclr_jax import training
 
 NAME = 'synthetic_hands/small'  # 32 train images of 64 px
 SIZE = 48  # crop side: not the image side, so the crop really resamples
@@ -127,6 +128,15 @@ def test_store_problems_are_one_clear_error(synthetic_data_dir, store_dir,
   (copy / precrop.META_FILE).write_text('{"num_exa')
   with pytest.raises(ValueError, match='meta.json: damaged'):
     precrop.Store(copy)
+  # A store from before the crop centre moved to S/2 is refused.
+  old = json.loads(meta)
+  del old['crop_centre']
+  (copy / precrop.META_FILE).write_text(json.dumps(old))
+  with pytest.raises(ValueError,
+                     match=r"crop_centre='\(S - 1\)/2'.*crop_centre='S/2'"):
+    ip.make_pretrain_iterator(
+        [('a', precrop.Store(copy))], global_batch=8, source_size=48,
+        process_index=0, process_count=1)
   (copy / precrop.META_FILE).write_text(meta)
   (copy / 'K.npy').unlink()
   np.save(copy / 'K.npy', np.zeros((32, 3), np.float32))
@@ -193,7 +203,7 @@ def test_tiny_precropped_run_logs_the_input_wait(synthetic_data_dir, tmp_path):
                     '--data_dir', synthetic_data_dir, '--source_size',
                     str(config.data.source_size)]) == 0
   pretrain.train_and_evaluate(config, str(tmp_path))
-  rows = [r for r in training.read_metrics(str(tmp_path)) if 'train_loss' in r]
+  rows = [r for r in metrics_log.read_metrics(str(tmp_path)) if 'train_loss' in r]
   assert [r['step'] for r in rows] == [1, 2]
   for r in rows:
     assert r['input_wait_ms'] >= 0

@@ -90,16 +90,6 @@ def test_project_matches_freihand_formula_and_unprojects():
   np.testing.assert_allclose(back, xyz, rtol=1e-5, atol=1e-6)
 
 
-def test_apply_affine_matches_homogeneous_product():
-  rng = np.random.default_rng(3)
-  m = np.tile(np.eye(3, dtype=np.float32), (2, 1, 1))
-  m[:, :2, :] = rng.normal(size=(2, 2, 3))
-  pts = rng.normal(size=(2, 21, 2)).astype(np.float32)
-  hom = np.concatenate([pts, np.ones((2, 21, 1), np.float32)], -1)
-  ref = np.einsum("bij,bkj->bki", m, hom)[..., :2]
-  np.testing.assert_allclose(np.asarray(g.apply_affine(m, pts)), ref, rtol=1e-5, atol=1e-5)
-
-
 # ---------------------------------------------------------------- 2.5D
 
 def test_uvd_round_trip_and_zroot():

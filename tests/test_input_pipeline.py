@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from peclr_jax import crops
 from peclr_jax import input_pipeline as ip
 
 S = 32  # crop side for the tests: tiny on purpose
@@ -306,18 +307,20 @@ def test_crop_maps_keypoints_onto_image_content(hw, fmt):
   yy, xx = np.mgrid[:48, :48]
   centroid = np.array([(lum * xx).sum(), (lum * yy).sum()]) / lum.sum()
   # Dot centre is the integer pixel nearest the keypoint.
-  m = ip.crop_matrix(*ip.hand_crop_box(kp, hw), 48)
+  m = crops.crop_matrix(*crops.hand_box(kp, hw, margin=ip.DEFAULT_CROP_MARGIN),
+                        48)
   want_dot = m[:2, :2] @ np.round([x, y]) + m[:2, 2]
   np.testing.assert_allclose(centroid, want_dot, atol=0.35)
   # Keypoints follow the same map; the crop box follows the documented rule.
   c = kp.mean(0)
   half = np.linalg.norm(kp - c, axis=1).max() * 1.5 * math.sqrt(2)
   z = 48 / (2 * half)
-  np.testing.assert_allclose(out['keypoints_2d'], z * (kp - c) + 23.5,
+  # The hand centre lands on the crop centre (S/2, S/2) = (24, 24).
+  np.testing.assert_allclose(out['keypoints_2d'], z * (kp - c) + 24,
                              atol=1e-3)
   # K maps into the crop: K' = M K.
   np.testing.assert_allclose(out['K'], np.array(
-      [[z * 100, 0, z * (3 - c[0]) + 23.5], [0, z * 90, z * (4 - c[1]) + 23.5],
+      [[z * 100, 0, z * (3 - c[0]) + 24], [0, z * 90, z * (4 - c[1]) + 24],
        [0, 0, 1]]), rtol=1e-5, atol=1e-4)
 
 

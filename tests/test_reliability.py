@@ -35,8 +35,10 @@ from peclr_jax import checkpoints
 from peclr_jax import finetune
 from peclr_jax import input_pipeline
 from peclr_jax import main as main_lib
+from peclr_jax import metrics_log
+from peclr_jax import preemption
 from peclr_jax import pretrain
-from peclr_jax import training
+from peclr_jax import sharding
 from iterator_hooks import HookedIterator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,7 +109,7 @@ def finish(proc, log_path, timeout=600):
 
 def logged_steps(workdir):
   try:
-    return [r["step"] for r in training.read_metrics(workdir)
+    return [r["step"] for r in metrics_log.read_metrics(workdir)
             if "train_loss" in r]
   except (FileNotFoundError, json.JSONDecodeError):
     return []
@@ -147,7 +149,7 @@ def assert_trees_equal(a, b):
 
 def rows(workdir):
   return [{k: v for k, v in r.items() if k not in TIMING}
-          for r in training.read_metrics(workdir)]
+          for r in metrics_log.read_metrics(workdir)]
 
 
 def tmp_dirs(workdir):
@@ -396,7 +398,7 @@ def test_second_ctrl_c_aborts_at_once():
     pytest.skip("signal handlers are set in the main thread only")
   previous = signal.signal(signal.SIGINT, signal.default_int_handler)
   try:
-    watch = training._PreemptionWatch()  # pylint: disable=protected-access
+    watch = preemption.PreemptionWatch()
     with watch:
       try:
         os.kill(os.getpid(), signal.SIGINT)
@@ -425,7 +427,7 @@ def test_main_exit_status_and_message(monkeypatch, capsys):
                       type("F", (), {"config": None, "workdir": "w"}))
   monkeypatch.delenv("PECLR_TRACEBACK", raising=False)
   cases = [
-      (training.Preempted(7, "/w/checkpoints"), 0,
+      (preemption.Preempted(7, "/w/checkpoints"), 0,
        "Preempted at step 7: checkpoint saved in /w/checkpoints; re-run the "
        "same command to continue.", "out"),
       (checkpoints.CheckpointWriteError(
@@ -530,8 +532,8 @@ def test_two_processes_equal_one_process_with_two_devices(synthetic_data_dir,
         f"step {count}: the processes together read other examples, or in "
         "another order, than one process does")
 
-  real_mesh, real_iter = training.make_mesh, input_pipeline.make_pretrain_iterator
-  monkeypatch.setattr(training, "make_mesh",
+  real_mesh, real_iter = sharding.make_mesh, input_pipeline.make_pretrain_iterator
+  monkeypatch.setattr(sharding, "make_mesh",
                       lambda devices=None: real_mesh(jax.devices()[:2]))
   monkeypatch.setattr(
       input_pipeline, "make_pretrain_iterator",
@@ -539,7 +541,7 @@ def test_two_processes_equal_one_process_with_two_devices(synthetic_data_dir,
   reference = str(tmp_path / "one")
   pretrain.train_and_evaluate(make_config("pretrain", overrides), reference)
 
-  loss = lambda w: [r["train_loss"] for r in training.read_metrics(w)]
+  loss = lambda w: [r["train_loss"] for r in metrics_log.read_metrics(w)]
   assert logged_steps(workdir) == list(range(1, steps + 1))
   np.testing.assert_allclose(loss(workdir), loss(reference), rtol=1e-5,
                              atol=1e-5)
@@ -588,8 +590,8 @@ def test_bad_config_value_is_a_value_error(synthetic_data_dir, tmp_path,
                                            monkeypatch, key, value, message):
   """ValueErrors (main prints them as one 'error:' line, exit 1: see
   test_main_exit_status_and_message), raised before anything is written."""
-  real = training.make_mesh
-  monkeypatch.setattr(training, "make_mesh",
+  real = sharding.make_mesh
+  monkeypatch.setattr(sharding, "make_mesh",
                       lambda devices=None: real(jax.devices()[:2]))
   if jax.device_count() < 2 and key == "batch_size":
     pytest.skip("needs 2 devices")
@@ -825,12 +827,12 @@ def test_metrics_log_truncated_on_resume_and_torn_line_tolerated(tmp_path):
   good = [{"step": s, "train_loss": float(s)} for s in (1, 2, 2, 3)]
   text = "".join(json.dumps(r) + "\n" for r in good)
   path.write_text(text + '{"step": 4, "train_lo')  # killed mid-write
-  assert training.read_metrics(tmp_path) == good
-  training.truncate_metrics(str(path), 2)
-  assert training.read_metrics(tmp_path) == good[:3]
+  assert metrics_log.read_metrics(tmp_path) == good
+  metrics_log.truncate_metrics(str(path), 2)
+  assert metrics_log.read_metrics(tmp_path) == good[:3]
   path.write_text('{"step": 1\n' + text)  # not the last line: an error
   with pytest.raises(json.JSONDecodeError):
-    training.read_metrics(tmp_path)
+    metrics_log.read_metrics(tmp_path)
 
 
 # ------------------------------------------------- config change on resume --

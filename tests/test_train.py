@@ -19,8 +19,10 @@ from peclr_jax import finetune
 from peclr_jax import input_pipeline
 from peclr_jax import losses
 from peclr_jax import main as main_lib
+from peclr_jax import metrics_log
 from peclr_jax import models
 from peclr_jax import pretrain
+from peclr_jax import sharding
 from peclr_jax import training
 from iterator_hooks import HookedIterator
 
@@ -45,7 +47,7 @@ def tiny_pretrain_config(data_dir, steps):
 
 
 def losses_of(workdir):
-  rows = [r for r in training.read_metrics(workdir) if "train_loss" in r]
+  rows = [r for r in metrics_log.read_metrics(workdir) if "train_loss" in r]
   return [r["train_loss"] for r in rows]
 
 
@@ -74,7 +76,7 @@ def test_resume_continues_exactly(synthetic_data_dir, tmp_path, monkeypatch):
 
   # Re-running the same command continues from step 2.
   model_a, _ = pretrain.train_and_evaluate(config, interrupted)
-  rows = training.read_metrics(interrupted)
+  rows = metrics_log.read_metrics(interrupted)
   assert [r["step"] for r in rows if "train_loss" in r] == [1, 2, 3, 4]
 
   straight = str(tmp_path / "straight")
@@ -172,7 +174,7 @@ def test_data_parallel_step_equals_single_device(synthetic_data_dir):
   tx = optax.sgd(1.0)
 
   def one_step(devices):
-    mesh = training.make_mesh(devices)
+    mesh = sharding.make_mesh(devices)
     model = models.PeCLRModel(
         config.model.backbone, rngs=nnx.Rngs(0), dtype=jnp.float64,
         proj_hidden=config.model.proj_hidden, proj_dim=config.model.proj_dim)
@@ -186,8 +188,8 @@ def test_data_parallel_step_equals_single_device(synthetic_data_dir):
     graphdef, state = nnx.split((model, optimizer))
     step = training.make_train_step(graphdef, loss_fn)
     with jax.set_mesh(mesh):
-      state, metrics = step(training.replicate(state, mesh),
-                            training.shard_batch(views, mesh),
+      state, metrics = step(sharding.replicate(state, mesh),
+                            sharding.shard_batch(views, mesh),
                             jax.random.key(0), jnp.int32(1))
     model, _ = nnx.merge(graphdef, state)
     after = jax.device_get(nnx.state(model))
@@ -270,7 +272,7 @@ def test_cli_pretrains_end_to_end(synthetic_data_dir, tmp_path):
                    f"--config.data.data_dir={synthetic_data_dir}",
                    "--config.num_train_steps=2")
   assert result.returncode == 0, result.stderr[-3000:]
-  rows = training.read_metrics(workdir)
+  rows = metrics_log.read_metrics(workdir)
   assert [r["step"] for r in rows if "train_loss" in r] == [1, 2]
   assert all(np.isfinite(r["train_loss"]) for r in rows if "train_loss" in r)
   assert checkpoints.read_meta(workdir)["backbone"] == "resnet_tiny"
@@ -333,7 +335,7 @@ def test_finetune_validates_on_evaluate_modes_ground_truth_crop(
   config.eval_batches = -1
   workdir = str(tmp_path / "ft")
   finetune.train_and_evaluate(config, workdir)
-  [row] = [r for r in training.read_metrics(workdir) if "eval_pa_epe_cm" in r]
+  [row] = [r for r in metrics_log.read_metrics(workdir) if "eval_pa_epe_cm" in r]
 
   ev = load_config("eval_freihand.py",
                    f"checkpoint={workdir},crop=ground_truth")

@@ -51,7 +51,7 @@ def expected_label(vertices, regressor, is_left, width):
   c = kp.mean(0)
   half = np.linalg.norm(kp - c, axis=1).max() * MARGIN * np.sqrt(2)
   z = S / (2 * half)
-  off = (S - 1) / 2
+  off = S / 2  # the hand centre lands on the crop centre (S/2, S/2)
   K = np.array([[z, 0, off - z * c[0]], [0, z, off - z * c[1]], [0, 0, 1]])
   return z * (kp - c) + off, K
 

@@ -28,7 +28,7 @@ __all__ = [
     'BACKBONES', 'BasicBlock', 'Bottleneck', 'ResNet', 'get_backbone',
     'ProjectionHead', 'KeypointHead', 'HeatmapHead', 'ZRootRefiner',
     'PeCLRModel', 'KEYPOINT_HEADS',
-    'KeypointModel', 'default_intrinsics',
+    'KeypointModel', 'default_intrinsics', 'compute_dtype',
 ]
 
 # Default camera of the public fine-tuned model, for a 224 x 224 crop.
@@ -54,6 +54,17 @@ def default_intrinsics(height: int, width: int | None = None) -> jax.Array:
   return jnp.array([[_DEFAULT_FX * sx, 0.0, half * sx],
                     [0.0, _DEFAULT_FY * sy, half * sy],
                     [0.0, 0.0, 1.0]], jnp.float32)
+
+
+def compute_dtype(name: str):
+  """The jnp compute dtype named by config.model.dtype."""
+  try:
+    return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
+            'float16': jnp.float16}[name]
+  except KeyError:
+    raise ValueError(
+        f'config.model.dtype={name!r}; expected float32, bfloat16 or float16'
+    ) from None
 
 
 class PeCLRModel(nnx.Module):

@@ -11,7 +11,7 @@ i % N in version i // N), `validation` (config `default`: every version of
 `evaluation` (unlabelled unless evaluation_xyz.json is present). Config
 `no_validation` puts all 4 N images into `train`, as the paper.
 
-Features: `crop_utils.hand_features`, with the original JPEG bytes,
+Features: `hand_builder.hand_features`, with the original JPEG bytes,
 keypoints in AIT order, `sample_id` = i % N and `version` = i // N.
 
 Bad input fails the build with a `FreihandError` naming the file (a fixed
@@ -25,18 +25,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import json
 import os
-import re
-from collections.abc import Iterator
-from typing import Any, TextIO
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
 from peclr_jax import joints
-from tfds_builders import crop_utils
+from tfds_builders import hand_builder
+from tfds_builders.freihand import json_stream
 
 NUM_VERSIONS = 4  # gs, hom, sample, auto
 # FreiHAND-order joints of the reference bone (middle MCP, middle PIP).
@@ -72,122 +69,8 @@ class FreihandError(ValueError):
 
 
 # ---------------------------------------------------------------------------
-# Streaming JSON
+# Label files
 # ---------------------------------------------------------------------------
-
-_WHITESPACE = re.compile(r'[ \t\n\r]*')
-_DELIMITERS = frozenset(' \t\n\r,]}')
-
-
-def iter_json_list(fobj: TextIO, *, chunk_size: int = 1 << 20,
-                   max_element_chars: int = 1 << 24,
-                   name: str = '<json>') -> Iterator[Any]:
-  """Yields the elements of a top-level JSON array one at a time.
-
-  Reads `fobj` in chunks of `chunk_size` characters and decodes each element
-  with the C-accelerated `json.JSONDecoder.raw_decode`, so memory holds at most
-  one element plus one chunk, whatever the file size.
-
-  Args:
-    fobj: text file object positioned at the start of a JSON document whose
-      top-level value is an array.
-    chunk_size: characters read per `fobj.read` call.
-    max_element_chars: an element whose text exceeds this is reported as an
-      error instead of being buffered without bound (a syntax error would
-      otherwise make the reader buffer the rest of the file).
-    name: file name used in error messages.
-
-  Yields:
-    The decoded elements, in order.
-
-  Raises:
-    ValueError: the document is not an array, is malformed or is truncated.
-  """
-  decoder = json.JSONDecoder()
-  buf = ''
-  pos = 0
-  consumed = 0  # characters dropped from the front of `buf` so far
-  eof = False
-
-  def fill() -> None:
-    nonlocal buf, pos, consumed, eof
-    if pos:
-      consumed += pos
-      buf = buf[pos:]
-      pos = 0
-    chunk = fobj.read(chunk_size)
-    if chunk:
-      buf += chunk
-    else:
-      eof = True
-
-  def skip_whitespace() -> None:
-    nonlocal pos
-    while True:
-      pos = _WHITESPACE.match(buf, pos).end()
-      if pos < len(buf) or eof:
-        return
-      fill()
-
-  def fail(message: str) -> ValueError:
-    return ValueError(f'{name}: {message} (at character {consumed + pos})')
-
-  skip_whitespace()
-  if pos >= len(buf):
-    raise fail('empty file, expected a JSON array')
-  if buf[pos] != '[':
-    raise fail(f'top-level JSON value is not an array (starts with '
-               f'{buf[pos:pos + 20]!r})')
-  pos += 1
-  skip_whitespace()
-  if pos < len(buf) and buf[pos] == ']':
-    pos += 1
-  else:
-    index = 0
-    while True:
-      while True:
-        if pos >= len(buf) and not eof:
-          fill()
-          continue
-        try:
-          value, end = decoder.raw_decode(buf, pos)
-        except json.JSONDecodeError as e:
-          if eof:
-            raise fail(f'invalid or truncated JSON in element {index}: '
-                       f'{e.msg}') from None
-          if len(buf) - pos > max_element_chars:
-            raise fail(f'element {index} is malformed or longer than '
-                       f'{max_element_chars} characters') from None
-          fill()
-          continue
-        if (not eof and (end == len(buf) or buf[end] not in _DELIMITERS)
-            and len(buf) - pos <= max_element_chars):
-          # A number cut by the chunk boundary ("-0" of "-0.5") decodes
-          # "successfully": accept a value only once the character after it
-          # is seen to end it.
-          fill()
-          continue
-        break
-      yield value
-      pos = end
-      index += 1
-      skip_whitespace()
-      if pos >= len(buf):
-        raise fail(f'truncated: the array is not closed after element '
-                   f'{index - 1}')
-      if buf[pos] == ']':
-        pos += 1
-        break
-      if buf[pos] != ',':
-        raise fail(f"expected ',' or ']' after element {index - 1}, found "
-                   f'{buf[pos:pos + 20]!r}')
-      pos += 1
-      skip_whitespace()
-      if pos < len(buf) and buf[pos] == ']':
-        raise fail('trailing comma before the closing bracket')
-  skip_whitespace()
-  if pos < len(buf):
-    raise fail(f'unexpected data after the array: {buf[pos:pos + 20]!r}')
 
 
 def load_json_array(path: epath.PathLike, element_shape: tuple[int, ...], *,
@@ -198,7 +81,7 @@ def load_json_array(path: epath.PathLike, element_shape: tuple[int, ...], *,
     path: a JSON file whose top-level value is a list.
     element_shape: the shape every element must have, e.g. (21, 3).
     finite: reject NaN and infinite values.
-    **kwargs: passed to `iter_json_list` (chunk sizes).
+    **kwargs: passed to `json_stream.iter_json_list` (chunk sizes).
 
   Returns:
     float64 array [len(list), *element_shape].
@@ -210,8 +93,8 @@ def load_json_array(path: epath.PathLike, element_shape: tuple[int, ...], *,
   rows = []
   try:
     with path.open('r', encoding='utf-8') as f:
-      for i, element in enumerate(iter_json_list(f, name=os.fspath(path),
-                                                 **kwargs)):
+      for i, element in enumerate(json_stream.iter_json_list(
+          f, name=os.fspath(path), **kwargs)):
         try:
           row = np.asarray(element, dtype=np.float64)
         except (TypeError, ValueError):
@@ -468,7 +351,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         builder=self,
         description=_DESCRIPTION,
         citation=_CITATION,
-        features=crop_utils.hand_features(),
+        features=hand_builder.hand_features(),
         homepage=_HOMEPAGE,
         # Filled while generating, saved as metadata.json: see peclr_jax/data.py
         # for the `skipped` protocol.
@@ -555,8 +438,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
           eval_K, eval_xyz, eval_scale)
     return splits
 
-  def _examples(self, rgb_dir, items, K, xyz, scale) -> crop_utils.SizedExamples:
-    return crop_utils.SizedExamples(
+  def _examples(self, rgb_dir, items, K, xyz, scale
+                ) -> hand_builder.SizedExamples:
+    return hand_builder.SizedExamples(
         lambda: self._generate_examples(rgb_dir, items, K, xyz, scale),
         len(items))
 

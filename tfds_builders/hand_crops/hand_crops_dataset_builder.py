@@ -7,7 +7,7 @@ of the image as displayed (after EXIF orientation). Without a boxes file
 every image is one hand filling its centre square.
 
 Stored (one example per hand): the hand-centred square crop of the box
-(`tfds_builders.crop_utils`), with 21 pseudo-keypoints on the circle of
+(`tfds_builders.hand_builder`), with 21 pseudo-keypoints on the circle of
 radius max(w, h) / 2 about the box centre, which reproduce exactly the
 crop of the box's bounding square; they are not joints (valid all False).
 
@@ -29,7 +29,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from tfds_builders import crop_utils
+from peclr_jax import crops
+from tfds_builders import hand_builder, image_files, parallel
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 BOX_FILES = ('boxes.csv', 'boxes.json')
@@ -119,13 +120,14 @@ def read_boxes(path: epath.Path) -> dict[str, list[tuple[float, ...]]]:
 
 
 def centre_square_box(width: int, height: int) -> tuple[float, ...]:
-  """Centre square of side min(W, H) in pixel-centre coordinates."""
+  """Centre square of side min(W, H), about the image centre (W/2, H/2) of
+  `crops.full_image_box`."""
   side = min(width, height)
-  cx, cy = (width - 1) / 2, (height - 1) / 2
+  cx, cy = width / 2, height / 2
   return (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
 
 
-class Builder(crop_utils.CropBuilder):
+class Builder(hand_builder.CropBuilder):
   """In-the-wild hand crops (see module docstring).
 
   Example:
@@ -134,9 +136,14 @@ class Builder(crop_utils.CropBuilder):
         manual_dir='/path/to/hand/images'))
   """
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Hand-centred crops with box pseudo-keypoints.'}
-  BUILDER_CONFIGS = [crop_utils.CropBuilderConfig(
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'Hand-centred crops with box pseudo-keypoints.',
+      '1.1.0': ('Crops put the box centre on (S/2, S/2), the pixel convention '
+                'of the test-time crop (1.0.0: (S - 1)/2, half a pixel up and '
+                'left); the default box is centred on (W/2, H/2).'),
+  }
+  BUILDER_CONFIGS = [hand_builder.CropBuilderConfig(
       name='crop256', description='256 px crops, margin 1.5 x sqrt(2)',
       crop_size=256, margin=1.5)]
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
@@ -163,7 +170,7 @@ class Builder(crop_utils.CropBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=_DESCRIPTION,
-        features=crop_utils.hand_features(),
+        features=hand_builder.hand_features(),
         supervised_keys=None,
         metadata=tfds.core.MetadataDict(),
     )
@@ -210,7 +217,7 @@ class Builder(crop_utils.CropBuilder):
     for im, bxs in items:
       work.append((im, bxs, next_id))
       next_id += 1 if bxs is None else len(bxs)
-    return {'train': crop_utils.SizedExamples(
+    return {'train': hand_builder.SizedExamples(
         lambda: self._generate_examples('train', manual, work, boxes_file),
         next_id)}
 
@@ -218,8 +225,8 @@ class Builder(crop_utils.CropBuilder):
     """Decodes one image and crops each of its boxes."""
     name, boxes, first_id = item
     try:
-      image = crop_utils.load_rgb(manual / name, exif_transpose=True)
-    except crop_utils.UNREADABLE_IMAGE_ERRORS as e:
+      image = image_files.load_rgb(manual / name, exif_transpose=True)
+    except image_files.UNREADABLE_IMAGE_ERRORS as e:
       logging.warning('hand_crops: skipping unreadable %s: %s',
                       manual / name, e)
       return [('skip', 'unreadable_image', name)] * (len(boxes or [None]))
@@ -233,8 +240,8 @@ class Builder(crop_utils.CropBuilder):
           or y0 > image.height - 0.5):
         raise ValueError(f'{boxes_file}: box {list(box)} of {name} lies '
                          f'outside the {image.width}x{image.height} image')
-      kp = crop_utils.box_pseudo_keypoints(box)
-      crop = crop_utils.make_hand_crop(image, kp, cfg.crop_size, cfg.margin)
+      kp = crops.box_pseudo_keypoints(box)
+      crop = hand_builder.make_hand_crop(image, kp, cfg.crop_size, cfg.margin)
       sid = first_id + j
       out.append(('ok', sid, {
           'image': crop.jpeg,
@@ -250,7 +257,7 @@ class Builder(crop_utils.CropBuilder):
 
   def _generate_examples(self, split, manual, work, boxes_file):
     num_ok = 0
-    results = crop_utils.imap_bounded(
+    results = parallel.imap_bounded(
         lambda it: self._process_image(manual, it, boxes_file), work,
         self._num_workers)
     for group in results:

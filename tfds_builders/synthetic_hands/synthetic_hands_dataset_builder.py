@@ -40,7 +40,7 @@ from etils import epath
 from tensorflow_datasets.core.utils import py_utils
 
 from peclr_jax import joints
-from tfds_builders import crop_utils
+from tfds_builders import hand_builder
 from tfds_builders.synthetic_hands import render
 
 SPLIT_IDS = {'train': 0, 'validation': 1, 'evaluation': 2}
@@ -203,7 +203,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=_DESCRIPTION,
-        features=crop_utils.hand_features(),
+        features=hand_builder.hand_features(),
         metadata=tfds.core.MetadataDict(),
     )
 
@@ -216,7 +216,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     # Nothing is ever skipped (protocol of peclr_jax/data.py).
     self.info.metadata['skipped'] = {s: {} for s in sizes if sizes[s] > 0}
     return {
-        split: crop_utils.SizedExamples(
+        split: hand_builder.SizedExamples(
             lambda split=split, num=num: generate(values, split, num), num)
         for split, num in sizes.items() if num > 0
     }

@@ -5,7 +5,7 @@ each annotation's 778 MANO vertices into 21 keypoints with the user's MANO
 joint regressor (J16 = R @ V plus 5 fingertip vertices, then AIT order; only
 (x, y) are kept), mirrors left hands into right hands (x -> W - 1 - x, the
 exact map with pixel centres at integers) and stores one hand-centred square
-crop per annotation (`tfds_builders.crop_utils`). No 3D supervision:
+crop per annotation (`tfds_builders.hand_builder`). No 3D supervision:
 keypoints_3d zeros, valid all False, K the crop affine.
 
 Missing, unreadable and wrongly sized frames are skipped and counted
@@ -30,7 +30,7 @@ from etils import epath
 from PIL import Image
 
 from peclr_jax import joints
-from tfds_builders import crop_utils
+from tfds_builders import hand_builder, image_files, parallel
 
 NUM_VERTICES = 778
 NUM_REGRESSED = 16
@@ -376,7 +376,7 @@ def _find_frame(root: epath.Path, name: str) -> epath.Path | None:
 # ---------------------------------------------------------------------------
 
 
-class Builder(crop_utils.CropBuilder):
+class Builder(hand_builder.CropBuilder):
   """YouTube3DHands hand crops (see module docstring).
 
   Example:
@@ -386,10 +386,15 @@ class Builder(crop_utils.CropBuilder):
     train = tfds.data_source('youtube3d_hands', split='train', data_dir=...)
   """
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Hand-centred crops, AIT keypoints, left hands '
-                            'mirrored with x -> W - 1 - x.'}
-  BUILDER_CONFIGS = [crop_utils.CropBuilderConfig(
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {
+      '1.0.0': ('Hand-centred crops, AIT keypoints, left hands mirrored with '
+                'x -> W - 1 - x.'),
+      '1.1.0': ('Crops put the hand centre on (S/2, S/2), the pixel convention '
+                'of the test-time crop (1.0.0: (S - 1)/2, half a pixel up and '
+                'left).'),
+  }
+  BUILDER_CONFIGS = [hand_builder.CropBuilderConfig(
       name='crop256', description='256 px crops, margin 1.5 x sqrt(2)',
       crop_size=256, margin=1.5)]
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
@@ -424,7 +429,7 @@ class Builder(crop_utils.CropBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=_DESCRIPTION,
-        features=crop_utils.hand_features(),
+        features=hand_builder.hand_features(),
         supervised_keys=None,
         homepage='https://github.com/arielai/youtube_3d_hands',
         citation=_CITATION,
@@ -478,7 +483,7 @@ class Builder(crop_utils.CropBuilder):
              for s, groups in parsed.items()}
     # A split with no annotations at all is left out (TFDS refuses empty
     # splits); one whose annotations are all skipped is an error (below).
-    return {split: crop_utils.SizedExamples(
+    return {split: hand_builder.SizedExamples(
                 lambda s=split: self._generate_examples(s, root, parsed[s]),
                 sizes[split])
             for split in parsed if sizes[split]}
@@ -495,8 +500,8 @@ class Builder(crop_utils.CropBuilder):
     if path is None:
       return skip('missing_frame', im['name'])
     try:
-      frame = crop_utils.load_rgb(path)
-    except crop_utils.UNREADABLE_IMAGE_ERRORS as e:
+      frame = image_files.load_rgb(path)
+    except image_files.UNREADABLE_IMAGE_ERRORS as e:
       logging.warning('youtube3d_hands: skipping unreadable frame %s: %s',
                       path, e)
       return skip('unreadable_frame', os.fspath(path))
@@ -515,7 +520,7 @@ class Builder(crop_utils.CropBuilder):
           mirrored = frame.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         image = mirrored
         kp[:, 0] = frame.width - 1 - kp[:, 0]
-      crop = crop_utils.make_hand_crop(image, kp, cfg.crop_size, cfg.margin)
+      crop = hand_builder.make_hand_crop(image, kp, cfg.crop_size, cfg.margin)
       out.append(('ok', ann['id'], {
           'image': crop.jpeg,
           'K': crop.matrix.astype(np.float32),  # K = M @ identity
@@ -531,7 +536,7 @@ class Builder(crop_utils.CropBuilder):
   def _generate_examples(self, split: str, root: epath.Path,
                          groups: Sequence[dict]):
     num_ok = 0
-    results = crop_utils.imap_bounded(
+    results = parallel.imap_bounded(
         lambda g: self._process_image(root, g), groups, self._num_workers)
     for group_results in results:
       for kind, a, b in group_results:
