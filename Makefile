@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test install clean
+.PHONY: demo test format install clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -30,9 +30,17 @@ CPU_MALLOC := GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold
 demo: $(STAMP)
 	$(CPU_MALLOC) $(PY) -m peclr_jax.main --config configs/demo.py --workdir workdirs/demo
 
-# Simulated CPU devices let the data-parallel tests run without accelerators.
+# One style (pyproject.toml [tool.ruff]): a violation fails the tests, and CI.
+# `make format` applies it. Simulated CPU devices let the data-parallel tests
+# run without accelerators.
 test: $(TEST_STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 	$(CPU_MALLOC) XLA_FLAGS=--xla_force_host_platform_device_count=4 $(PY) -m pytest -n 2 -q tests
+
+format: $(TEST_STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 clean:
 	rm -rf $(VENV) workdirs

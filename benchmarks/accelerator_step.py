@@ -38,9 +38,14 @@ import pretrain_step  # pylint: disable=g-import-not-at-top,wrong-import-positio
 # float32 on NVIDIA is the non-tensor-core rate (XLA uses TF32 only when
 # asked through matmul precision).
 PEAK_TFLOPS = {
-    "H200": (989.4, 66.9), "H100": (989.4, 66.9), "A100": (312.0, 19.5),
-    "L4": (121.0, 30.3), "TPU v4": (275.0, 275.0), "TPU v5 lite": (197.0, 197.0),
-    "TPU v5p": (459.0, 459.0), "TPU v6 lite": (918.0, 918.0),
+  "H200": (989.4, 66.9),
+  "H100": (989.4, 66.9),
+  "A100": (312.0, 19.5),
+  "L4": (121.0, 30.3),
+  "TPU v4": (275.0, 275.0),
+  "TPU v5 lite": (197.0, 197.0),
+  "TPU v5p": (459.0, 459.0),
+  "TPU v6 lite": (918.0, 918.0),
 }
 
 
@@ -53,15 +58,21 @@ def peak_for(kind: str, dtype: str):
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  pretrain_step.add_step_arguments(ap, pairs=128, dtype="bfloat16",
-                                   pairs_help="images per step per device")
+  pretrain_step.add_step_arguments(
+    ap, pairs=128, dtype="bfloat16", pairs_help="images per step per device"
+  )
   ap.add_argument("--steps", type=int, default=20)
   ap.add_argument("--warmup", type=int, default=3)
-  ap.add_argument("--peak_tflops", type=float, default=0.0,
-                  help="override the chip's dense peak (TFLOP/s per device)")
+  ap.add_argument(
+    "--peak_tflops",
+    type=float,
+    default=0.0,
+    help="override the chip's dense peak (TFLOP/s per device)",
+  )
   ap.add_argument("--max_devices", type=int, default=0)
-  ap.add_argument("--smoke", action="store_true",
-                  help="tiny sizes for a CPU check: resnet_tiny, 2 pairs, 32 px")
+  ap.add_argument(
+    "--smoke", action="store_true", help="tiny sizes for a CPU check: resnet_tiny, 2 pairs, 32 px"
+  )
   args = ap.parse_args()
   if args.smoke:
     args.backbone, args.pairs, args.out_size, args.source_size = "resnet_tiny", 2, 32, 64
@@ -71,27 +82,37 @@ def main():
 
   devices = jax.devices()
   if args.max_devices:
-    devices = devices[:args.max_devices]
+    devices = devices[: args.max_devices]
   kind = devices[0].device_kind
   peak = args.peak_tflops or peak_for(kind, args.dtype)
   views = pretrain_step.views_per_example(args)
-  out = {"benchmark": "accelerator_step", **common.machine(),
-         "platform": devices[0].platform, "device_kind": kind,
-         "num_devices": len(devices), "step": args.step, "dtype": args.dtype,
-         "backbone": args.backbone, "pairs_per_device": args.pairs,
-         "out_size": args.out_size, "peak_tflops_per_device": peak,
-         "scaling": []}
+  out = {
+    "benchmark": "accelerator_step",
+    **common.machine(),
+    "platform": devices[0].platform,
+    "device_kind": kind,
+    "num_devices": len(devices),
+    "step": args.step,
+    "dtype": args.dtype,
+    "backbone": args.backbone,
+    "pairs_per_device": args.pairs,
+    "out_size": args.out_size,
+    "peak_tflops_per_device": peak,
+    "scaling": [],
+  }
   counts = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= len(devices)]
   flops_per_image = None
   for n in counts:
     step_args = argparse.Namespace(**vars(args))
     step_args.pairs = args.pairs * n
     info = {}
-    run, flops, compile_s = pretrain_step.make_jax_step(
-        step_args, devices=devices[:n], info=info)
-    print(f"accelerator_step: {args.step} {args.backbone}, {n} device(s), "
-          f"{step_args.pairs} pairs: compiled in {compile_s:.0f} s",
-          file=sys.stderr, flush=True)
+    run, flops, compile_s = pretrain_step.make_jax_step(step_args, devices=devices[:n], info=info)
+    print(
+      f"accelerator_step: {args.step} {args.backbone}, {n} device(s), "
+      f"{step_args.pairs} pairs: compiled in {compile_s:.0f} s",
+      file=sys.stderr,
+      flush=True,
+    )
     if n == 1:
       flops_per_image = flops / (views * args.pairs)  # images through the network
     for _ in range(args.warmup):
@@ -102,12 +123,17 @@ def main():
       loss = run()
       times.append(time.perf_counter() - t)
     s = common.summary(times, views * step_args.pairs)
-    row = {"devices": n, "global_pairs": step_args.pairs,
-           "compile_s": round(compile_s, 1),
-           "images_per_s": s["rate_at_median"],
-           "images_per_s_min_max": s["rate_min_max"],
-           "step_s_median": s["median_s"], "loss_last": loss,
-           "model_flops_per_step": flops, **info}
+    row = {
+      "devices": n,
+      "global_pairs": step_args.pairs,
+      "compile_s": round(compile_s, 1),
+      "images_per_s": s["rate_at_median"],
+      "images_per_s_min_max": s["rate_min_max"],
+      "step_s_median": s["median_s"],
+      "loss_last": loss,
+      "model_flops_per_step": flops,
+      **info,
+    }
     if flops_per_image:
       achieved = flops_per_image * s["rate_at_median"]
       row["achieved_tflops"] = round(achieved / 1e12, 3)

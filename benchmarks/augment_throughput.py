@@ -35,8 +35,9 @@ def main():
   common.ensure_glibc_tunables()
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--batch", type=int, default=64, help="images per jitted call")
-  ap.add_argument("--samples", type=int, default=256,
-                  help="images per timed round of the per-sample original")
+  ap.add_argument(
+    "--samples", type=int, default=256, help="images per timed round of the per-sample original"
+  )
   ap.add_argument("--rounds", type=int, default=7)
   ap.add_argument("--core", type=int, default=0)
   ap.add_argument("--size", type=int, default=224)
@@ -46,6 +47,7 @@ def main():
   common.pin_to_one_core(args.core)
   common.set_xla_flags(single_thread=True)
   import jax  # pylint: disable=g-import-not-at-top
+
   from peclr_jax import augment  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(0)
@@ -60,8 +62,8 @@ def main():
     (v1, v2), (p1, p2), _ = augment.augment_pair(key, im, kp, cfg)
     return v1, v2, p1, p2
 
-  dev_images = jax.device_put(images[:args.batch])
-  dev_kps = jax.device_put(kps[:args.batch])
+  dev_images = jax.device_put(images[: args.batch])
+  dev_kps = jax.device_put(kps[: args.batch])
   key = jax.random.key(0)
   t = time.perf_counter()
   jax.block_until_ready(ours(key, dev_images, dev_kps))
@@ -69,15 +71,16 @@ def main():
 
   def run_ours(i):
     # Host arrays in, as the step receives them from the input pipeline.
-    jax.block_until_ready(ours(jax.random.fold_in(key, i), images[:args.batch],
-                               kps[:args.batch]))
+    jax.block_until_ready(ours(jax.random.fold_in(key, i), images[: args.batch], kps[: args.batch]))
 
   original = None
   try:
     import cv2  # pylint: disable=g-import-not-at-top
+
     cv2.setNumThreads(1)
     cv2.ocl.setUseOpenCL(False)
     import torch_reference  # pylint: disable=g-import-not-at-top
+
     original = torch_reference.OriginalAugmenter(out_size=args.out_size)
   except ImportError:
     cv2 = None
@@ -106,9 +109,15 @@ def main():
       (t_ours if side == "ours" else t_orig).append(probe.wall)
       (c_ours if side == "ours" else c_orig).append(probe.cpu)
       (o_ours if side == "ours" else o_orig).append(round(probe.others_frac, 2))
-  out = {"benchmark": "augment_throughput", **common.machine(),
-         "core": args.core, "batch": args.batch, "source_px": args.size,
-         "view_px": args.out_size, "ours_compile_s": round(compile_s, 1)}
+  out = {
+    "benchmark": "augment_throughput",
+    **common.machine(),
+    "core": args.core,
+    "batch": args.batch,
+    "source_px": args.size,
+    "view_px": args.out_size,
+    "ours_compile_s": round(compile_s, 1),
+  }
   so = common.summary(t_ours, args.batch)
   sc = common.summary(c_ours, args.batch)
   out["ours_pairs_per_s"] = so["rate_at_median"]
@@ -123,13 +132,10 @@ def main():
     out["original_pairs_per_s_min_max"] = sr["rate_min_max"]
     out["original_pairs_per_cpu_s"] = src["rate_at_median"]
     out["others_cpu_frac_original"] = o_orig
-    out["ratio_ours_over_original"] = round(
-        so["rate_at_median"] / sr["rate_at_median"], 2)
-    out["ratio_ours_over_original_cpu_s"] = round(
-        sc["rate_at_median"] / src["rate_at_median"], 2)
+    out["ratio_ours_over_original"] = round(so["rate_at_median"] / sr["rate_at_median"], 2)
+    out["ratio_ours_over_original_cpu_s"] = round(sc["rate_at_median"] / src["rate_at_median"], 2)
   else:
-    out["original"] = ("skipped: cv2 missing; pip install "
-                       "opencv-python-headless (benchmark only)")
+    out["original"] = "skipped: cv2 missing; pip install opencv-python-headless (benchmark only)"
   print(json.dumps(out))
 
 

@@ -41,23 +41,30 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--num_unique", type=int, default=2000)
   ap.add_argument("--work", default="/tmp/peclr_bench/build")
-  ap.add_argument("--config", default="default",
-                  help="builder config (default holds out 5%% as validation)")
+  ap.add_argument(
+    "--config", default="default", help="builder config (default holds out 5%% as validation)"
+  )
   ap.add_argument("--keep", action="store_true", help="keep the built files")
   args = ap.parse_args()
 
   manual = os.path.join(args.work, f"manual_{args.num_unique}")
   data_dir = os.path.join(args.work, f"tfds_{args.num_unique}")
   num_eval = max(1, round(REAL_EVAL_IMAGES * args.num_unique / REAL_UNIQUE))
-  out = {"benchmark": "build_freihand", **common.machine(),
-         "num_unique": args.num_unique, "num_eval": num_eval,
-         "config": args.config}
+  out = {
+    "benchmark": "build_freihand",
+    **common.machine(),
+    "num_unique": args.num_unique,
+    "num_eval": num_eval,
+    "config": args.config,
+  }
 
   if not os.path.exists(os.path.join(manual, "training_xyz.json")):
     from tfds_builders.freihand import fake_data  # pylint: disable=g-import-not-at-top
+
     t = time.perf_counter()
-    fake_data.write_fake_freihand(manual, num_unique=args.num_unique,
-                                  num_eval=num_eval, image_size=224)
+    fake_data.write_fake_freihand(
+      manual, num_unique=args.num_unique, num_eval=num_eval, image_size=224
+    )
     out["write_fake_s"] = round(time.perf_counter() - t, 1)
   rgb = os.path.join(manual, "training", "rgb")
   jpgs = os.listdir(rgb)
@@ -65,8 +72,16 @@ def main():
   out["mean_jpeg_kb"] = round(_dir_bytes(rgb) / len(jpgs) / 1024, 1)
 
   shutil.rmtree(data_dir, ignore_errors=True)
-  cli = ["build", "freihand", "--data_dir", data_dir, "--manual_dir", manual,
-         "--config", args.config]
+  cli = [
+    "build",
+    "freihand",
+    "--data_dir",
+    data_dir,
+    "--manual_dir",
+    manual,
+    "--config",
+    args.config,
+  ]
   cmd = [sys.executable, "-m", "peclr_jax.data"] + cli
   load0 = os.getloadavg()[0]
   t = time.perf_counter()
@@ -88,23 +103,32 @@ def main():
   images = out["train_images"] + num_eval
   # Python start-up + imports, measured the same way, to separate the fixed cost.
   t = time.perf_counter()
-  subprocess.run([sys.executable, "-c", "import tensorflow_datasets, "
-                  "tfds_builders.freihand.freihand_dataset_builder"],
-                 check=True, capture_output=True)
+  subprocess.run(
+    [
+      sys.executable,
+      "-c",
+      "import tensorflow_datasets, tfds_builders.freihand.freihand_dataset_builder",
+    ],
+    check=True,
+    capture_output=True,
+  )
   startup = time.perf_counter() - t
   rate = images / max(seconds - startup, 1e-9)
-  out.update({
+  out.update(
+    {
       "command": " ".join(cmd),
-      "load_before": round(load0, 2), "load_after": round(os.getloadavg()[0], 2),
-      "images_built": images, "wall_s": round(seconds, 1),
+      "load_before": round(load0, 2),
+      "load_after": round(os.getloadavg()[0], 2),
+      "images_built": images,
+      "wall_s": round(seconds, 1),
       "startup_s": round(startup, 1),
       "images_per_s": round(rate, 1),
       "peak_rss_mib": round(peak_mib, 1),
       "output_mib": round(_dir_bytes(data_dir) / 2**20, 1),
-      "extrapolated_full_s": round(
-          startup + (REAL_TRAIN_IMAGES + REAL_EVAL_IMAGES) / rate, 0),
+      "extrapolated_full_s": round(startup + (REAL_TRAIN_IMAGES + REAL_EVAL_IMAGES) / rate, 0),
       "cli_summary_tail": proc.stdout.strip().splitlines()[-3:],
-  })
+    }
+  )
   if not args.keep:
     shutil.rmtree(data_dir, ignore_errors=True)
   print(json.dumps(out))

@@ -20,9 +20,9 @@ import time
 # unmap it when freed (~760k page faults, ~1.4 s of system time per 32-pair
 # ResNet-50 step). arena_max=1 sends every thread to the main arena. Both
 # sides of every CPU comparison run with this setting (BENCHMARKS.md).
-GLIBC_TUNABLES = ("glibc.malloc.mmap_max=0:"
-                  "glibc.malloc.trim_threshold=34359738368:"
-                  "glibc.malloc.arena_max=1")
+GLIBC_TUNABLES = (
+  "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=34359738368:glibc.malloc.arena_max=1"
+)
 
 
 def ensure_glibc_tunables():
@@ -37,8 +37,7 @@ def set_xla_flags(extra: str = "", *, single_thread: bool = False):
   """Appends flags to XLA_FLAGS; call before jax is imported."""
   flags = os.environ.get("XLA_FLAGS", "")
   if single_thread:
-    flags += (" --xla_cpu_multi_thread_eigen=false"
-              " intra_op_parallelism_threads=1")
+    flags += " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
   if extra:
     flags += " " + extra
   os.environ["XLA_FLAGS"] = flags.strip()
@@ -52,8 +51,7 @@ def pin_to_one_core(core: int = 0):
 
 def _cpu_model() -> str:
   try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True,
-                         check=False).stdout
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
     for line in out.splitlines():
       if line.startswith("Model name:"):
         return line.split(":", 1)[1].strip()
@@ -64,14 +62,14 @@ def _cpu_model() -> str:
 
 def machine() -> dict:
   info = {
-      "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-      "cpu": _cpu_model(),
-      "cpus_online": os.cpu_count(),
-      "cpus_allowed": len(os.sched_getaffinity(0)),
-      "loadavg_1m": round(os.getloadavg()[0], 2),
-      "python": sys.version.split()[0],
-      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    "cpu": _cpu_model(),
+    "cpus_online": os.cpu_count(),
+    "cpus_allowed": len(os.sched_getaffinity(0)),
+    "loadavg_1m": round(os.getloadavg()[0], 2),
+    "python": sys.version.split()[0],
+    "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
   for mod in ("jax", "flax", "torch", "cv2", "grain"):
     if mod in sys.modules:
@@ -83,11 +81,14 @@ def summary(times, per_call: float = 1.0) -> dict:
   """Median, min and max of per-call seconds, and the rate at the median."""
   times = list(times)
   med = statistics.median(times)
-  return {"n": len(times), "median_s": round(med, 4),
-          "min_s": round(min(times), 4), "max_s": round(max(times), 4),
-          "rate_at_median": round(per_call / med, 2),
-          "rate_min_max": [round(per_call / max(times), 2),
-                           round(per_call / min(times), 2)]}
+  return {
+    "n": len(times),
+    "median_s": round(med, 4),
+    "min_s": round(min(times), 4),
+    "max_s": round(max(times), 4),
+    "rate_at_median": round(per_call / med, 2),
+    "rate_min_max": [round(per_call / max(times), 2), round(per_call / min(times), 2)],
+  }
 
 
 def cpu_busy_seconds() -> float:
@@ -122,8 +123,7 @@ class Interference:
     return False
 
 
-def wait_for_idle(max_busy: float = 0.15, timeout_s: float = 600.0,
-                  window_s: float = 5.0) -> float:
+def wait_for_idle(max_busy: float = 0.15, timeout_s: float = 600.0, window_s: float = 5.0) -> float:
   """Waits until the machine was at most `max_busy` busy over a window."""
   t0 = time.time()
   while True:
@@ -134,8 +134,7 @@ def wait_for_idle(max_busy: float = 0.15, timeout_s: float = 600.0,
       return round(busy, 3)
 
 
-def wait_for_quiet(max_load: float, timeout_s: float = 300.0,
-                   poll_s: float = 10.0) -> float:
+def wait_for_quiet(max_load: float, timeout_s: float = 300.0, poll_s: float = 10.0) -> float:
   """Waits (up to timeout) until the 1-minute load average is below max_load."""
   t0 = time.time()
   while os.getloadavg()[0] > max_load and time.time() - t0 < timeout_s:
@@ -144,5 +143,6 @@ def wait_for_quiet(max_load: float, timeout_s: float = 300.0,
 
 
 if __name__ == "__main__":
-  print(json.dumps({"benchmark": "machine", **machine(),
-                    "recommended_GLIBC_TUNABLES": GLIBC_TUNABLES}))
+  print(
+    json.dumps({"benchmark": "machine", **machine(), "recommended_GLIBC_TUNABLES": GLIBC_TUNABLES})
+  )

@@ -34,13 +34,14 @@ def main():
 
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
+
   from peclr_jax import evaluate, models, predict  # pylint: disable=g-import-not-at-top
 
-  model = models.KeypointModel(args.backbone, rngs=nnx.Rngs(0),
-                               dtype=models.compute_dtype(args.dtype))
+  model = models.KeypointModel(
+    args.backbone, rngs=nnx.Rngs(0), dtype=models.compute_dtype(args.dtype)
+  )
   model.eval()
-  predict_fn = predict.Predictor(model, args.crop_size,
-                                 batch_size=args.batch).predict_crops
+  predict_fn = predict.Predictor(model, args.crop_size, batch_size=args.batch).predict_crops
 
   rng = np.random.default_rng(0)
   n, s = args.batch, 224
@@ -63,15 +64,23 @@ def main():
     run()
     times.append(time.perf_counter() - t)
   s_ = common.summary(times, n)
-  print(json.dumps({
-      "benchmark": "evaluate_throughput", **common.machine(),
-      "backbone": args.backbone, "batch": n, "crop_px": args.crop_size,
-      "dtype": args.dtype,
-      "first_call_s": round(first_s, 1),
-      "images_per_s": s_["rate_at_median"],
-      "images_per_s_min_max": s_["rate_min_max"],
-      "forward_passes_per_image": 2,
-      "freihand_eval_3960_images_s": round(3960 / s_["rate_at_median"], 0)}))
+  print(
+    json.dumps(
+      {
+        "benchmark": "evaluate_throughput",
+        **common.machine(),
+        "backbone": args.backbone,
+        "batch": n,
+        "crop_px": args.crop_size,
+        "dtype": args.dtype,
+        "first_call_s": round(first_s, 1),
+        "images_per_s": s_["rate_at_median"],
+        "images_per_s_min_max": s_["rate_min_max"],
+        "forward_passes_per_image": 2,
+        "freihand_eval_3960_images_s": round(3960 / s_["rate_at_median"], 0),
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

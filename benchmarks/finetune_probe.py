@@ -22,20 +22,13 @@ import os
 import time
 
 import common  # pylint: disable=g-import-not-at-top
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
-from peclr_jax import augment
-from peclr_jax import datasets
-from peclr_jax import defaults
-from peclr_jax import evaluate_mode
-from peclr_jax import finetune
-from peclr_jax import input_pipeline
-from peclr_jax import models
+from peclr_jax import augment, datasets, defaults, evaluate_mode, finetune, input_pipeline, models
 from peclr_jax.models import heads
 
 
@@ -52,8 +45,7 @@ def run(args):
     *path, last = key.split(".")
     for part in path:
       node = node[part]
-    node[last] = value if isinstance(node[last], str) else ast.literal_eval(
-        value)
+    node[last] = value if isinstance(node[last], str) else ast.literal_eval(value)
   workdir = os.path.join(args.workdir, args.name)
   t0 = time.perf_counter()
   finetune.train_and_evaluate(ft, os.path.join(workdir, "finetune"))
@@ -66,8 +58,12 @@ def run(args):
     cfg.model.backbone = ft.model.backbone
     m = evaluate_mode.run(cfg, os.path.join(workdir, f"evaluate_{crop}"))
     metrics[crop] = {k: float(m[k]) for k in ("epe_cm", "pa_epe_cm")}
-  row = {"name": args.name, "overrides": args.overrides, "metrics": metrics,
-         "finetune_seconds": seconds}
+  row = {
+    "name": args.name,
+    "overrides": args.overrides,
+    "metrics": metrics,
+    "finetune_seconds": seconds,
+  }
   print(json.dumps(row))
   with open(os.path.join(args.workdir, "results.jsonl"), "a") as f:
     f.write(json.dumps(row) + "\n")
@@ -77,10 +73,8 @@ def _gaussian_cross_entropy(logits, uv, stride):
   """Cross-entropy of the softmax heatmaps against a Gaussian of one cell."""
   n, h, w, j = logits.shape
   centres = jnp.arange(h) * stride + (stride - 1) / 2
-  gx = jnp.exp(-0.5 * ((centres[None, :, None] - uv[:, None, :, 0]) / stride)
-               ** 2)
-  gy = jnp.exp(-0.5 * ((centres[None, :, None] - uv[:, None, :, 1]) / stride)
-               ** 2)
+  gx = jnp.exp(-0.5 * ((centres[None, :, None] - uv[:, None, :, 0]) / stride) ** 2)
+  gy = jnp.exp(-0.5 * ((centres[None, :, None] - uv[:, None, :, 1]) / stride) ** 2)
   target = gy[:, :, None, :] * gx[:, None, :, :]
   target = target / target.sum((1, 2), keepdims=True)
   log_p = jax.nn.log_softmax(logits.reshape(n, h * w, j), 1)
@@ -94,8 +88,14 @@ def uv_probe(args):
   aug = augment.AugmentConfig.from_config(ft.augment)
   sources = datasets.open_sources(ft.data, "train")
   it = input_pipeline.make_finetune_iterator(
-      sources, global_batch=32, source_size=max(96, args.size * 3 // 2),
-      seed=0, weights=None, labels_fraction=1.0, num_workers=0)
+    sources,
+    global_batch=32,
+    source_size=max(96, args.size * 3 // 2),
+    seed=0,
+    weights=None,
+    labels_fraction=1.0,
+    num_workers=0,
+  )
   model = models.KeypointModel(args.backbone, rngs=nnx.Rngs(0), head="heatmap")
   opt = nnx.Optimizer(model, optax.adam(args.lr), wrt=nnx.Param)
   graphdef, state = nnx.split((model, opt))
@@ -105,10 +105,8 @@ def uv_probe(args):
     model, opt = nnx.merge(graphdef, state)
 
     def loss_fn(model):
-      views, _, matrix = augment.augment_view(
-          key, batch["image"], batch["keypoints_2d"], aug)
-      target = finetune.keypoint_targets(batch["keypoints_3d"],
-                                         matrix @ batch["K"])["kp2d"]
+      views, _, matrix = augment.augment_view(key, batch["image"], batch["keypoints_2d"], aug)
+      target = finetune.keypoint_targets(batch["keypoints_3d"], matrix @ batch["K"])["kp2d"]
       head = model.keypoint_head
       logits, depth = head.maps(model.backbone.feature_map(views))
       stride = head.stride
@@ -125,14 +123,16 @@ def uv_probe(args):
   errs = []
   t0 = time.perf_counter()
   for i, host in zip(range(args.steps), it):
-    batch = {k: jnp.asarray(host[k])
-             for k in ("image", "keypoints_2d", "keypoints_3d", "K")}
+    batch = {k: jnp.asarray(host[k]) for k in ("image", "keypoints_2d", "keypoints_3d", "K")}
     state, aux = step(state, batch, jax.random.key(i))
     errs.append([float(a) for a in aux])
     if (i + 1) % 100 == 0:
       err, mean_err = np.mean(errs[-100:], axis=0)
-      print(f"step {i + 1}: train uv error {err:.4f}, per-batch mean "
-            f"{mean_err:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+      print(
+        f"step {i + 1}: train uv error {err:.4f}, per-batch mean "
+        f"{mean_err:.4f} ({time.perf_counter() - t0:.0f} s)",
+        flush=True,
+      )
 
 
 def main():

@@ -25,26 +25,42 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-
 # (cores, threads, worker processes, path)
-SETTINGS = [(1, 1, 0, "jpeg"), (2, 2, 0, "jpeg"), (2, 1, 2, "jpeg"),
-            (1, 0, 0, "precropped"), (1, 1, 0, "precropped"),
-            (2, 2, 0, "precropped"), (2, 1, 2, "precropped")]
+SETTINGS = [
+  (1, 1, 0, "jpeg"),
+  (2, 2, 0, "jpeg"),
+  (2, 1, 2, "jpeg"),
+  (1, 0, 0, "precropped"),
+  (1, 1, 0, "precropped"),
+  (2, 2, 0, "precropped"),
+  (2, 1, 2, "precropped"),
+]
 
 
 def measure(args, threads: int, workers: int, path: str) -> dict:
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from peclr_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from peclr_jax import precrop  # pylint: disable=g-import-not-at-top
+
+  from peclr_jax import (
+    input_pipeline,  # pylint: disable=g-import-not-at-top
+    precrop,  # pylint: disable=g-import-not-at-top
+  )
+
   source = input_pipeline.open_source(args.name, args.split, args.data_dir)
   if path == "precropped":
-    source = precrop.open_store(args.data_dir, args.name, args.split,
-                                args.source_size, reference=source)
+    source = precrop.open_store(
+      args.data_dir, args.name, args.split, args.source_size, reference=source
+    )
   it = input_pipeline.make_pretrain_iterator(
-      [(args.name, source)], global_batch=args.batch,
-      source_size=args.source_size, seed=0, num_workers=workers,
-      num_threads=threads, prefetch=max(2, threads), process_index=0,
-      process_count=1)
+    [(args.name, source)],
+    global_batch=args.batch,
+    source_size=args.source_size,
+    seed=0,
+    num_workers=workers,
+    num_threads=threads,
+    prefetch=max(2, threads),
+    process_index=0,
+    process_count=1,
+  )
   for _ in range(args.warmup):
     batch = next(it)
   times = []
@@ -58,10 +74,13 @@ def measure(args, threads: int, workers: int, path: str) -> dict:
   assert batch["image"].dtype == np.uint8
   # The median batch time hides the machine's noise (other processes); the
   # mean over all batches includes it, and the buffering between them.
-  return {"images_per_s_median": round(args.batch / np.median(times), 1),
-          "images_per_s_mean": round(len(times) * args.batch / sum(times), 1),
-          "batches": len(times), "seconds": round(sum(times), 2),
-          "source_len": len(source)}
+  return {
+    "images_per_s_median": round(args.batch / np.median(times), 1),
+    "images_per_s_mean": round(len(times) * args.batch / sum(times), 1),
+    "batches": len(times),
+    "seconds": round(sum(times), 2),
+    "source_len": len(source),
+  }
 
 
 def main():
@@ -75,8 +94,9 @@ def main():
   ap.add_argument("--batches", type=int, default=40)
   ap.add_argument("--min_seconds", type=float, default=3.0)
   ap.add_argument("--warmup", type=int, default=5)
-  ap.add_argument("--setting", default="",
-                  help="internal: 'cores,threads,workers' for one child run")
+  ap.add_argument(
+    "--setting", default="", help="internal: 'cores,threads,workers' for one child run"
+  )
   args = ap.parse_args()
 
   if args.setting:  # child: one setting in a fresh process
@@ -87,20 +107,26 @@ def main():
     return
 
   from peclr_jax import precrop  # pylint: disable=g-import-not-at-top
-  store = precrop.store_dir(args.data_dir, args.name, args.split,
-                            args.source_size)
-  if not os.path.exists(os.path.join(store, precrop.META_FILE)):
-    precrop.build(args.name, args.split, args.data_dir,
-                  source_size=args.source_size)
 
-  out = {"benchmark": "input_pipeline_throughput", **common.machine(),
-         "dataset": f"{args.name} ({args.split}) in {args.data_dir}",
-         "batch": args.batch, "source_px": args.source_size, "results": {}}
+  store = precrop.store_dir(args.data_dir, args.name, args.split, args.source_size)
+  if not os.path.exists(os.path.join(store, precrop.META_FILE)):
+    precrop.build(args.name, args.split, args.data_dir, source_size=args.source_size)
+
+  out = {
+    "benchmark": "input_pipeline_throughput",
+    **common.machine(),
+    "dataset": f"{args.name} ({args.split}) in {args.data_dir}",
+    "batch": args.batch,
+    "source_px": args.source_size,
+    "results": {},
+  }
   for cores, threads, workers, path in SETTINGS:
-    cmd = [sys.executable, os.path.abspath(__file__), "--setting",
-           f"{cores},{threads},{workers},{path}"] + [
-               f"--{k}={v}" for k, v in vars(args).items()
-               if k != "setting"]
+    cmd = [
+      sys.executable,
+      os.path.abspath(__file__),
+      "--setting",
+      f"{cores},{threads},{workers},{path}",
+    ] + [f"--{k}={v}" for k, v in vars(args).items() if k != "setting"]
     load = os.getloadavg()[0]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     key = f"{path} cores={cores} threads={threads} workers={workers}"

@@ -18,7 +18,6 @@ import json
 import time
 
 import common  # pylint: disable=g-import-not-at-top
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,8 +38,7 @@ def make_step(backbone, size, batch):
   @jax.jit
   def step(state):
     model, opt = nnx.merge(graphdef, state)
-    loss, grads = nnx.value_and_grad(
-        lambda m: jnp.mean(jnp.abs(m(images)["kp2d"] - target)))(model)
+    loss, grads = nnx.value_and_grad(lambda m: jnp.mean(jnp.abs(m(images)["kp2d"] - target)))(model)
     opt.update(model, grads)
     return nnx.state((model, opt)), loss
 
@@ -60,18 +58,23 @@ def _median_seconds(fn, *args, repeats=5):
 def time_layers():
   """{layer: {lax_ms, hook_ms}} for 3x3 convolutions on small maps."""
   out = {}
-  for hw, ch, stride in [(2, 64, 1), (2, 256, 1), (2, 512, 1), (4, 512, 2),
-                         (4, 256, 1)]:
+  for hw, ch, stride in [(2, 64, 1), (2, 256, 1), (2, 512, 1), (4, 512, 2), (4, 256, 1)]:
     x = jax.random.normal(jax.random.key(0), (32, hw, hw, ch))
     w = jax.random.normal(jax.random.key(1), (3, 3, ch, ch)) * 0.01
-    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape,
-                                        ("NHWC", "HWIO", "NHWC"))
+    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
     row = {}
-    for name, conv in (("lax", jax.lax.conv_general_dilated),
-                       ("hook", resnet.conv_general_dilated)):
-      f = jax.jit(jax.grad(lambda x, w, conv=conv: jnp.sum(conv(
-          x, w, (stride, stride), [(1, 1), (1, 1)],
-          dimension_numbers=dn) ** 2), argnums=(0, 1)))
+    for name, conv in (
+      ("lax", jax.lax.conv_general_dilated),
+      ("hook", resnet.conv_general_dilated),
+    ):
+      f = jax.jit(
+        jax.grad(
+          lambda x, w, conv=conv, stride=stride, dn=dn: jnp.sum(
+            conv(x, w, (stride, stride), [(1, 1), (1, 1)], dimension_numbers=dn) ** 2
+          ),
+          argnums=(0, 1),
+        )
+      )
       row[f"{name}_ms"] = 1000 * _median_seconds(f, x, w)
     out[f"{hw}x{hw}x{ch} stride {stride}"] = row
   return out
@@ -88,8 +91,7 @@ def main():
   ap.add_argument("--layers", action="store_true")
   args = ap.parse_args()
   if args.layers:
-    print(json.dumps({"conditions": common.machine(),
-                      "layers": time_layers()}, indent=1))
+    print(json.dumps({"conditions": common.machine(), "layers": time_layers()}, indent=1))
     return
   limits = {"lax": 0, "im2col": resnet._IM2COL_MAX_OUTPUT_PIXELS}  # pylint: disable=protected-access
   steps, times = {}, {name: [] for name in limits}
@@ -112,10 +114,8 @@ def main():
       steps[name][1] = state
   out = {"conditions": common.machine(), "args": vars(args)}
   for name in limits:
-    out[name] = {"median_s_per_step": float(np.median(times[name])),
-                 "first_call_s": steps[name][2]}
-  out["speedup"] = (out["lax"]["median_s_per_step"] /
-                    out["im2col"]["median_s_per_step"])
+    out[name] = {"median_s_per_step": float(np.median(times[name])), "first_call_s": steps[name][2]}
+  out["speedup"] = out["lax"]["median_s_per_step"] / out["im2col"]["median_s_per_step"]
   print(json.dumps(out, indent=1))
 
 

@@ -46,6 +46,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # ------------------------------------------------------------------ model --
 
+
 class Bottleneck(nn.Module):
   expansion = 4
 
@@ -62,7 +63,8 @@ class Bottleneck(nn.Module):
     self.downsample = None
     if stride != 1 or in_ch != out_ch:
       self.downsample = nn.Sequential(
-          nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
+        nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch)
+      )
 
   def forward(self, x):
     identity = x if self.downsample is None else self.downsample(x)
@@ -85,7 +87,8 @@ class BasicBlock(nn.Module):
     self.downsample = None
     if stride != 1 or in_ch != width:
       self.downsample = nn.Sequential(
-          nn.Conv2d(in_ch, width, 1, stride, bias=False), nn.BatchNorm2d(width))
+        nn.Conv2d(in_ch, width, 1, stride, bias=False), nn.BatchNorm2d(width)
+      )
 
   def forward(self, x):
     identity = x if self.downsample is None else self.downsample(x)
@@ -95,10 +98,10 @@ class BasicBlock(nn.Module):
 
 
 SPECS = {
-    "resnet18": (BasicBlock, (2, 2, 2, 2), 64),
-    "resnet50": (Bottleneck, (3, 4, 6, 3), 64),
-    "resnet152": (Bottleneck, (3, 8, 36, 3), 64),
-    "resnet_tiny": (BasicBlock, (1, 1, 1, 1), 8),
+  "resnet18": (BasicBlock, (2, 2, 2, 2), 64),
+  "resnet50": (Bottleneck, (3, 4, 6, 3), 64),
+  "resnet152": (Bottleneck, (3, 8, 36, 3), 64),
+  "resnet_tiny": (BasicBlock, (1, 1, 1, 1), 8),
 }
 
 
@@ -135,8 +138,11 @@ class PeCLRTorch(nn.Module):
     super().__init__()
     self.encoder = ResNetEncoder(backbone)
     self.projection_head = nn.Sequential(
-        nn.Linear(self.encoder.num_features, hidden, bias=True),
-        nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, out, bias=False))
+      nn.Linear(self.encoder.num_features, hidden, bias=True),
+      nn.BatchNorm1d(hidden),
+      nn.ReLU(),
+      nn.Linear(hidden, out, bias=False),
+    )
 
   def forward(self, x):
     return self.projection_head(self.encoder(x))
@@ -144,10 +150,15 @@ class PeCLRTorch(nn.Module):
 
 # ------------------------------------------------------------------- loss --
 
+
 def _projection_stats(p: torch.Tensor) -> dict:
   """The detached statistics the public step logs every step ([B, 64, 2])."""
-  return {"mean": p.mean(1).mean(0), "median": p.median(1).values.mean(0),
-          "min": p.min(1).values.mean(0), "max": p.max(1).values.mean(0)}
+  return {
+    "mean": p.mean(1).mean(0),
+    "median": p.median(1).values.mean(0),
+    "min": p.min(1).values.mean(0),
+    "max": p.max(1).values.mean(0),
+  }
 
 
 def translate_latent(p: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor):
@@ -176,8 +187,7 @@ def nt_xent_exp(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5):
   z = torch.cat([z1, z2], 0)
   n = len(z)
   sim = torch.exp(torch.mm(z, z.t().contiguous()) / temperature)
-  neg = sim.masked_select(~torch.eye(n, dtype=torch.bool, device=z.device)
-                          ).view(n, -1).sum(-1)
+  neg = sim.masked_select(~torch.eye(n, dtype=torch.bool, device=z.device)).view(n, -1).sum(-1)
   pos = torch.exp(torch.sum(z1 * z2, -1) / temperature)
   pos = torch.cat([pos, pos], 0)
   return -torch.log(pos / neg).mean()
@@ -200,6 +210,7 @@ def hybrid2_loss(model, v1, v2, jx, jy, angle):
 
 # -------------------------------------------------------------- optimiser --
 
+
 class LARSAdam:
   """Adam wrapped by a LARS trust ratio, with the public code's param groups.
 
@@ -208,15 +219,22 @@ class LARSAdam:
   eta * |p| / (|g| + wd |p| + eps) is clipped at the learning rate.
   """
 
-  def __init__(self, model: nn.Module, lr: float, weight_decay: float = 1e-6,
-               eta: float = 0.02, eps: float = 1e-8):
+  def __init__(
+    self,
+    model: nn.Module,
+    lr: float,
+    weight_decay: float = 1e-6,
+    eta: float = 0.02,
+    eps: float = 1e-8,
+  ):
     decay, no_decay = [], []
     for name, p in model.named_parameters():
       is_bn = isinstance(_owner(model, name), (nn.BatchNorm1d, nn.BatchNorm2d))
       (no_decay if name.endswith("bias") or is_bn else decay).append(p)
     self.opt = torch.optim.Adam(
-        [{"params": decay, "weight_decay": weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+      [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+      lr=lr,
+    )
     self.eta, self.eps = eta, eps
 
   @torch.no_grad()
@@ -257,9 +275,16 @@ class TorchStep:
   the loss and the optimiser stay eager, as in the public step.
   """
 
-  def __init__(self, backbone: str = "resnet50", dtype: str = "float32",
-               effective_batch: int = 2048, channels_last: bool = False,
-               seed: int = 5, device: str = "cpu", compile_backend: str = ""):
+  def __init__(
+    self,
+    backbone: str = "resnet50",
+    dtype: str = "float32",
+    effective_batch: int = 2048,
+    channels_last: bool = False,
+    seed: int = 5,
+    device: str = "cpu",
+    compile_backend: str = "",
+  ):
     torch.manual_seed(seed)
     self.device = torch.device(device)
     self.model = PeCLRTorch(backbone).train().to(self.device)
@@ -276,8 +301,7 @@ class TorchStep:
     if self.channels_last:
       v1 = v1.contiguous(memory_format=torch.channels_last)
       v2 = v2.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(self.device.type, dtype=torch.bfloat16,
-                        enabled=self.dtype == "bfloat16"):
+    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == "bfloat16"):
       loss, _ = hybrid2_loss(self.model, v1, v2, jx, jy, angle)
     loss.backward()
     self.opt.step()
@@ -300,15 +324,25 @@ def random_views(pairs: int, size: int = 128, seed: int = 0, device: str = "cpu"
 
 # ----------------------------------------------------------- augmentation --
 
+
 class OriginalAugmenter:
   """Per-sample OpenCV augmentation of the public loader (hybrid2 flags:
   rotate, crop with random margin and jitter, resize, colour jitter), then
   ToTensor + Normalize. One instance per worker; Python `random` as there."""
 
-  def __init__(self, out_size: int = 128, angle_range=(-45, 45),
-               margin_range=(0.9, 1.5), jitter_max: int = 15,
-               hue=(0.01, 1.0), sat=(0.01, 1.0), alpha=(0.5, 1.0), beta=(5, 20)):
+  def __init__(
+    self,
+    out_size: int = 128,
+    angle_range=(-45, 45),
+    margin_range=(0.9, 1.5),
+    jitter_max: int = 15,
+    hue=(0.01, 1.0),
+    sat=(0.01, 1.0),
+    alpha=(0.5, 1.0),
+    beta=(5, 20),
+  ):
     import cv2  # pylint: disable=g-import-not-at-top
+
     self.cv2 = cv2
     self.size = out_size
     self.angle_range, self.margin_range, self.jitter_max = angle_range, margin_range, jitter_max
@@ -337,14 +371,19 @@ class OriginalAugmenter:
     margin = random.uniform(*self.margin_range)
     jitter = (int(random.uniform(0, self.jitter_max)), int(random.uniform(0, self.jitter_max)))
     ox, oy, side, (jx, jy) = self._box(kp, margin, jitter)
-    img = img[oy:oy + side, ox:ox + side]
+    img = img[oy : oy + side, ox : ox + side]
     img = cv2.resize(img, (self.size, self.size), interpolation=cv2.INTER_AREA)
     # HSV colour jitter through OpenCV's uint8 HSV (on the BGR-fed image).
-    hh, ss, aa, bb = (random.uniform(*self.hue), random.uniform(*self.sat),
-                      random.uniform(*self.alpha), random.uniform(*self.beta))
+    hh, ss, aa, bb = (
+      random.uniform(*self.hue),
+      random.uniform(*self.sat),
+      random.uniform(*self.alpha),
+      random.uniform(*self.beta),
+    )
     hue, sat, val = cv2.split(cv2.cvtColor(img, cv2.COLOR_BGR2HSV))
-    hsv = cv2.merge([np.clip(hue * hh, 0, 255), np.clip(sat * ss, 0, 255),
-                     np.clip(val * aa + bb, 0, 255)]).astype(np.uint8)
+    hsv = cv2.merge(
+      [np.clip(hue * hh, 0, 255), np.clip(sat * ss, 0, 255), np.clip(val * aa + bb, 0, 255)]
+    ).astype(np.uint8)
     img = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
     # torchvision ToTensor + Normalize.
     x = (img.transpose(2, 0, 1).astype(np.float32) / 255.0 - self.mean) / self.std
@@ -359,8 +398,7 @@ def _self_check():
   step = TorchStep("resnet_tiny")
   v = random_views(4, 32)
   losses = [step.step(*v) for _ in range(3)]
-  out = {"check": "torch_reference", "tiny_losses": losses,
-         "loss_at_chance": math.log(2 * 4 - 1)}
+  out = {"check": "torch_reference", "tiny_losses": losses, "loss_at_chance": math.log(2 * 4 - 1)}
   try:
     aug = OriginalAugmenter()
     img = np.random.default_rng(0).integers(0, 255, (224, 224, 3), np.uint8)

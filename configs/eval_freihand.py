@@ -17,8 +17,7 @@ from peclr_jax import defaults
 
 
 def get_config(arg=None):
-  args = defaults.parse_arg(arg, checkpoint="", backbone="rn50",
-                            crop="two_pass")
+  args = defaults.parse_arg(arg, checkpoint="", backbone="rn50", crop="two_pass")
   config = defaults.evaluate_config()
   config.checkpoint = args.checkpoint
   config.model.backbone = defaults.backbone_name(args.backbone)

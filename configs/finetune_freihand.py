@@ -20,8 +20,7 @@ from peclr_jax import defaults
 
 
 def get_config(arg=None):
-  args = defaults.parse_arg(arg, init="", labels=1.0, backbone="rn50",
-                            runlocal=False)
+  args = defaults.parse_arg(arg, init="", labels=1.0, backbone="rn50", runlocal=False)
   config = defaults.finetune_config()
   config.init = args.init
   config.data.labels_fraction = args.labels

@@ -24,12 +24,11 @@ from peclr_jax import defaults
 
 
 def get_config(arg=None):
-  args = defaults.parse_arg(arg, seeds=3, pretrain_steps=1200,
-                            finetune_steps=1000, labels="1/10/100",
-                            size="demo")
+  args = defaults.parse_arg(
+    arg, seeds=3, pretrain_steps=1200, finetune_steps=1000, labels="1/10/100", size="demo"
+  )
   config = defaults.demo_config(args.size, "data/tfds")
-  config.label_fractions = tuple(float(p) / 100
-                                 for p in args.labels.split("/"))
+  config.label_fractions = tuple(float(p) / 100 for p in args.labels.split("/"))
   config.seeds = tuple(range(args.seeds))
   config.pretrain.num_train_steps = args.pretrain_steps
   config.pretrain.checkpoint_every_steps = args.pretrain_steps

@@ -21,9 +21,9 @@ from peclr_jax import defaults
 
 
 def get_config(arg=None):
-  args = defaults.parse_arg(arg, backbone="rn50",
-                            invert="translate+rotate+scale",
-                            paper_code=False, runlocal=False)
+  args = defaults.parse_arg(
+    arg, backbone="rn50", invert="translate+rotate+scale", paper_code=False, runlocal=False
+  )
   config = defaults.pretrain_config()
   config.model.backbone = defaults.backbone_name(args.backbone)
   config.loss.invert = tuple(args.invert.split("+"))

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -71,7 +72,7 @@ class AugmentConfig:
   # Normalisation and border.
   mean: tuple[float, float, float] = IMAGENET_MEAN
   std: tuple[float, float, float] = IMAGENET_STD
-  fill: Optional[tuple[float, float, float]] = None  # 0..255; None: mean*255
+  fill: tuple[float, float, float] | None = None  # 0..255; None: mean*255
 
   @property
   def fill_value(self) -> tuple[float, ...]:
@@ -81,10 +82,11 @@ class AugmentConfig:
     return tuple(255.0 * m for m in self.mean)
 
   @classmethod
-  def from_config(cls, augment_config) -> "AugmentConfig":
+  def from_config(cls, augment_config) -> AugmentConfig:
     """From a run config's `augment` entry (lists become hashable tuples)."""
-    return cls(**{k: tuple(v) if isinstance(v, list) else v
-                  for k, v in augment_config.to_dict().items()})
+    return cls(
+      **{k: tuple(v) if isinstance(v, list) else v for k, v in augment_config.to_dict().items()}
+    )
 
 
 # --------------------------------------------------------------------------
@@ -102,13 +104,18 @@ def invert_affine(matrix) -> Array:
   ia, ib, ic, id_ = d / det, -b / det, -c / det, a / det
   itx, ity = -(ia * tx + ib * ty), -(ic * tx + id_ * ty)
   zero, one = jnp.zeros_like(a), jnp.ones_like(a)
-  return jnp.stack([jnp.stack([ia, ib, itx], -1),
-                    jnp.stack([ic, id_, ity], -1),
-                    jnp.stack([zero, zero, one], -1)], -2)
+  return jnp.stack(
+    [jnp.stack([ia, ib, itx], -1), jnp.stack([ic, id_, ity], -1), jnp.stack([zero, zero, one], -1)],
+    -2,
+  )
 
 
-def warp(images, matrix, out_size: Union[int, tuple[int, int]],
-         fill: Union[float, Sequence[float], Array] = 0.0) -> Array:
+def warp(
+  images,
+  matrix,
+  out_size: int | tuple[int, int],
+  fill: float | Sequence[float] | Array = 0.0,
+) -> Array:
   """Bilinear affine warp with a constant border (cv2.warpAffine semantics).
 
   ``out[q] = bilinear(images, M^-1 q)``; taps outside the source take the
@@ -126,10 +133,11 @@ def warp(images, matrix, out_size: Union[int, tuple[int, int]],
   b, h, w, ch = images.shape
   ho, wo = (out_size, out_size) if isinstance(out_size, int) else out_size
   inv = invert_affine(matrix)  # [B, 3, 3]
-  ys, xs = jnp.meshgrid(jnp.arange(ho, dtype=jnp.float32),
-                        jnp.arange(wo, dtype=jnp.float32), indexing='ij')
+  ys, xs = jnp.meshgrid(
+    jnp.arange(ho, dtype=jnp.float32), jnp.arange(wo, dtype=jnp.float32), indexing="ij"
+  )
   grid = jnp.stack([xs.ravel(), ys.ravel()], -1)  # [N, 2] view pixel centres
-  src = jnp.einsum('bij,nj->bni', inv[:, :2, :2], grid) + inv[:, None, :2, 2]
+  src = jnp.einsum("bij,nj->bni", inv[:, :2, :2], grid) + inv[:, None, :2, 2]
   x0, y0 = jnp.floor(src[..., 0]), jnp.floor(src[..., 1])  # [B, N]
   fx, fy = src[..., 0] - x0, src[..., 1] - y0
   x0, y0 = x0.astype(jnp.int32), y0.astype(jnp.int32)
@@ -138,8 +146,7 @@ def warp(images, matrix, out_size: Union[int, tuple[int, int]],
   # batch without moving images between devices (global flat indices into
   # [B*H*W, C] would force an all-gather of the whole batch).
   flat = images.reshape(b, h * w, ch)
-  take = jax.vmap(lambda im, i: jnp.take(im, i, axis=0,
-                                         mode='clip'))
+  take = jax.vmap(lambda im, i: jnp.take(im, i, axis=0, mode="clip"))
   out = jnp.zeros((b, ho * wo, ch), jnp.float32)
   coverage = jnp.zeros((b, ho * wo), jnp.float32)
   for dy, wy in ((0, 1.0 - fy), (1, fy)):
@@ -173,9 +180,9 @@ def _rgb_to_hsv_planes(r, g, b) -> tuple[Array, Array, Array]:
   delta = maxc - jnp.minimum(jnp.minimum(r, g), b)
   s = jnp.where(maxc > 0, delta / jnp.where(maxc > 0, maxc, 1.0), 0.0)
   inv = 1.0 / jnp.where(delta > 0, delta, 1.0)  # grey: hue 0, no NaN grads
-  h = jnp.where(r == maxc, (g - b) * inv,
-                jnp.where(g == maxc, 2.0 + (b - r) * inv,
-                          4.0 + (r - g) * inv))
+  h = jnp.where(
+    r == maxc, (g - b) * inv, jnp.where(g == maxc, 2.0 + (b - r) * inv, 4.0 + (r - g) * inv)
+  )
   # h / 6 lies in [-1/6, 5/6]: only the red sector's negative half wraps.
   h = h * (1.0 / 6.0)
   h = jnp.where(delta > 0, jnp.where(h < 0, h + 1.0, h), 0.0)
@@ -196,14 +203,12 @@ def _hsv_to_rgb_planes(h, s, v) -> tuple[Array, Array, Array]:
 
 def rgb_to_hsv(rgb) -> Array:
   """[..., 3] RGB in [0, 1] -> HSV in [0, 1] (``colorsys`` convention)."""
-  return jnp.stack(_rgb_to_hsv_planes(rgb[..., 0], rgb[..., 1], rgb[..., 2]),
-                   -1)
+  return jnp.stack(_rgb_to_hsv_planes(rgb[..., 0], rgb[..., 1], rgb[..., 2]), -1)
 
 
 def hsv_to_rgb(hsv) -> Array:
   """[..., 3] HSV in [0, 1] -> RGB in [0, 1] (hue in [0, 1]: not wrapped)."""
-  return jnp.stack(_hsv_to_rgb_planes(hsv[..., 0], hsv[..., 1], hsv[..., 2]),
-                   -1)
+  return jnp.stack(_hsv_to_rgb_planes(hsv[..., 0], hsv[..., 1], hsv[..., 2]), -1)
 
 
 def hsv_jitter(images, hue, sat, alpha, beta) -> Array:
@@ -250,10 +255,10 @@ def gaussian_blur(images, sigma, kernel_size: int) -> Array:
   k = (k / jnp.sum(k, -1, keepdims=True))[:, :, None, None, None]  # [B,K,1,1,1]
   _, h, w, _ = x.shape
   # Shifted sums of a padded array: 2K cheap slices for K ~ 13 taps.
-  xp = jnp.pad(x, ((0, 0), (r, r), (0, 0), (0, 0)), mode='reflect')
-  x = sum(k[:, t] * xp[:, t:t + h] for t in range(2 * r + 1))
-  xp = jnp.pad(x, ((0, 0), (0, 0), (r, r), (0, 0)), mode='reflect')
-  return sum(k[:, t] * xp[:, :, t:t + w] for t in range(2 * r + 1))
+  xp = jnp.pad(x, ((0, 0), (r, r), (0, 0), (0, 0)), mode="reflect")
+  x = sum(k[:, t] * xp[:, t : t + h] for t in range(2 * r + 1))
+  xp = jnp.pad(x, ((0, 0), (0, 0), (r, r), (0, 0)), mode="reflect")
+  return sum(k[:, t] * xp[:, :, t : t + w] for t in range(2 * r + 1))
 
 
 def grayscale(images) -> Array:
@@ -262,11 +267,11 @@ def grayscale(images) -> Array:
   return jnp.repeat(y[..., None], 3, -1)
 
 
-def normalise(images, mean: Sequence[float] = IMAGENET_MEAN,
-              std: Sequence[float] = IMAGENET_STD) -> Array:
+def normalise(
+  images, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> Array:
   """(x - mean) / std per channel, for images in [0, 1]."""
-  return ((images - jnp.asarray(mean, jnp.float32))
-          / jnp.asarray(std, jnp.float32))
+  return (images - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
 # --------------------------------------------------------------------------
@@ -278,8 +283,9 @@ def _uniform(key, shape, bounds) -> Array:
   return jax.random.uniform(key, shape, jnp.float32, bounds[0], bounds[1])
 
 
-def sample_geometry(key, keypoints_2d, image_hw: tuple[int, int],
-                    cfg: AugmentConfig) -> tuple[dict[str, Array], Array]:
+def sample_geometry(
+  key, keypoints_2d, image_hw: tuple[int, int], cfg: AugmentConfig
+) -> tuple[dict[str, Array], Array]:
   """Draws one view's geometry per sample.
 
   Args:
@@ -306,13 +312,11 @@ def sample_geometry(key, keypoints_2d, image_hw: tuple[int, int],
   else:
     margin = jnp.full((bsz,), cfg.fixed_margin, jnp.float32)
     jitter = jnp.zeros((bsz, 2), jnp.float32)
-  center, h0 = crops.hand_box(jnp.asarray(keypoints_2d, jnp.float32),
-                              image_hw)
+  center, h0 = crops.hand_box(jnp.asarray(keypoints_2d, jnp.float32), image_hw)
   half = margin * h0
   matrix = crops.crop_matrix(center, half, s, theta, jitter)
   z = s / (2.0 * half)
-  params = {'rotation': theta, 'scale': 1.0 / margin,
-            'translation': -z[:, None] * jitter / s}
+  params = {"rotation": theta, "scale": 1.0 / margin, "translation": -z[:, None] * jitter / s}
   return params, matrix
 
 
@@ -343,10 +347,13 @@ def _appearance(key, x, kp_view, cfg: AugmentConfig) -> Array:
     x = jnp.where(coin(keys[3]), gaussian_blur(x, sigma, taps), x)
   if cfg.color_jitter:
     kh, ks, ka, kb = jax.random.split(keys[4], 4)
-    x = hsv_jitter(x, _uniform(kh, (bsz,), cfg.hue_range),
-                   _uniform(ks, (bsz,), cfg.sat_range),
-                   _uniform(ka, (bsz,), cfg.value_alpha_range),
-                   _uniform(kb, (bsz,), cfg.value_beta_range) / 255.0)
+    x = hsv_jitter(
+      x,
+      _uniform(kh, (bsz,), cfg.hue_range),
+      _uniform(ks, (bsz,), cfg.sat_range),
+      _uniform(ka, (bsz,), cfg.value_alpha_range),
+      _uniform(kb, (bsz,), cfg.value_beta_range) / 255.0,
+    )
   if cfg.noise:
     eps = jax.random.normal(keys[5], x.shape) * (cfg.noise_std / 255.0)
     x = jnp.where(coin(keys[6]), jnp.clip(x + eps, 0.0, 1.0), x)
@@ -355,9 +362,9 @@ def _appearance(key, x, kp_view, cfg: AugmentConfig) -> Array:
   return x
 
 
-def augment_view(key, images, keypoints_2d, cfg: AugmentConfig = AugmentConfig(),
-                 *, photometric: bool = True
-                 ) -> tuple[Array, dict[str, Array], Array]:
+def augment_view(
+  key, images, keypoints_2d, cfg: AugmentConfig = AugmentConfig(), *, photometric: bool = True
+) -> tuple[Array, dict[str, Array], Array]:
   """One random view per sample: warp, appearance, ImageNet normalisation.
 
   Args:
@@ -379,16 +386,14 @@ def augment_view(key, images, keypoints_2d, cfg: AugmentConfig = AugmentConfig()
   params, matrix = sample_geometry(k_geo, keypoints_2d, images.shape[1:3], cfg)
   x = warp(images, matrix, cfg.out_size, cfg.fill_value) * (1.0 / 255.0)
   if photometric:
-    kp_view = crops.apply_affine(matrix,
-                                 jnp.asarray(keypoints_2d, jnp.float32))
+    kp_view = crops.apply_affine(matrix, jnp.asarray(keypoints_2d, jnp.float32))
     x = _appearance(k_app, x, kp_view, cfg)
   return normalise(x, cfg.mean, cfg.std), params, matrix
 
 
-def augment_pair(key, images, keypoints_2d, cfg: AugmentConfig = AugmentConfig()
-                 ) -> tuple[tuple[Array, Array],
-                            tuple[dict[str, Any], dict[str, Any]],
-                            tuple[Array, Array]]:
+def augment_pair(
+  key, images, keypoints_2d, cfg: AugmentConfig = AugmentConfig()
+) -> tuple[tuple[Array, Array], tuple[dict[str, Any], dict[str, Any]], tuple[Array, Array]]:
   """Two independent views of every image (PeCLR step 2).
 
   Returns:

@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from peclr_jax import evaluate
-from peclr_jax import geometry
+from peclr_jax import evaluate, geometry
 
 
 def split_keypoints_3d(source) -> np.ndarray:
   """[N, 21, 3] float64 keypoints_3d (metres, AIT) of a random-access source."""
-  return np.stack([np.asarray(source[i]["keypoints_3d"], np.float64)
-                   for i in range(len(source))])
+  return np.stack([np.asarray(source[i]["keypoints_3d"], np.float64) for i in range(len(source))])
 
 
 def mean_pose(train_kp3d) -> np.ndarray:
@@ -66,5 +64,7 @@ def baseline_metrics(train_source, eval_source) -> dict[str, dict]:
   """{'mean pose': metrics, 'canonical hand': metrics} on `eval_source`."""
   train = split_keypoints_3d(train_source)
   test = split_keypoints_3d(eval_source)
-  return {"mean pose": constant_metrics(mean_pose(train), test),
-          "canonical hand": constant_metrics(canonical_hand(train), test)}
+  return {
+    "mean pose": constant_metrics(mean_pose(train), test),
+    "canonical hand": constant_metrics(canonical_hand(train), test),
+  }

@@ -87,8 +87,7 @@ def _describe_holder(fd: int) -> str:
     info = {}
   if not info.get("pid"):  # the holder is between its lock and its write
     return "another process"
-  return (f"pid {info['pid']} on host {info.get('host', '?')}, since "
-          f"{info.get('since', '?')}")
+  return f"pid {info['pid']} on host {info.get('host', '?')}, since {info.get('since', '?')}"
 
 
 def _acquire(path: str):
@@ -102,15 +101,19 @@ def _acquire(path: str):
       holder = _describe_holder(fd)
       os.close(fd)
       raise WorkdirBusyError(
-          f"{directory} is in use by another run ({holder}; lock file "
-          f"{path}). Wait for it to end, or use another directory.") from None
+        f"{directory} is in use by another run ({holder}; lock file "
+        f"{path}). Wait for it to end, or use another directory."
+      ) from None
     except OSError as e:
       os.close(fd)
       if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
         raise
-      print(f"warning: cannot lock {path} ({e.strerror}); nothing stops "
-            "another run from using this directory at the same time.",
-            file=sys.stderr, flush=True)
+      print(
+        f"warning: cannot lock {path} ({e.strerror}); nothing stops "
+        "another run from using this directory at the same time.",
+        file=sys.stderr,
+        flush=True,
+      )
       return None
     # A holder that was releasing may have unlinked the file between our
     # open and our lock: the lock is then on a file nobody else sees.
@@ -121,9 +124,12 @@ def _acquire(path: str):
     if same:
       break
     os.close(fd)
-  info = {"pid": os.getpid(), "host": socket.gethostname(),
-          "since": datetime.datetime.now().isoformat(timespec="seconds"),
-          "argv": sys.argv}
+  info = {
+    "pid": os.getpid(),
+    "host": socket.gethostname(),
+    "since": datetime.datetime.now().isoformat(timespec="seconds"),
+    "argv": sys.argv,
+  }
   os.ftruncate(fd, 0)
   os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
   return fd
@@ -189,8 +195,8 @@ def _is_step_dir(path: str) -> bool:
   # A step whose `state` was deleted still has its manifest: it is damaged,
   # not absent.
   return os.path.basename(path).isdigit() and (
-      os.path.isdir(os.path.join(path, "state"))
-      or os.path.isfile(os.path.join(path, MANIFEST)))
+    os.path.isdir(os.path.join(path, "state")) or os.path.isfile(os.path.join(path, MANIFEST))
+  )
 
 
 def _abstract(tree):
@@ -206,23 +212,31 @@ class CheckpointManager:
   computed in the same background thread.
   """
 
-  def __init__(self, workdir: str, *, max_to_keep: int | None = 3,
-               async_save: bool = True, read_only: bool = False):
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    max_to_keep: int | None = 3,
+    async_save: bool = True,
+    read_only: bool = False,
+  ):
     self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
     self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=not read_only,
-            read_only=read_only,
-            # Temporary directories of saves cut short by a kill are never
-            # read; remove them (process 0 only) so they do not pile up.
-            cleanup_tmp_directories=not read_only,
-            # Always orbax's asynchronous checkpointer: only it calls back
-            # between the complete write and the rename, where the
-            # checksums are written. async_save=False waits in `save`.
-            enable_async_checkpointing=True,
-            async_options=ocp.AsyncOptions(
-                post_finalization_callback=self._write_checksums)))
+      self.directory,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        create=not read_only,
+        read_only=read_only,
+        # Temporary directories of saves cut short by a kill are never
+        # read; remove them (process 0 only) so they do not pile up.
+        cleanup_tmp_directories=not read_only,
+        # Always orbax's asynchronous checkpointer: only it calls back
+        # between the complete write and the rename, where the
+        # checksums are written. async_save=False waits in `save`.
+        enable_async_checkpointing=True,
+        async_options=ocp.AsyncOptions(post_finalization_callback=self._write_checksums),
+      ),
+    )
     self._async = async_save
     self._pending = None  # the step being written in the background
     if not read_only:
@@ -266,17 +280,16 @@ class CheckpointManager:
       where = self.directory if step is None else f"{self.directory}/{step}"
       # What is on disk, not orbax's list, which may name the failed step.
       done = _finished_steps(self.directory)
-      kept = (f"step {done[-1]} is intact" if done
-              else "no earlier step was written")
+      kept = f"step {done[-1]} is intact" if done else "no earlier step was written"
       raise CheckpointWriteError(
-          code, f"writing checkpoint {where} failed: {reason}; "
-          f"{kept}. Fix the disk (space, permissions) and re-run the same "
-          "command to continue from there.") from e
+        code,
+        f"writing checkpoint {where} failed: {reason}; "
+        f"{kept}. Fix the disk (space, permissions) and re-run the same "
+        "command to continue from there.",
+      ) from e
 
-  def save(self, step: int, state: dict, *, meta: dict, config=None,
-           data_iter=None):
-    items = dict(state=ocp.args.StandardSave(state),
-                 meta=ocp.args.JsonSave(meta))
+  def save(self, step: int, state: dict, *, meta: dict, config=None, data_iter=None):
+    items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     if config is not None:
       items["config"] = ocp.args.JsonSave(json.loads(config.to_json_best_effort()))
     if data_iter is not None:
@@ -292,15 +305,12 @@ class CheckpointManager:
   def _write_checksums(self):
     """Orbax's callback, in its background thread on process 0, once every
     process has written step `_pending` and before it is renamed."""
-    _write_manifest(
-        os.path.join(self.directory, f"{self._pending}{_TMP_SUFFIX}"))
+    _write_manifest(os.path.join(self.directory, f"{self._pending}{_TMP_SUFFIX}"))
 
-  def restore(self, step: int, state_template: dict, *, expect_meta: dict,
-              data_iter=None) -> dict:
+  def restore(self, step: int, state_template: dict, *, expect_meta: dict, data_iter=None) -> dict:
     """Restores `state` shaped like `state_template` (and the data iterator
     in place). Fails clearly when the workdir holds another model."""
-    meta = self._manager.restore(
-        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     check_meta(meta, expect_meta, os.path.join(self.directory, str(step)))
     items = dict(state=ocp.args.StandardRestore(_abstract(state_template)))
     if data_iter is not None:
@@ -309,8 +319,8 @@ class CheckpointManager:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError) as e:
       raise CheckpointError(
-          f"Checkpoint {self.directory}/{step} does not match this model "
-          f"({expect_meta}): {e}") from e
+        f"Checkpoint {self.directory}/{step} does not match this model ({expect_meta}): {e}"
+      ) from e
     return restored.state
 
   def wait(self):
@@ -330,11 +340,13 @@ class CheckpointManager:
 # grain to the GPU machine).
 def _grain_save(it):
   import grain  # pylint: disable=g-import-not-at-top
+
   return grain.checkpoint.CheckpointSave(it)
 
 
 def _grain_restore(it):
   import grain  # pylint: disable=g-import-not-at-top
+
   return grain.checkpoint.CheckpointRestore(it)
 
 
@@ -347,8 +359,9 @@ def check_meta(meta: dict, expect: dict, where: str):
       ok = have == want
     if not ok:
       raise CheckpointError(
-          f"{where} holds a checkpoint with {key}={have!r}, but this run needs "
-          f"{key}={want!r}. Use another --workdir, or set the config to match.")
+        f"{where} holds a checkpoint with {key}={have!r}, but this run needs "
+        f"{key}={want!r}. Use another --workdir, or set the config to match."
+      )
 
 
 class _Damaged(Exception):
@@ -378,8 +391,7 @@ def _checksums(step_dir: str) -> dict[str, list]:
       rel = os.path.relpath(path, step_dir)
       if rel != MANIFEST and rel not in _UNCHECKED:
         with open(path, "rb") as f:
-          sums[rel] = [os.fstat(f.fileno()).st_size,
-                       hashlib.file_digest(f, "sha256").hexdigest()]
+          sums[rel] = [os.fstat(f.fileno()).st_size, hashlib.file_digest(f, "sha256").hexdigest()]
   return sums
 
 
@@ -400,15 +412,15 @@ def _verify(step_dir: str):
   """
   try:
     with open(os.path.join(step_dir, MANIFEST), "rb") as f:
-      want = [(rel, int(size), str(digest))
-              for rel, (size, digest) in json.load(f).items()]
+      want = [(rel, int(size), str(digest)) for rel, (size, digest) in json.load(f).items()]
   except FileNotFoundError:
-    _warn_once(f"warning: checkpoint {step_dir} has no {MANIFEST} (written "
-               "by an older version): read unverified.")
+    _warn_once(
+      f"warning: checkpoint {step_dir} has no {MANIFEST} (written "
+      "by an older version): read unverified."
+    )
     return
   except (OSError, ValueError, TypeError, AttributeError) as e:
-    raise _Damaged(
-        f"{os.path.join(step_dir, MANIFEST)} is unreadable: {e}") from None
+    raise _Damaged(f"{os.path.join(step_dir, MANIFEST)} is unreadable: {e}") from None
   stats = []
   for rel, _, _ in [(MANIFEST, 0, ""), *want]:
     try:
@@ -434,8 +446,7 @@ def _owned(path: str) -> bool:
   """Whether this process holds the lock of a workdir that contains path."""
   path = os.path.realpath(path)
   with _held_guard:
-    return any(path.startswith(os.path.dirname(lock) + os.sep)
-               for lock in _held)
+    return any(path.startswith(os.path.dirname(lock) + os.sep) for lock in _held)
 
 
 def _set_aside(step_dir: str) -> str:
@@ -470,13 +481,12 @@ def _newest_intact(directory: str) -> int | None:
       continue
     for bad_dir, why in damaged:
       kept = f"; moved to {_set_aside(bad_dir)}" if _owned(bad_dir) else ""
-      _warn_once(f"warning: skipping damaged checkpoint {bad_dir}: {why}"
-                 f"{kept}; using step {step}.")
+      _warn_once(f"warning: skipping damaged checkpoint {bad_dir}: {why}{kept}; using step {step}.")
     return step
   if damaged:
     raise CheckpointError(
-        f"no intact checkpoint step in {directory}: "
-        + "; ".join(why for _, why in damaged))
+      f"no intact checkpoint step in {directory}: " + "; ".join(why for _, why in damaged)
+    )
   return None
 
 
@@ -490,8 +500,10 @@ def _read_only_manager(directory: str) -> ocp.CheckpointManager:
   absl_logger = logging.getLogger("absl")
   if not any(isinstance(f, _DropReadOnlyNotice) for f in absl_logger.filters):
     absl_logger.addFilter(_DropReadOnlyNotice())
-  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      read_only=True, create=False, save_interval_steps=0))
+  return ocp.CheckpointManager(
+    directory,
+    options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
+  )
 
 
 class _DropReadOnlyNotice(logging.Filter):
@@ -508,8 +520,7 @@ class _DropOrbaxErrors(logging.Filter):
   only repeat it, hundreds of lines long."""
 
   def filter(self, record):
-    return not (record.levelno == logging.ERROR
-                and f"{os.sep}orbax{os.sep}" in record.pathname)
+    return not (record.levelno == logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
 
 
 def _quiet_failed_saves():
@@ -525,8 +536,10 @@ def _quiet_failed_saves():
   previous = sys.unraisablehook
 
   def hook(unraisable):
-    if not (isinstance(unraisable.exc_value, RuntimeError)
-            and str(unraisable.exc_value) == "Event loop is closed"):
+    if not (
+      isinstance(unraisable.exc_value, RuntimeError)
+      and str(unraisable.exc_value) == "Event loop is closed"
+    ):
       previous(unraisable)
 
   hook.drops_closed_loop = True
@@ -537,8 +550,7 @@ def _finished_steps(directory: str) -> list[int]:
   """Steps renamed into place (orbax's temporary directories excluded)."""
   if not os.path.isdir(directory):
     return []
-  return sorted(int(d) for d in os.listdir(directory)
-                if _is_step_dir(os.path.join(directory, d)))
+  return sorted(int(d) for d in os.listdir(directory) if _is_step_dir(os.path.join(directory, d)))
 
 
 def find_step(path: str) -> tuple[str, int]:
@@ -569,17 +581,18 @@ def read_meta(path: str) -> dict:
   where = os.path.join(directory, str(step), "meta")
   try:
     with _read_only_manager(directory) as mgr:
-      meta = mgr.restore(
-          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+      meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
   except Exception as e:  # orbax wraps JSON and file errors in many types
     raise CheckpointError(
-        f"cannot read the checkpoint metadata {where}: "
-        f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
+      f"cannot read the checkpoint metadata {where}: "
+      f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+    ) from e
   if not isinstance(meta, dict) or not {"kind", "backbone"} <= set(meta):
     raise CheckpointError(
-        f"the checkpoint metadata {where} is not a dict with 'kind' and "
-        f"'backbone' (got {str(meta)[:200]}): not a checkpoint of this "
-        "package, or damaged")
+      f"the checkpoint metadata {where} is not a dict with 'kind' and "
+      f"'backbone' (got {str(meta)[:200]}): not a checkpoint of this "
+      "package, or damaged"
+    )
   return dict(meta)
 
 
@@ -593,8 +606,7 @@ def read_config(path: str) -> dict | None:
   if not os.path.isdir(os.path.join(directory, str(step), "config")):
     return None
   with _read_only_manager(directory) as mgr:
-    return dict(mgr.restore(
-        step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
+    return dict(mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
 
 
 def restore_subtree(path: str, subtree: tuple[str, ...], template: Any):
@@ -606,12 +618,14 @@ def restore_subtree(path: str, subtree: tuple[str, ...], template: Any):
     target = {key: target}
   with _read_only_manager(directory) as mgr:
     try:
-      restored = mgr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.PyTreeRestore(item=target, partial_restore=True)))
+      restored = mgr.restore(
+        step,
+        args=ocp.args.Composite(state=ocp.args.PyTreeRestore(item=target, partial_restore=True)),
+      )
     except (ValueError, KeyError) as e:
       raise CheckpointError(
-          f"{directory}/{step}: cannot restore {'/'.join(subtree)} with the "
-          f"expected structure: {e}") from e
+        f"{directory}/{step}: cannot restore {'/'.join(subtree)} with the expected structure: {e}"
+      ) from e
   tree = restored.state
   for key in subtree:
     tree = tree[key]

@@ -18,16 +18,16 @@ _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 # Installed from a wheel: peclr_jax/configs; a source checkout (also an
 # editable install): configs/ next to peclr_jax/.
 _INSTALLED = os.path.join(_PACKAGE, "configs")
-CONFIG_DIR = (_INSTALLED if os.path.isdir(_INSTALLED)
-              else os.path.join(os.path.dirname(_PACKAGE), "configs"))
+CONFIG_DIR = (
+  _INSTALLED if os.path.isdir(_INSTALLED) else os.path.join(os.path.dirname(_PACKAGE), "configs")
+)
 
 
 def available() -> list[str]:
   """The file names of the configs in CONFIG_DIR, e.g. ['demo.py', ...]."""
   if not os.path.isdir(CONFIG_DIR):
     return []
-  return sorted(f for f in os.listdir(CONFIG_DIR)
-                if f.endswith(".py") and not f.startswith("_"))
+  return sorted(f for f in os.listdir(CONFIG_DIR) if f.endswith(".py") and not f.startswith("_"))
 
 
 def find(path: str) -> str:
@@ -44,8 +44,9 @@ def find(path: str) -> str:
   if name in available():
     return os.path.join(CONFIG_DIR, name)
   raise FileNotFoundError(
-      f"No such file or directory: {path!r}, nor an installed config of "
-      f"that name (installed: {', '.join(available()) or 'none'})")
+    f"No such file or directory: {path!r}, nor an installed config of "
+    f"that name (installed: {', '.join(available()) or 'none'})"
+  )
 
 
 def load(name: str, arg: str | None = None):

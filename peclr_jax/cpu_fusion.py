@@ -30,7 +30,7 @@ def materialise(x: jax.Array) -> jax.Array:
   training run already stops on. Differentiable (the cond's VJP is the
   identity on the taken branch).
   """
-  if jax.default_backend() != 'cpu' or jax.device_count() > 1:
+  if jax.default_backend() != "cpu" or jax.device_count() > 1:
     return x
   first = x.reshape(-1)[0]
   return lax.cond(first == first, lambda v: v, lambda v: v * jnp.nan, x)

@@ -34,7 +34,7 @@ from peclr_jax import joints
 
 # Where every crop puts its box centre (module docstring). Pre-cropped stores
 # record it, so crops made under the earlier (S - 1)/2 are refused.
-CROP_CENTRE = 'S/2'
+CROP_CENTRE = "S/2"
 
 # ImageNet statistics: every model input is (x / 255 - mean) / std.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -59,7 +59,7 @@ def _xp(*arrays):
   JAX is looked up only in the modules already imported: a caller holding a
   JAX array has imported it, and a NumPy caller never pays for it.
   """
-  jax = sys.modules.get('jax')
+  jax = sys.modules.get("jax")
   if jax is not None and any(isinstance(a, jax.Array) for a in arrays):
     return jax.numpy
   return np
@@ -90,8 +90,9 @@ def full_image_box(image_hw: tuple[int, int]) -> tuple[np.ndarray, float]:
   return np.array([w / 2.0, h / 2.0]), max(h, w) / 2.0
 
 
-def hand_box(keypoints_2d, image_hw: tuple[int, int] | None = None, *,
-             margin=1.0, min_half_side: float = 1.0):
+def hand_box(
+  keypoints_2d, image_hw: tuple[int, int] | None = None, *, margin=1.0, min_half_side: float = 1.0
+):
   """Square about a hand: centre = mean keypoint, half-side = margin x spread.
 
   The spread is the largest keypoint distance from the mean. NumPy in
@@ -116,16 +117,17 @@ def hand_box(keypoints_2d, image_hw: tuple[int, int] | None = None, *,
   if image_hw is not None:
     whole_centre, whole_half = full_image_box(image_hw)
     bad = ~(xp.isfinite(spread) & (spread >= min_half_side))
-    centre = xp.where(bad[..., None], xp.asarray(whole_centre, kp.dtype),
-                      centre)
+    centre = xp.where(bad[..., None], xp.asarray(whole_centre, kp.dtype), centre)
     half = xp.where(bad, whole_half, half)
   return centre, half
 
 
-def square_from_keypoints(keypoints_2d: np.ndarray,
-                          margin: float = DEFAULT_MARGIN,
-                          rotation_room: float = ROTATION_ROOM,
-                          min_half_side: float = MIN_HALF_SIDE):
+def square_from_keypoints(
+  keypoints_2d: np.ndarray,
+  margin: float = DEFAULT_MARGIN,
+  rotation_room: float = ROTATION_ROOM,
+  min_half_side: float = MIN_HALF_SIDE,
+):
   """The stored crop's square around a hand given by its 2D keypoints.
 
   Args:
@@ -139,15 +141,14 @@ def square_from_keypoints(keypoints_2d: np.ndarray,
   """
   kp = np.asarray(keypoints_2d, np.float64)
   if kp.ndim != 2 or kp.shape[-1] != 2 or not kp.shape[0]:
-    raise ValueError(f'keypoints_2d must be [J, 2], got {kp.shape}')
+    raise ValueError(f"keypoints_2d must be [J, 2], got {kp.shape}")
   if not np.all(np.isfinite(kp)):
-    raise ValueError('keypoints_2d contain NaN or inf')
+    raise ValueError("keypoints_2d contain NaN or inf")
   centre, spread = hand_box(kp)
   return centre, max(float(spread) * margin * rotation_room, min_half_side)
 
 
-def box_pseudo_keypoints(box, num_keypoints: int = joints.NUM_JOINTS
-                         ) -> np.ndarray:
+def box_pseudo_keypoints(box, num_keypoints: int = joints.NUM_JOINTS) -> np.ndarray:
   """Pseudo-keypoints that encode a hand box for keypoint-driven crops.
 
   Pre-training uses keypoints only through their mean (crop centre) and their
@@ -176,8 +177,7 @@ def box_pseudo_keypoints(box, num_keypoints: int = joints.NUM_JOINTS
 # ---------------------------------------------------------------------------
 
 
-def initial_box(image_size, fraction: float = INITIAL_BOX_FRACTION
-                ) -> np.ndarray:
+def initial_box(image_size, fraction: float = INITIAL_BOX_FRACTION) -> np.ndarray:
   """First-pass box: a square about the image centre, `fraction` of its side.
 
   As the public `modify_bbox([0, 0, W, H], 0.33)`: centre (W/2, H/2), side
@@ -257,11 +257,13 @@ def _zoom_matrix(zoom, centre, out_size: int, rotation, jitter):
   rot = xp.zeros(batch, dtype) if rotation is None else rotation
   shift = xp.zeros(batch + (2,), dtype) if jitter is None else jitter
   a = zoom[..., None, None] * rotation_2d(rot)
-  t = (out_size / 2.0 - zoom[..., None] * xp.asarray(shift, dtype)
-       - xp.einsum('...ij,...j->...i', a, centre))
+  t = (
+    out_size / 2.0
+    - zoom[..., None] * xp.asarray(shift, dtype)
+    - xp.einsum("...ij,...j->...i", a, centre)
+  )
   top = xp.concatenate([a, t[..., None]], -1)
-  bottom = xp.broadcast_to(xp.asarray([0.0, 0.0, 1.0], dtype),
-                           top.shape[:-2] + (1, 3))
+  bottom = xp.broadcast_to(xp.asarray([0.0, 0.0, 1.0], dtype), top.shape[:-2] + (1, 3))
   return xp.concatenate([top, bottom], -2)
 
 
@@ -290,8 +292,9 @@ def crop_matrix(centre, half_side, out_size: int, rotation=None, jitter=None):
   return _zoom_matrix(zoom, centre, out_size, rotation, jitter)
 
 
-def box_affine(box, crop_size: int = TEST_CROP_SIZE, fill: float = BOX_FILL,
-               min_side: float = 1e-6) -> np.ndarray:
+def box_affine(
+  box, crop_size: int = TEST_CROP_SIZE, fill: float = BOX_FILL, min_side: float = 1e-6
+) -> np.ndarray:
   """Scale + translation mapping a box to the centre of a square crop.
 
   As the public `create_affine_transform_from_bbox`: the box centre goes to
@@ -308,10 +311,8 @@ def box_affine(box, crop_size: int = TEST_CROP_SIZE, fill: float = BOX_FILL,
     [..., 3, 3] float64 homogeneous matrices, source pixels -> crop pixels.
   """
   box = np.asarray(box, np.float64)
-  side = np.maximum(np.maximum(box[..., 2] - box[..., 0],
-                               box[..., 3] - box[..., 1]), min_side)
-  centre = 0.5 * np.stack([box[..., 0] + box[..., 2],
-                           box[..., 1] + box[..., 3]], -1)
+  side = np.maximum(np.maximum(box[..., 2] - box[..., 0], box[..., 3] - box[..., 1]), min_side)
+  centre = 0.5 * np.stack([box[..., 0] + box[..., 2], box[..., 1] + box[..., 3]], -1)
   return _zoom_matrix(fill * crop_size / side, centre, crop_size, None, None)
 
 
@@ -341,18 +342,20 @@ def _shift(dx: float, dy: float) -> np.ndarray:
   return np.array([[1.0, 0.0, dx], [0.0, 1.0, dy], [0.0, 0.0, 1.0]])
 
 
-def _shrunk_from_src(factor: float, x0: float = 0.0, y0: float = 0.0
-                     ) -> np.ndarray:
+def _shrunk_from_src(factor: float, x0: float = 0.0, y0: float = 0.0) -> np.ndarray:
   """Pixel centres of the image whose pixel-edge coordinates are
   (e - (x0, y0)) / factor (a reduced or DCT-scaled decode of a region):
   p' = (p + 1/2 - (x0, y0)) / factor - 1/2."""
-  return np.array([[1.0 / factor, 0.0, (0.5 - x0) / factor - 0.5],
-                   [0.0, 1.0 / factor, (0.5 - y0) / factor - 0.5],
-                   [0.0, 0.0, 1.0]])
+  return np.array(
+    [
+      [1.0 / factor, 0.0, (0.5 - x0) / factor - 0.5],
+      [0.0, 1.0 / factor, (0.5 - y0) / factor - 0.5],
+      [0.0, 0.0, 1.0],
+    ]
+  )
 
 
-def warp_crop(image: Image.Image, matrix, out_size: int, *,
-              fill: int = 0) -> np.ndarray:
+def warp_crop(image: Image.Image, matrix, out_size: int, *, fill: int = 0) -> np.ndarray:
   """Bilinear affine warp of an image into an S x S crop on the host.
 
   Crop pixel q samples the source at M^-1 q (pixel centres at integers), with
@@ -374,18 +377,19 @@ def warp_crop(image: Image.Image, matrix, out_size: int, *,
   """
   matrix = np.asarray(matrix, np.float64)
   if image.size == (out_size, out_size) and np.array_equal(matrix, np.eye(3)):
-    return np.asarray(image.convert('RGB'), np.uint8)  # no resampling
+    return np.asarray(image.convert("RGB"), np.uint8)  # no resampling
   zoom = math.sqrt(abs(np.linalg.det(matrix[:2, :2])))
   # Maps source pixels to the pixels of the image actually sampled.
   sampled_from_src = np.eye(3)
   if zoom <= 0.5:
     width, height = image.size
-    drafted = image.draft('RGB', (max(1, math.ceil(width * zoom)),
-                                  max(1, math.ceil(height * zoom))))
+    drafted = image.draft(
+      "RGB", (max(1, math.ceil(width * zoom)), max(1, math.ceil(height * zoom)))
+    )
     if drafted is not None:  # a JPEG decoded at 1/scale
       sampled_from_src = _shrunk_from_src(width / drafted[1][2])
-  if image.mode != 'RGB':
-    image = image.convert('RGB')
+  if image.mode != "RGB":
+    image = image.convert("RGB")
   scale = 1.0 / sampled_from_src[0, 0]
   factor = math.floor(1.0 / (zoom * scale) + 1e-9)
   if factor >= 2:
@@ -393,8 +397,7 @@ def warp_crop(image: Image.Image, matrix, out_size: int, *,
     # block on each side.
     s = out_size - 0.5
     out_corners = np.array([[-0.5, -0.5], [s, -0.5], [-0.5, s], [s, s]])
-    corners = apply_affine(sampled_from_src @ np.linalg.inv(matrix),
-                           out_corners) + 0.5
+    corners = apply_affine(sampled_from_src @ np.linalg.inv(matrix), out_corners) + 0.5
     lo = np.floor(corners.min(axis=0)).astype(int) - factor
     hi = np.ceil(corners.max(axis=0)).astype(int) + factor
     x0, y0 = max(lo[0], 0), max(lo[1], 0)
@@ -404,10 +407,12 @@ def warp_crop(image: Image.Image, matrix, out_size: int, *,
       sampled_from_src = _shrunk_from_src(factor, x0, y0) @ sampled_from_src
   # PIL wants the crop -> sampled-image map in pixel-edge coordinates (a
   # pixel's centre at +1/2).
-  edge_map = (_shift(0.5, 0.5) @ sampled_from_src @ np.linalg.inv(matrix)
-              @ _shift(-0.5, -0.5))
-  out = image.transform((out_size, out_size), Image.Transform.AFFINE,
-                        tuple(edge_map[:2].ravel()),
-                        resample=Image.Resampling.BILINEAR,
-                        fillcolor=(int(fill),) * 3)
+  edge_map = _shift(0.5, 0.5) @ sampled_from_src @ np.linalg.inv(matrix) @ _shift(-0.5, -0.5)
+  out = image.transform(
+    (out_size, out_size),
+    Image.Transform.AFFINE,
+    tuple(edge_map[:2].ravel()),
+    resample=Image.Resampling.BILINEAR,
+    fillcolor=(int(fill),) * 3,
+  )
   return np.asarray(out, np.uint8)

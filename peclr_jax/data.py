@@ -36,9 +36,8 @@ import sys
 import time
 from typing import Any
 
-DATASET_NAMES = ('freihand', 'youtube3d_hands', 'synthetic_hands',
-                 'hand_crops')
-REGRESSOR_KWARG = 'regressor_path'
+DATASET_NAMES = ("freihand", "youtube3d_hands", "synthetic_hands", "hand_crops")
+REGRESSOR_KWARG = "regressor_path"
 
 
 class DatasetBuildError(Exception):
@@ -55,18 +54,16 @@ def builder_class(name: str) -> type:
     DatasetBuildError: unknown name or a module that cannot be imported.
   """
   if name not in DATASET_NAMES:
-    raise DatasetBuildError(
-        f'unknown dataset {name!r}; choose one of {", ".join(DATASET_NAMES)}')
-  module_name = f'tfds_builders.{name}.{name}_dataset_builder'
+    raise DatasetBuildError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+  module_name = f"tfds_builders.{name}.{name}_dataset_builder"
   try:
     module = importlib.import_module(module_name)
   except ImportError as e:
-    raise DatasetBuildError(
-        f'cannot import the {name} builder ({module_name}): {e}') from e
+    raise DatasetBuildError(f"cannot import the {name} builder ({module_name}): {e}") from e
   try:
     return module.Builder
   except AttributeError:
-    raise DatasetBuildError(f'{module_name} defines no Builder class') from None
+    raise DatasetBuildError(f"{module_name} defines no Builder class") from None
 
 
 def _check_config(cls: type, name: str, config: Any) -> None:
@@ -74,22 +71,25 @@ def _check_config(cls: type, name: str, config: Any) -> None:
     return
   names = [c.name for c in (cls.BUILDER_CONFIGS or [])]
   if config not in names:
-    available = ', '.join(names) if names else 'none (it has no configs)'
-    raise DatasetBuildError(
-        f'{name} has no config {config!r}; available: {available}')
+    available = ", ".join(names) if names else "none (it has no configs)"
+    raise DatasetBuildError(f"{name} has no config {config!r}; available: {available}")
 
 
 def _check_kwargs(cls: type, name: str, builder_kwargs: dict[str, Any]) -> None:
   params = inspect.signature(cls.__init__).parameters
   for key in builder_kwargs:
     if key not in params:
-      flag = ' (--regressor)' if key == REGRESSOR_KWARG else ''
-      raise DatasetBuildError(f'the {name} builder does not take {key}{flag}')
+      flag = " (--regressor)" if key == REGRESSOR_KWARG else ""
+      raise DatasetBuildError(f"the {name} builder does not take {key}{flag}")
 
 
-def build_dataset(name: str, data_dir: str | os.PathLike,
-                  manual_dir: str | os.PathLike | None = None,
-                  config: str | None = None, **builder_kwargs):
+def build_dataset(
+  name: str,
+  data_dir: str | os.PathLike,
+  manual_dir: str | os.PathLike | None = None,
+  config: str | None = None,
+  **builder_kwargs,
+):
   """Builds dataset `name` into `data_dir` unless it is already prepared.
 
   Args:
@@ -125,8 +125,9 @@ def is_prepared(builder) -> bool:
   return os.path.isdir(builder.data_dir) and builder.is_prepared()
 
 
-def make_builder(name: str, data_dir: str | os.PathLike,
-                 config: str | None = None, **builder_kwargs):
+def make_builder(
+  name: str, data_dir: str | os.PathLike, config: str | None = None, **builder_kwargs
+):
   """Constructs (without preparing) the Builder, with clear errors.
 
   Raises:
@@ -140,24 +141,26 @@ def make_builder(name: str, data_dir: str | os.PathLike,
 
 def _prepare(builder, name: str, manual_dir: str | os.PathLike | None) -> None:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   from peclr_jax import tfds_shuffle  # pylint: disable=g-import-not-at-top
 
-  instructions = getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None)
+  instructions = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
   if instructions:
     if manual_dir is None:
       raise DatasetBuildError(
-          f'{name} is built from files you download yourself: pass '
-          f'--manual_dir (manual_dir=...).\n{instructions}')
+        f"{name} is built from files you download yourself: pass "
+        f"--manual_dir (manual_dir=...).\n{instructions}"
+      )
     if not os.path.isdir(manual_dir):
       raise DatasetBuildError(
-          f'manual directory {os.fspath(manual_dir)} does not exist.\n'
-          f'{instructions}')
+        f"manual directory {os.fspath(manual_dir)} does not exist.\n{instructions}"
+      )
   download_config = tfds.download.DownloadConfig(
-      manual_dir=os.fspath(manual_dir) if manual_dir is not None else None)
-  print(f'Building dataset {builder.data_dir} ...', flush=True)
+    manual_dir=os.fspath(manual_dir) if manual_dir is not None else None
+  )
+  print(f"Building dataset {builder.data_dir} ...", flush=True)
   with tfds_shuffle.spill_without_tensorflow(), _quiet_tfds():
-    builder.download_and_prepare(download_config=download_config,
-                                 file_format='array_record')
+    builder.download_and_prepare(download_config=download_config, file_format="array_record")
 
 
 @contextlib.contextmanager
@@ -172,6 +175,7 @@ def _quiet_tfds():
   cursor-up codes that are garbage in a log file or a notebook.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   tfds.display_progress_bar(sys.stderr.isatty())
   try:
     with contextlib.redirect_stdout(io.StringIO()):
@@ -183,7 +187,7 @@ def _quiet_tfds():
 def source_name(builder) -> str:
   """The name the pipelines read a built dataset by: '<name>[/<config>]'."""
   if builder.builder_config:
-    return f'{builder.name}/{builder.builder_config.name}'
+    return f"{builder.name}/{builder.builder_config.name}"
   return builder.name
 
 
@@ -216,21 +220,22 @@ class NamedShards:
       raise self._error(int(index), e) from e
 
   def __repr__(self) -> str:
-    return f'NamedShards({self._source!r})'
+    return f"NamedShards({self._source!r})"
 
   def _error(self, index: int, cause: Exception) -> DamagedShardError:
     info = self.dataset_info
-    where, left = 'a shard', index
+    where, left = "a shard", index
     for shard in info.splits[self.split].file_instructions:
       if left < shard.take:
-        where = f'record {shard.skip + left} of {shard.filename}'
+        where = f"record {shard.skip + left} of {shard.filename}"
         break
       left -= shard.take
     reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
     return DamagedShardError(
-        f'cannot read example {index} of {info.full_name} split '
-        f'{self.split!r}: {where} is damaged ({type(cause).__name__}: '
-        f'{reason}); rebuild the dataset: {rebuild_command(info)}')
+      f"cannot read example {index} of {info.full_name} split "
+      f"{self.split!r}: {where} is damaged ({type(cause).__name__}: "
+      f"{reason}); rebuild the dataset: {rebuild_command(info)}"
+    )
 
 
 def rebuild_command(info) -> str:
@@ -240,15 +245,15 @@ def rebuild_command(info) -> str:
   data_dir = info.data_dir
   for _ in range(3 if info.config_name else 2):
     data_dir = os.path.dirname(data_dir)
-  command = f'python -m peclr_jax.data build {info.name}'
+  command = f"python -m peclr_jax.data build {info.name}"
   if info.config_name:
-    command += f' --config {info.config_name}'
-  command += f' --data_dir {data_dir}'
-  if getattr(cls, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None):
-    command += ' --manual_dir <dir>'
+    command += f" --config {info.config_name}"
+  command += f" --data_dir {data_dir}"
+  if getattr(cls, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
+    command += " --manual_dir <dir>"
   if REGRESSOR_KWARG in inspect.signature(cls.__init__).parameters:
-    command += ' --regressor <MANO_RIGHT.pkl>'
-  return f'rm -r {info.data_dir} && {command}'
+    command += " --regressor <MANO_RIGHT.pkl>"
+  return f"rm -r {info.data_dir} && {command}"
 
 
 def skipped_counts(builder) -> dict[str, dict[str, int]]:
@@ -257,99 +262,107 @@ def skipped_counts(builder) -> dict[str, dict[str, int]]:
   if metadata is None:
     return {}
   try:
-    skipped = metadata.get('skipped') or {}
+    skipped = metadata.get("skipped") or {}
   except FileNotFoundError:  # prepared without metadata.json
     return {}
-  return {str(split): {str(r): int(n) for r, n in reasons.items()}
-          for split, reasons in skipped.items()}
+  return {
+    str(split): {str(r): int(n) for r, n in reasons.items()} for split, reasons in skipped.items()
+  }
 
 
 def summary(builder, seconds: float | None) -> str:
   """A human-readable account of a prepared dataset."""
-  lines = [f'{builder.info.full_name} -> {builder.data_dir}']
+  lines = [f"{builder.info.full_name} -> {builder.data_dir}"]
   splits = builder.info.splits
   width = max([len(s) for s in splits.keys()] + [5])
   for split in splits.keys():
-    lines.append(f'  {split:<{width}} {splits[split].num_examples:>9,} examples')
+    lines.append(f"  {split:<{width}} {splits[split].num_examples:>9,} examples")
   skipped = skipped_counts(builder)
   total = sum(n for reasons in skipped.values() for n in reasons.values())
   if total:
-    lines.append(f'  skipped {total:,} examples:')
+    lines.append(f"  skipped {total:,} examples:")
     for split, reasons in skipped.items():
       for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1]):
-        lines.append(f'    {split}: {count:,} x {reason}')
+        lines.append(f"    {split}: {count:,} x {reason}")
   else:
-    lines.append('  skipped: none')
+    lines.append("  skipped: none")
   if seconds is None:
-    lines.append('  already prepared: reused, nothing built')
+    lines.append("  already prepared: reused, nothing built")
   else:
-    lines.append(f'  time: {seconds:.1f} s')
-  return '\n'.join(lines)
+    lines.append(f"  time: {seconds:.1f} s")
+  return "\n".join(lines)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
-      prog='python -m peclr_jax.data',
-      description='Build the hand datasets as TFDS array_record files.')
-  sub = parser.add_subparsers(dest='command', required=True)
-  build = sub.add_parser('build', help='build one dataset')
-  build.add_argument('name', choices=DATASET_NAMES)
-  build.add_argument('--data_dir', required=True,
-                     help='TFDS data directory to write into')
-  build.add_argument('--manual_dir',
-                     help="folder with the dataset's extracted files")
-  build.add_argument('--config', help='builder config name (default: the '
-                     "builder's default)")
-  build.add_argument('--regressor',
-                     help='MANO joint regressor (MANO_RIGHT.pkl or .npy), for '
-                     'builders that need it (youtube3d_hands)')
-  build.add_argument('--traceback', action='store_true',
-                     help='show the full stack on errors')
-  precrop = sub.add_parser(
-      'precrop', help="store a built split's hand crops as raw arrays")
-  precrop.add_argument('name', choices=DATASET_NAMES)
-  precrop.add_argument('--data_dir', required=True,
-                       help='TFDS data directory the dataset is built in')
-  precrop.add_argument('--config', help='builder config name (default: the '
-                       "builder's default)")
-  precrop.add_argument('--split', default='train')
-  precrop.add_argument('--source_size', type=int, default=224,
-                       help='crop side (config.data.source_size)')
-  precrop.add_argument('--num_threads', type=int, default=4,
-                       help='decoding threads')
-  precrop.add_argument('--traceback', action='store_true',
-                       help='show the full stack on errors')
+    prog="python -m peclr_jax.data",
+    description="Build the hand datasets as TFDS array_record files.",
+  )
+  sub = parser.add_subparsers(dest="command", required=True)
+  build = sub.add_parser("build", help="build one dataset")
+  build.add_argument("name", choices=DATASET_NAMES)
+  build.add_argument("--data_dir", required=True, help="TFDS data directory to write into")
+  build.add_argument("--manual_dir", help="folder with the dataset's extracted files")
+  build.add_argument("--config", help="builder config name (default: the builder's default)")
+  build.add_argument(
+    "--regressor",
+    help="MANO joint regressor (MANO_RIGHT.pkl or .npy), for "
+    "builders that need it (youtube3d_hands)",
+  )
+  build.add_argument("--traceback", action="store_true", help="show the full stack on errors")
+  precrop = sub.add_parser("precrop", help="store a built split's hand crops as raw arrays")
+  precrop.add_argument("name", choices=DATASET_NAMES)
+  precrop.add_argument(
+    "--data_dir", required=True, help="TFDS data directory the dataset is built in"
+  )
+  precrop.add_argument("--config", help="builder config name (default: the builder's default)")
+  precrop.add_argument("--split", default="train")
+  precrop.add_argument(
+    "--source_size", type=int, default=224, help="crop side (config.data.source_size)"
+  )
+  precrop.add_argument("--num_threads", type=int, default=4, help="decoding threads")
+  precrop.add_argument("--traceback", action="store_true", help="show the full stack on errors")
   return parser.parse_args(argv)
 
 
 def _precrop(args) -> str:
   """Builds the pre-cropped store `args` asks for; returns a summary."""
   from peclr_jax import precrop  # pylint: disable=g-import-not-at-top
+
   builder = make_builder(args.name, args.data_dir, args.config)
   name = source_name(builder)
   if not is_prepared(builder):
     raise DatasetBuildError(
-        f'{name} is not built in {args.data_dir}; build it first with: '
-        f'python -m peclr_jax.data build {args.name} --manual_dir <dir> '
-        f'--data_dir {args.data_dir}')
+      f"{name} is not built in {args.data_dir}; build it first with: "
+      f"python -m peclr_jax.data build {args.name} --manual_dir <dir> "
+      f"--data_dir {args.data_dir}"
+    )
   if args.split not in builder.info.splits:
-    raise DatasetBuildError(f'{name} has no split {args.split!r}; it has '
-                            f'{sorted(builder.info.splits)}')
-  if args.source_size < 1:
     raise DatasetBuildError(
-        f'--source_size must be >= 1, got {args.source_size}')
+      f"{name} has no split {args.split!r}; it has {sorted(builder.info.splits)}"
+    )
+  if args.source_size < 1:
+    raise DatasetBuildError(f"--source_size must be >= 1, got {args.source_size}")
   start = time.perf_counter()
-  out = precrop.build(name, args.split, args.data_dir,
-                      source_size=args.source_size,
-                      num_threads=max(1, args.num_threads), progress=True)
+  out = precrop.build(
+    name,
+    args.split,
+    args.data_dir,
+    source_size=args.source_size,
+    num_threads=max(1, args.num_threads),
+    progress=True,
+  )
   n = builder.info.splits[args.split].num_examples
-  return (f'{name} ({args.split}): {n:,} crops of {args.source_size} px -> '
-          f'{out}\n  time: {time.perf_counter() - start:.1f} s')
+  return (
+    f"{name} ({args.split}): {n:,} crops of {args.source_size} px -> "
+    f"{out}\n  time: {time.perf_counter() - start:.1f} s"
+  )
 
 
 def _build(args) -> str:
   """Builds the dataset `args` asks for (unless prepared); returns a summary."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   kwargs = {}
   if args.regressor is not None:
     kwargs[REGRESSOR_KWARG] = args.regressor
@@ -367,18 +380,18 @@ def main(argv: list[str] | None = None) -> int:
   """CLI entry point; returns the exit code."""
   args = _parse(argv)
   try:
-    text = _precrop(args) if args.command == 'precrop' else _build(args)
+    text = _precrop(args) if args.command == "precrop" else _build(args)
   except Exception as e:  # pylint: disable=broad-except
     if args.traceback:
       raise
     code = 2 if isinstance(e, DatasetBuildError) else 1
-    kind = '' if isinstance(e, DatasetBuildError) else f'{type(e).__name__}: '
-    verb = 'pre-cropping' if args.command == 'precrop' else 'building'
-    print(f'error: {verb} {args.name} failed: {kind}{e}', file=sys.stderr)
+    kind = "" if isinstance(e, DatasetBuildError) else f"{type(e).__name__}: "
+    verb = "pre-cropping" if args.command == "precrop" else "building"
+    print(f"error: {verb} {args.name} failed: {kind}{e}", file=sys.stderr)
     return code
   print(text)
   return 0
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   sys.exit(main())

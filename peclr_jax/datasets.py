@@ -2,9 +2,7 @@
 
 import os
 
-from peclr_jax import data
-from peclr_jax import input_pipeline
-from peclr_jax import precrop
+from peclr_jax import data, input_pipeline, precrop
 
 # Built from nothing but code; every other dataset needs the user's files.
 EMBEDDED = ("synthetic_hands",)
@@ -19,15 +17,15 @@ def _builder(data_cfg, source: str):
   builder = data.make_builder(name, data_cfg.data_dir, builder_config)
   if not data.is_prepared(builder):
     raise FileNotFoundError(
-        f"dataset {source} is not built in "
-        f"{os.path.abspath(data_cfg.data_dir)} (config.data.data_dir). Build "
-        f"it with: python -m peclr_jax.data build {name} --manual_dir <dir> "
-        f"--data_dir {data_cfg.data_dir}")
+      f"dataset {source} is not built in "
+      f"{os.path.abspath(data_cfg.data_dir)} (config.data.data_dir). Build "
+      f"it with: python -m peclr_jax.data build {name} --manual_dir <dir> "
+      f"--data_dir {data_cfg.data_dir}"
+    )
   return builder
 
 
-def open_sources(data_cfg, split: str, *, missing_ok: bool = False,
-                 precropped: bool = False):
+def open_sources(data_cfg, split: str, *, missing_ok: bool = False, precropped: bool = False):
   """[(name, random-access source)] for every dataset in data_cfg.sources.
 
   Args:
@@ -45,12 +43,11 @@ def open_sources(data_cfg, split: str, *, missing_ok: bool = False,
       if missing_ok:
         continue
       raise ValueError(
-          f"dataset {source} has no split {split!r}; it has "
-          f"{sorted(builder.info.splits)}")
+        f"dataset {source} has no split {split!r}; it has {sorted(builder.info.splits)}"
+      )
     name = data.source_name(builder)
     src = input_pipeline.open_source(name, split, data_cfg.data_dir)
     if precropped:
-      src = precrop.open_store(data_cfg.data_dir, name, split,
-                               data_cfg.source_size, reference=src)
+      src = precrop.open_store(data_cfg.data_dir, name, split, data_cfg.source_size, reference=src)
     out.append((name, src))
   return out

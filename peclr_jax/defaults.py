@@ -12,15 +12,16 @@ import ml_collections
 # config.mode -> the function that runs it, "module:function" (main imports
 # only the one it runs, so one mode's imports never slow another's start).
 MODES = {
-    "pretrain": "peclr_jax.pretrain:train_and_evaluate",
-    "finetune": "peclr_jax.finetune:train_and_evaluate",
-    "evaluate": "peclr_jax.evaluate_mode:run",
-    "demo": "peclr_jax.demo:run",
+  "pretrain": "peclr_jax.pretrain:train_and_evaluate",
+  "finetune": "peclr_jax.finetune:train_and_evaluate",
+  "evaluate": "peclr_jax.evaluate_mode:run",
+  "demo": "peclr_jax.demo:run",
 }
 
 
 def _data() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(
+    dict(
       data_dir="data/tfds",
       # TFDS names, optionally with a builder config ('synthetic_hands/demo'),
       # mixed with `weights` (None: every source contributes equally).
@@ -41,12 +42,14 @@ def _data() -> ml_collections.ConfigDict:
       device_prefetch=2,
       # Build an embedded dataset (synthetic_hands) when it is missing.
       build_if_missing=False,
-  ))
+    )
+  )
 
 
 def _augment() -> ml_collections.ConfigDict:
   # docs/method.md#views; names match peclr_jax.augment.AugmentConfig.
-  return ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(
+    dict(
       out_size=128,
       rotation_range=45.0,
       margin_range=(0.9, 1.5),
@@ -58,11 +61,13 @@ def _augment() -> ml_collections.ConfigDict:
       color_drop=False,
       cutout=False,
       noise=False,
-  ))
+    )
+  )
 
 
 def _optim(base_lr: float) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(
+    dict(
       base_lr=base_lr,
       # lr = base_lr * sqrt(effective batch), as the public code.
       scale_lr_by_sqrt_batch=True,
@@ -71,7 +76,8 @@ def _optim(base_lr: float) -> ml_collections.ConfigDict:
       lars=True,
       trust_coefficient=1e-3,
       warmup_epochs=10.0,
-  ))
+    )
+  )
 
 
 def pretrain_config() -> ml_collections.ConfigDict:
@@ -81,17 +87,20 @@ def pretrain_config() -> ml_collections.ConfigDict:
   config.seed = 5
   config.data = _data()
   config.data.sources = ("freihand", "youtube3d_hands")
-  config.model = ml_collections.ConfigDict(dict(
-      backbone="resnet50", proj_hidden=512, proj_dim=128, dtype="float32"))
+  config.model = ml_collections.ConfigDict(
+    dict(backbone="resnet50", proj_hidden=512, proj_dim=128, dtype="float32")
+  )
   config.augment = _augment()
-  config.loss = ml_collections.ConfigDict(dict(
+  config.loss = ml_collections.ConfigDict(
+    dict(
       # 'peclr' undoes the listed transforms in latent space; 'simclr' is the
       # invariant baseline (plain NT-Xent).
       kind="peclr",
       temperature=0.5,
       invert=("translate", "rotate", "scale"),
       translation_mode="extent",
-  ))
+    )
+  )
   config.optim = _optim(base_lr=1e-4)
   config.batch_size = 128  # images per step (each gives two views)
   config.grad_accum_steps = 16  # effective batch 2048
@@ -116,11 +125,16 @@ def finetune_config() -> ml_collections.ConfigDict:
   config.data.eval_split = "validation"
   # Fraction of the labelled training examples used (semi-supervised runs).
   config.data.labels_fraction = 1.0
-  config.model = ml_collections.ConfigDict(dict(
-      backbone="resnet50", dtype="float32", uv_units="normalized",
+  config.model = ml_collections.ConfigDict(
+    dict(
+      backbone="resnet50",
+      dtype="float32",
+      uv_units="normalized",
       # 'linear' (the paper: pooled features -> Linear) or 'heatmap'
       # (integral regression over 2.5D heatmaps; models.KEYPOINT_HEADS).
-      head="linear"))
+      head="linear",
+    )
+  )
   # Checkpoint directory to take the backbone from: a pre-training workdir
   # or a converted PyTorch checkpoint. Empty: train from scratch.
   config.init = ""
@@ -128,8 +142,7 @@ def finetune_config() -> ml_collections.ConfigDict:
   config.augment.out_size = 224
   # Appearance augmentation is kept mild for regression.
   config.augment.color_jitter = False
-  config.loss = ml_collections.ConfigDict(dict(
-      uv_weight=1.0, zrel_weight=1.0, kp3d_weight=1.0))
+  config.loss = ml_collections.ConfigDict(dict(uv_weight=1.0, zrel_weight=1.0, kp3d_weight=1.0))
   config.optim = _optim(base_lr=5e-4)
   config.optim.scale_lr_by_sqrt_batch = False
   config.optim.lars = False
@@ -153,8 +166,9 @@ def evaluate_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.data = _data()
   config.data.eval_split = "evaluation"
-  config.model = ml_collections.ConfigDict(dict(
-      backbone="resnet50", dtype="float32", uv_units="normalized"))
+  config.model = ml_collections.ConfigDict(
+    dict(backbone="resnet50", dtype="float32", uv_units="normalized")
+  )
   # Keypoint checkpoint directory (a fine-tuning workdir or converted weights).
   config.checkpoint = ""
   # 'two_pass': the public evaluation's test-time cropping from the image
@@ -182,8 +196,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     if key not in defaults:
       close = difflib.get_close_matches(key, defaults, n=1)
       hint = f"; did you mean {close[0]!r}?" if close else ""
-      raise ValueError(f"unknown config argument {key!r}; accepted: "
-                       f"{sorted(defaults)}{hint}")
+      raise ValueError(f"unknown config argument {key!r}; accepted: {sorted(defaults)}{hint}")
     kind = type(defaults[key])
     if kind is bool:
       out[key] = value.lower() in ("", "1", "true", "yes") if sep else True
@@ -195,6 +208,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 def backbone_name(short: str) -> str:
   """'rn50' -> 'resnet50' (configs store the full name checkpoints record)."""
   from peclr_jax.models import resnet  # pylint: disable=g-import-not-at-top
+
   return resnet.canonical_name(short)
 
 
@@ -224,20 +238,19 @@ def make_runlocal(config: ml_collections.ConfigDict):
 #: 4000/500/500; full_upright: 224 px, 50000/2000/4000; hands within 60
 #: degrees of upright, docs/finetuning.md).
 SIZES = ("small", "demo", "full")
-DATASET_OF_SIZE = {"small": "small", "demo": "demo_upright",
-                   "full": "full_upright"}
+DATASET_OF_SIZE = {"small": "small", "demo": "demo_upright", "full": "full_upright"}
 
 
-def _synthetic_stage(config, size: str, data_dir: str, backbone: str,
-                     source_size: int):
+def _synthetic_stage(config, size: str, data_dir: str, backbone: str, source_size: int):
   use_synthetic(config, DATASET_OF_SIZE[size])
   config.data.data_dir = data_dir
   config.data.source_size = source_size
   config.model.backbone = backbone
 
 
-def demo_config(size: str = "demo", data_dir: str = "data/tfds",
-                labels: float = 0.1) -> ml_collections.ConfigDict:
+def demo_config(
+  size: str = "demo", data_dir: str = "data/tfds", labels: float = 0.1
+) -> ml_collections.ConfigDict:
   """The demo: SimCLR and PeCLR pre-training against training from scratch.
 
   configs/demo.py is the "demo" size and configs/label_efficiency.py the

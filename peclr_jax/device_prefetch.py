@@ -13,7 +13,8 @@ import json
 import queue
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 _END = object()  # the source is exhausted
 
@@ -86,8 +87,7 @@ class DevicePrefetcher:
       self._iterator.set_state(self._state)
     self._stop.clear()
     self._queue = queue.Queue(maxsize=self._size)
-    self._thread = threading.Thread(target=self._read, daemon=True,
-                                    name='device_prefetch')
+    self._thread = threading.Thread(target=self._read, daemon=True, name="device_prefetch")
     self._read_ahead = True
     self._thread.start()
 

@@ -15,42 +15,47 @@ similarity of the two views' projections as they are ("before") and after
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from peclr_jax import augment
-from peclr_jax import losses
+from peclr_jax import augment, losses
 
 TRANSFORMS = ("rotate", "scale", "translate")
 
 
-def single_transform_config(cfg: augment.AugmentConfig,
-                            transform: str) -> augment.AugmentConfig:
+def single_transform_config(cfg: augment.AugmentConfig, transform: str) -> augment.AugmentConfig:
   """`cfg` with only `transform` random (the others neutral, no colour)."""
-  base = dataclasses.replace(cfg, color_jitter=False, blur=False,
-                             color_drop=False, cutout=False, noise=False)
+  base = dataclasses.replace(
+    cfg, color_jitter=False, blur=False, color_drop=False, cutout=False, noise=False
+  )
   if transform == "rotate":
     return dataclasses.replace(base, rotate=True, crop=False)
   if transform == "scale":
     return dataclasses.replace(base, rotate=False, crop=True, jitter_max=0.0)
   if transform == "translate":
-    return dataclasses.replace(base, rotate=False, crop=True,
-                               margin_range=(base.fixed_margin,) * 2)
+    return dataclasses.replace(base, rotate=False, crop=True, margin_range=(base.fixed_margin,) * 2)
   raise ValueError(f"transform={transform!r}; expected one of {TRANSFORMS}")
 
 
-def pair_similarity(z1, z2, t1, t2, transform: str, *,
-                    translation_mode: str = "extent") -> tuple[float, float]:
+def pair_similarity(
+  z1, z2, t1, t2, transform: str, *, translation_mode: str = "extent"
+) -> tuple[float, float]:
   """(before, after): mean cosine similarity of paired rows of z1, z2 [B, D]
   as they are and after undoing `transform` with view parameters t1, t2."""
-  cos = lambda a, b: float(jnp.mean(jnp.sum(
-      losses.l2_normalize(a) * losses.l2_normalize(b), axis=-1)))
+  cos = lambda a, b: float(
+    jnp.mean(jnp.sum(losses.l2_normalize(a) * losses.l2_normalize(b), axis=-1))
+  )
   undo = lambda z, t: losses.undo_transforms(
-      z, t["rotation"], t["scale"], t["translation"], invert=(transform,),
-      translation_mode=translation_mode)
+    z,
+    t["rotation"],
+    t["scale"],
+    t["translation"],
+    invert=(transform,),
+    translation_mode=translation_mode,
+  )
   return cos(z1, z2), cos(undo(z1, t1), undo(z2, t2))
 
 
@@ -60,9 +65,15 @@ def embedding(model) -> Callable[[jax.Array], jax.Array]:
   return jax.jit(lambda views: nnx.merge(graphdef, state)(views))
 
 
-def measure(embed: Callable[[jax.Array], jax.Array], key, images,
-            keypoints_2d, cfg: augment.AugmentConfig, *,
-            translation_mode: str = "extent") -> dict[str, dict[str, float]]:
+def measure(
+  embed: Callable[[jax.Array], jax.Array],
+  key,
+  images,
+  keypoints_2d,
+  cfg: augment.AugmentConfig,
+  *,
+  translation_mode: str = "extent",
+) -> dict[str, dict[str, float]]:
   """{transform: {'before', 'after', 'gain'}} over one batch of images.
 
   Args:
@@ -77,21 +88,20 @@ def measure(embed: Callable[[jax.Array], jax.Array], key, images,
   out = {}
   for transform in TRANSFORMS:
     (v1, v2), (t1, t2), _ = augment.augment_pair(
-        key, images, keypoints_2d, single_transform_config(cfg, transform))
+      key, images, keypoints_2d, single_transform_config(cfg, transform)
+    )
     z1, z2 = jnp.split(embed(jnp.concatenate([v1, v2])), 2)
-    before, after = pair_similarity(z1, z2, t1, t2, transform,
-                                    translation_mode=translation_mode)
-    out[transform] = {"before": before, "after": after,
-                      "gain": after - before}
+    before, after = pair_similarity(z1, z2, t1, t2, transform, translation_mode=translation_mode)
+    out[transform] = {"before": before, "after": after, "gain": after - before}
   return out
 
 
 def format_table(rows: dict[str, dict[str, dict[str, float]]]) -> str:
   """rows: {encoder name: measure(...)} -> a text table."""
-  head = f"{'encoder':<10}" + "".join(
-      f" {t + ' before':>16} {'after':>6}" for t in TRANSFORMS)
+  head = f"{'encoder':<10}" + "".join(f" {t + ' before':>16} {'after':>6}" for t in TRANSFORMS)
   lines = [head]
   for name, m in rows.items():
-    lines.append(f"{name:<10}" + "".join(
-        f" {m[t]['before']:>16.3f} {m[t]['after']:>6.3f}" for t in TRANSFORMS))
+    lines.append(
+      f"{name:<10}" + "".join(f" {m[t]['before']:>16.3f} {m[t]['after']:>6.3f}" for t in TRANSFORMS)
+    )
   return "\n".join(lines)

@@ -24,15 +24,14 @@ import functools
 import json
 import os
 import zipfile
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peclr_jax import augment
-from peclr_jax import crops
-from peclr_jax import geometry
+from peclr_jax import augment, crops, geometry
 from peclr_jax.crops import IMAGENET_MEAN, IMAGENET_STD
 
 # Official script: get_measures(0.0, 0.050, 100) on metric xyz.
@@ -105,8 +104,9 @@ def keypoint_errors(pred, gt) -> tuple[np.ndarray, np.ndarray]:
   # a real sample and are dropped.
   bucket = max(8, 1 << (n - 1).bit_length())
   pad = np.zeros(bucket - n, np.int64)
-  aligned = _host_f64(_procrustes_jit, np.concatenate([pred, pred[pad]]),
-                      np.concatenate([gt, gt[pad]]))[:n]
+  aligned = _host_f64(
+    _procrustes_jit, np.concatenate([pred, pred[pad]]), np.concatenate([gt, gt[pad]])
+  )[:n]
   pa_err = np.linalg.norm(aligned - gt, axis=-1)
   return err, pa_err
 
@@ -120,12 +120,12 @@ def _curve_stats(err: np.ndarray, thresholds: np.ndarray) -> dict[str, np.ndarra
   norm = _trapezoid(np.ones_like(thresholds), thresholds)
   per_kp_auc = _trapezoid(per_kp_pck, thresholds) / norm  # [J]
   return dict(
-      mean=per_kp_mean.mean(),
-      median=per_kp_median.mean(),
-      auc=per_kp_auc.mean(),
-      pck=per_kp_pck.mean(axis=0),
-      per_kp_mean=per_kp_mean,
-      per_kp_auc=per_kp_auc,
+    mean=per_kp_mean.mean(),
+    median=per_kp_median.mean(),
+    auc=per_kp_auc.mean(),
+    pck=per_kp_pck.mean(axis=0),
+    per_kp_mean=per_kp_mean,
+    per_kp_auc=per_kp_auc,
   )
 
 
@@ -159,25 +159,27 @@ def metrics_from_errors(err, pa_err) -> dict[str, Any]:
   err = np.asarray(err, np.float64)
   pa_err = np.asarray(pa_err, np.float64)
   if err.ndim != 2 or err.shape[0] == 0 or err.shape != pa_err.shape:
-    raise ValueError(f"need non-empty [N, J] errors of equal shape; got {err.shape}, {pa_err.shape}")
+    raise ValueError(
+      f"need non-empty [N, J] errors of equal shape; got {err.shape}, {pa_err.shape}"
+    )
   thr = pck_thresholds_m()
   raw = _curve_stats(err, thr)
   pa = _curve_stats(pa_err, thr)
   return {
-      "epe_cm": float(raw["mean"] * 100.0),
-      "epe_median_cm": float(raw["median"] * 100.0),
-      "auc": float(raw["auc"]),
-      "pa_epe_cm": float(pa["mean"] * 100.0),
-      "pa_epe_median_cm": float(pa["median"] * 100.0),
-      "pa_auc": float(pa["auc"]),
-      "num_samples": int(err.shape[0]),
-      "per_keypoint_epe_cm": raw["per_kp_mean"] * 100.0,
-      "per_keypoint_pa_epe_cm": pa["per_kp_mean"] * 100.0,
-      "per_keypoint_auc": raw["per_kp_auc"],
-      "per_keypoint_pa_auc": pa["per_kp_auc"],
-      "pck_thresholds_mm": thr * 1000.0,
-      "pck": raw["pck"],
-      "pa_pck": pa["pck"],
+    "epe_cm": float(raw["mean"] * 100.0),
+    "epe_median_cm": float(raw["median"] * 100.0),
+    "auc": float(raw["auc"]),
+    "pa_epe_cm": float(pa["mean"] * 100.0),
+    "pa_epe_median_cm": float(pa["median"] * 100.0),
+    "pa_auc": float(pa["auc"]),
+    "num_samples": int(err.shape[0]),
+    "per_keypoint_epe_cm": raw["per_kp_mean"] * 100.0,
+    "per_keypoint_pa_epe_cm": pa["per_kp_mean"] * 100.0,
+    "per_keypoint_auc": raw["per_kp_auc"],
+    "per_keypoint_pa_auc": pa["per_kp_auc"],
+    "pck_thresholds_mm": thr * 1000.0,
+    "pck": raw["pck"],
+    "pa_pck": pa["pck"],
   }
 
 
@@ -269,9 +271,13 @@ def ground_truth_matrix(kp2d, crop_size: int = crops.TEST_CROP_SIZE) -> np.ndarr
   return crops.box_affine(crops.keypoint_box(kp2d), crop_size)
 
 
-def warp_and_normalise(images, matrix, crop_size: int,
-                       mean: Sequence[float] = IMAGENET_MEAN,
-                       std: Sequence[float] = IMAGENET_STD):
+def warp_and_normalise(
+  images,
+  matrix,
+  crop_size: int,
+  mean: Sequence[float] = IMAGENET_MEAN,
+  std: Sequence[float] = IMAGENET_STD,
+):
   """Traceable body of :func:`crop_and_normalise` (black border, then
   normalisation), for callers that crop inside their own jitted step."""
   warped = augment.warp(images, matrix, crop_size, 0.0)
@@ -283,9 +289,13 @@ def _crop_normalise_jit(images, matrix, mean, std, *, crop_size: int):
   return warp_and_normalise(images, matrix, crop_size, mean, std)
 
 
-def crop_and_normalise(images, matrix, crop_size: int = crops.TEST_CROP_SIZE,
-                       mean: Sequence[float] = IMAGENET_MEAN,
-                       std: Sequence[float] = IMAGENET_STD):
+def crop_and_normalise(
+  images,
+  matrix,
+  crop_size: int = crops.TEST_CROP_SIZE,
+  mean: Sequence[float] = IMAGENET_MEAN,
+  std: Sequence[float] = IMAGENET_STD,
+):
   """Cuts affine crops from uint8 images and applies ImageNet normalisation.
 
   Uses the project's bilinear warp (:func:`peclr_jax.augment.warp`, OpenCV
@@ -310,21 +320,25 @@ def crop_and_normalise(images, matrix, crop_size: int = crops.TEST_CROP_SIZE,
   Returns:
       float32 [N, S, S, 3] normalised crops (a jax array).
   """
-  return _crop_normalise_jit(jnp.asarray(images), jnp.asarray(matrix, jnp.float32),
-                             jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32),
-                             crop_size=int(crop_size))
+  return _crop_normalise_jit(
+    jnp.asarray(images),
+    jnp.asarray(matrix, jnp.float32),
+    jnp.asarray(mean, jnp.float32),
+    jnp.asarray(std, jnp.float32),
+    crop_size=int(crop_size),
+  )
 
 
 def two_pass_predict(
-        predict_fn: Callable[[Any, Any], Mapping[str, Any]],
-        images,
-        K,
-        scale,
-        crop_size: int = crops.TEST_CROP_SIZE,
-        *,
-        fill: float = crops.BOX_FILL,
-        box_fraction: float = crops.INITIAL_BOX_FRACTION,
-        first_box=None,
+  predict_fn: Callable[[Any, Any], Mapping[str, Any]],
+  images,
+  K,
+  scale,
+  crop_size: int = crops.TEST_CROP_SIZE,
+  *,
+  fill: float = crops.BOX_FILL,
+  box_fraction: float = crops.INITIAL_BOX_FRACTION,
+  first_box=None,
 ) -> dict[str, np.ndarray]:
   """The public FreiHAND test-time procedure, batched.
 
@@ -392,13 +406,13 @@ def two_pass_predict(
   kp2d_crop = geometry.palm_to_wrist(np.asarray(out2["kp2d"], np.float64))
   kp2d_ait = _host_f64(crops.apply_affine, np.linalg.inv(t2), kp2d_crop)
   return {
-          "kp3d_metres": geometry.ait_to_freihand(kp3d_ait),
-          "kp2d": geometry.ait_to_freihand(kp2d_ait),
-          "kp3d_ait_metres": kp3d_ait,
-          "kp2d_ait": kp2d_ait,
-          "box": box,
-          "affine": t2,
-          "K_crop": k2,
+    "kp3d_metres": geometry.ait_to_freihand(kp3d_ait),
+    "kp2d": geometry.ait_to_freihand(kp2d_ait),
+    "kp3d_ait_metres": kp3d_ait,
+    "kp2d_ait": kp2d_ait,
+    "box": box,
+    "affine": t2,
+    "K_crop": k2,
   }
 
 

@@ -11,37 +11,39 @@ import os
 import numpy as np
 from tqdm import tqdm
 
-from peclr_jax import checkpoints
-from peclr_jax import crops
-from peclr_jax import datasets
-from peclr_jax import evaluate
-from peclr_jax import geometry
-from peclr_jax import input_pipeline
-from peclr_jax import models
-from peclr_jax import predict
-from peclr_jax import visualize
+from peclr_jax import (
+  checkpoints,
+  crops,
+  datasets,
+  evaluate,
+  geometry,
+  input_pipeline,
+  models,
+  predict,
+  visualize,
+)
 from peclr_jax.models import restore
 
 
 def _ground_truth_crop(predict_fn, batch, crop_size):
   """One pass from the labelled hand's box (an upper bound for the protocol)."""
   matrix = evaluate.ground_truth_matrix(batch["keypoints_2d"], crop_size)
-  out = predict_fn(evaluate.crop_and_normalise(batch["image"], matrix, crop_size),
-                   matrix @ batch["K"])
+  out = predict_fn(
+    evaluate.crop_and_normalise(batch["image"], matrix, crop_size), matrix @ batch["K"]
+  )
   kp3d = geometry.palm_to_wrist(np.asarray(out["kp3d"], np.float64))
   kp2d = geometry.palm_to_wrist(np.asarray(out["kp2d"], np.float64))
   kp2d = crops.apply_affine(np.linalg.inv(matrix), kp2d)
-  return {"kp3d_ait_metres": kp3d * batch["scale"][:, None, None],
-          "kp2d_ait": kp2d}
+  return {"kp3d_ait_metres": kp3d * batch["scale"][:, None, None], "kp2d_ait": kp2d}
 
 
 def run(config, workdir: str) -> dict:
   """Evaluates config.checkpoint; returns the metrics dict."""
   if not config.checkpoint:
-    raise ValueError("config.checkpoint is empty: name a fine-tuning workdir "
-                     "or converted weights")
+    raise ValueError("config.checkpoint is empty: name a fine-tuning workdir or converted weights")
   model, crop_size, meta, path = restore.keypoint_model(
-      config.checkpoint, dtype=models.compute_dtype(config.model.dtype))
+    config.checkpoint, dtype=models.compute_dtype(config.model.dtype)
+  )
   checkpoints.check_meta(meta, {"backbone": config.model.backbone}, path)
   # The Predictor's batched, jitted model call on ready crops.
   predict_fn = predict.Predictor(model, crop_size, batch_size=config.batch_size).predict_crops
@@ -51,37 +53,42 @@ def run(config, workdir: str) -> dict:
   predictions, shown = [], None
   for name, source in sources:
     it = input_pipeline.make_eval_iterator(
-        source, global_batch=config.batch_size,
-        source_size=config.data.source_size, crop="none",
-        process_index=0, process_count=1)
+      source,
+      global_batch=config.batch_size,
+      source_size=config.data.source_size,
+      crop="none",
+      process_index=0,
+      process_count=1,
+    )
     total = input_pipeline.num_eval_batches(len(source), config.batch_size)
     for batch in tqdm(it, total=total, desc=f"evaluate {name}", unit="batch"):
       if config.crop == "two_pass":
         out = evaluate.two_pass_predict(
-            predict_fn, batch["image"], batch["K"], batch["scale"], crop_size,
-            box_fraction=config.first_box_fraction)
+          predict_fn,
+          batch["image"],
+          batch["K"],
+          batch["scale"],
+          crop_size,
+          box_fraction=config.first_box_fraction,
+        )
       elif config.crop == "ground_truth":
         out = _ground_truth_crop(predict_fn, batch, crop_size)
       else:
-        raise ValueError(f"config.crop={config.crop!r}; expected 'two_pass' "
-                         "or 'ground_truth'")
+        raise ValueError(f"config.crop={config.crop!r}; expected 'two_pass' or 'ground_truth'")
       keep = batch["mask"]
       labelled = keep & batch["valid"].all(-1)
       # FreiHAND order, as the official evaluation and its per-keypoint table.
       pred = geometry.ait_to_freihand(out["kp3d_ait_metres"])
-      acc.update(pred, geometry.ait_to_freihand(batch["keypoints_3d"]),
-                 mask=labelled)
+      acc.update(pred, geometry.ait_to_freihand(batch["keypoints_3d"]), mask=labelled)
       predictions.append(pred[keep])
       if shown is None:
-        shown = (batch["image"][:8], out["kp2d_ait"][:8],
-                 batch["keypoints_2d"][:8])
+        shown = (batch["image"][:8], out["kp2d_ait"][:8], batch["keypoints_2d"][:8])
 
   os.makedirs(workdir, exist_ok=True)
   if config.write_submission:
     zip_path = evaluate.write_submission(np.concatenate(predictions), workdir)
     print(f"Leaderboard submission: {zip_path}")
-  visualize.plot_keypoints_grid(*shown[:2], os.path.join(workdir, "predictions.png"),
-                                gt=shown[2])
+  visualize.plot_keypoints_grid(*shown[:2], os.path.join(workdir, "predictions.png"), gt=shown[2])
   if acc.count == 0:
     print("The split has no 3D labels: predictions written, no metrics.")
     return {}
@@ -92,8 +99,7 @@ def run(config, workdir: str) -> dict:
 
 
 def _write_metrics(metrics, workdir, meta, path):
-  as_json = {k: (v.tolist() if isinstance(v, np.ndarray) else v)
-             for k, v in metrics.items()}
+  as_json = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in metrics.items()}
   as_json["checkpoint"] = path
   as_json["checkpoint_meta"] = meta
   with open(os.path.join(workdir, "metrics.json"), "w") as f:

@@ -18,7 +18,7 @@ Conventions (see the project contracts):
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -79,7 +79,7 @@ def wrist_to_palm(kp):
   """
   xp = _xp(kp)
   mcp = joints.AIT_MIDDLE_MCP
-  palm = 0.5 * (kp[..., 0:1, :] + kp[..., mcp:mcp + 1, :])
+  palm = 0.5 * (kp[..., 0:1, :] + kp[..., mcp : mcp + 1, :])
   return xp.concatenate([palm, kp[..., 1:, :]], axis=-2)
 
 
@@ -94,13 +94,14 @@ def palm_to_wrist(kp):
   """
   xp = _xp(kp)
   mcp = joints.AIT_MIDDLE_MCP
-  wrist = 2.0 * kp[..., 0:1, :] - kp[..., mcp:mcp + 1, :]
+  wrist = 2.0 * kp[..., 0:1, :] - kp[..., mcp : mcp + 1, :]
   return xp.concatenate([wrist, kp[..., 1:, :]], axis=-2)
 
 
 # --------------------------------------------------------------------------
 # Camera
 # --------------------------------------------------------------------------
+
 
 def _swap(m):
   return jnp.swapaxes(m, -1, -2)
@@ -167,6 +168,7 @@ def bone_length(xyz, bone: Sequence[int] = joints.REF_BONE):
 # 2.5D representation
 # --------------------------------------------------------------------------
 
+
 def xyz_to_uvd(xyz, K, root: int = 0, bone: Sequence[int] = joints.REF_BONE):
   """3D keypoints to the scale-invariant 2.5D representation.
 
@@ -187,7 +189,7 @@ def xyz_to_uvd(xyz, K, root: int = 0, bone: Sequence[int] = joints.REF_BONE):
   uv = project(xyz, K)
   length = bone_length(xyz, bone)
   z = xyz[..., 2]
-  z_rel = (z - z[..., root:root + 1]) / length[..., None]
+  z_rel = (z - z[..., root : root + 1]) / length[..., None]
   return uv, z_rel, length
 
 
@@ -222,10 +224,9 @@ def solve_zroot(uv, z_rel, K, bone: Sequence[int] = joints.REF_BONE, eps: float 
   xn, yn = rays[..., n, 0], rays[..., n, 1]
   zm, zn = z_rel[..., m], z_rel[..., n]
   a = (xn - xm) ** 2 + (yn - ym) ** 2
-  b = 2.0 * (zn * (xn ** 2 + yn ** 2 - xn * xm - yn * ym)
-             + zm * (xm ** 2 + ym ** 2 - xn * xm - yn * ym))
+  b = 2.0 * (zn * (xn**2 + yn**2 - xn * xm - yn * ym) + zm * (xm**2 + ym**2 - xn * xm - yn * ym))
   c = (xn * zn - xm * zm) ** 2 + (yn * zn - ym * zm) ** 2 + (zn - zm) ** 2 - 1.0
-  disc = b ** 2 - 4.0 * a * c
+  disc = b**2 - 4.0 * a * c
   a = jnp.maximum(a, eps)
   disc = jnp.maximum(disc, eps)
   return (-b + jnp.sqrt(disc)) / (2.0 * a)
@@ -234,6 +235,7 @@ def solve_zroot(uv, z_rel, K, bone: Sequence[int] = joints.REF_BONE, eps: float 
 # --------------------------------------------------------------------------
 # Alignment and 2D transforms
 # --------------------------------------------------------------------------
+
 
 def procrustes_align(pred, gt, eps: float = 1e-8):
   """Similarity (Procrustes) alignment of ``pred`` onto ``gt``, as FreiHAND's eval.
@@ -256,8 +258,8 @@ def procrustes_align(pred, gt, eps: float = 1e-8):
   t_pred = jnp.mean(pred, axis=-2, keepdims=True)
   gt_c = gt - t_gt
   pred_c = pred - t_pred
-  s_gt = jnp.sqrt(jnp.sum(gt_c ** 2, axis=(-2, -1), keepdims=True)) + eps
-  s_pred = jnp.sqrt(jnp.sum(pred_c ** 2, axis=(-2, -1), keepdims=True)) + eps
+  s_gt = jnp.sqrt(jnp.sum(gt_c**2, axis=(-2, -1), keepdims=True)) + eps
+  s_pred = jnp.sqrt(jnp.sum(pred_c**2, axis=(-2, -1), keepdims=True)) + eps
   a = gt_c / s_gt
   b = pred_c / s_pred
   u, sv, vt = jnp.linalg.svd(jnp.matmul(_swap(a), b), full_matrices=False)

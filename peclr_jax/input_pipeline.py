@@ -19,14 +19,14 @@ import dataclasses
 import functools
 import io
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import grain
 import numpy as np
 from PIL import Image
 
-from peclr_jax import crops
-from peclr_jax import joints
+from peclr_jax import crops, joints
 
 # Half-side factor of the source crop over the max keypoint distance: the
 # largest margin of the view augmentation (1.5) times sqrt(2) so a view rotated
@@ -34,8 +34,7 @@ from peclr_jax import joints
 DEFAULT_CROP_MARGIN = crops.DEFAULT_MARGIN * crops.ROTATION_ROOM
 
 # Keys of every batch (evaluation adds 'mask').
-BATCH_KEYS = ('image', 'keypoints_2d', 'keypoints_3d', 'K', 'scale', 'valid',
-              'source', 'index')
+BATCH_KEYS = ("image", "keypoints_2d", "keypoints_3d", "K", "scale", "valid", "source", "index")
 
 Source = Any  # random access: __len__ and __getitem__(int) -> feature dict
 
@@ -61,10 +60,18 @@ def open_source(name: str, split: str, data_dir: str | os.PathLike | None = None
     a damaged shard is a `data.DamagedShardError` naming the file.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   from peclr_jax import data  # pylint: disable=g-import-not-at-top
-  return data.NamedShards(tfds.data_source(
-      name, split=split, data_dir=None if data_dir is None else os.fspath(data_dir),
-      download=False, decoders={'image': tfds.decode.SkipDecoding()}))
+
+  return data.NamedShards(
+    tfds.data_source(
+      name,
+      split=split,
+      data_dir=None if data_dir is None else os.fspath(data_dir),
+      download=False,
+      decoders={"image": tfds.decode.SkipDecoding()},
+    )
+  )
 
 
 class _Tagged:
@@ -75,8 +82,7 @@ class _Tagged:
   process-sharded global batches and adds `mask`.
   """
 
-  def __init__(self, source: Source, source_id: int,
-               indices: np.ndarray | None = None):
+  def __init__(self, source: Source, source_id: int, indices: np.ndarray | None = None):
     self._source = source
     self._source_id = int(source_id)
     self._indices = indices
@@ -87,8 +93,8 @@ class _Tagged:
   def __getitem__(self, k: int) -> dict[str, Any]:
     i = int(k) if self._indices is None else int(self._indices[k])
     ex = dict(self._source[i])
-    ex['index'] = np.int64(i)
-    ex['source'] = np.int32(self._source_id)
+    ex["index"] = np.int64(i)
+    ex["source"] = np.int32(self._source_id)
     return ex
 
 
@@ -103,8 +109,9 @@ class _PaddedEvalShard:
   rewrite example 0 with its own prediction.
   """
 
-  def __init__(self, source: Source, source_id: int, global_batch: int,
-               process_index: int, process_count: int):
+  def __init__(
+    self, source: Source, source_id: int, global_batch: int, process_index: int, process_count: int
+  ):
     self._source = source
     self._source_id = int(source_id)
     self._n = len(source)
@@ -122,9 +129,9 @@ class _PaddedEvalShard:
     real = g < self._n
     i = g if real else 0
     ex = dict(self._source[i])
-    ex['index'] = np.int64(i)
-    ex['source'] = np.int32(self._source_id)
-    ex['mask'] = np.bool_(real)
+    ex["index"] = np.int64(i)
+    ex["source"] = np.int32(self._source_id)
+    ex["mask"] = np.bool_(real)
     return ex
 
 
@@ -140,7 +147,7 @@ def _open_image(image: Any) -> Image.Image:
     return Image.open(image)
   arr = np.asarray(image)
   if arr.dtype != np.uint8:
-    raise TypeError(f'image arrays must be uint8, got {arr.dtype}')
+    raise TypeError(f"image arrays must be uint8, got {arr.dtype}")
   return Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
 
 
@@ -152,9 +159,14 @@ def image_size(image: Any) -> tuple[int, int]:
   return h, w
 
 
-def decode_and_crop(ex: Mapping[str, Any], *, size: int, crop: str = 'hand',
-                    margin: float = DEFAULT_CROP_MARGIN, fill: int = 0
-                    ) -> dict[str, np.ndarray]:
+def decode_and_crop(
+  ex: Mapping[str, Any],
+  *,
+  size: int,
+  crop: str = "hand",
+  margin: float = DEFAULT_CROP_MARGIN,
+  fill: int = 0,
+) -> dict[str, np.ndarray]:
   """One example -> fixed-size crop with its geometry mapped into the crop.
 
   Missing label features default to zeros with `valid` False (K: identity).
@@ -176,31 +188,33 @@ def decode_and_crop(ex: Mapping[str, Any], *, size: int, crop: str = 'hand',
     float32 [], valid bool [21], source int32 [], index int64 [] and, when
     present in `ex`, mask bool [].
   """
-  image = _open_image(ex['image'])  # parses only the header until warped
+  image = _open_image(ex["image"])  # parses only the header until warped
   hw = (image.size[1], image.size[0])
-  kp2d = np.asarray(ex.get('keypoints_2d', np.zeros((joints.NUM_JOINTS, 2))), np.float64)
-  if crop == 'hand':
+  kp2d = np.asarray(ex.get("keypoints_2d", np.zeros((joints.NUM_JOINTS, 2))), np.float64)
+  if crop == "hand":
     centre, half = crops.hand_box(kp2d, hw, margin=margin)
-  elif crop == 'none':
+  elif crop == "none":
     centre, half = crops.full_image_box(hw)
   else:
     raise ValueError(f"crop must be 'hand' or 'none', got {crop!r}")
   m = crops.crop_matrix(centre, half, size)
-  k_in = np.asarray(ex.get('K', np.eye(3)), np.float64).reshape(3, 3)
+  k_in = np.asarray(ex.get("K", np.eye(3)), np.float64).reshape(3, 3)
   out = {
-      'image': crops.warp_crop(image, m, size, fill=fill),
-      'keypoints_2d': crops.apply_affine(m, kp2d).astype(np.float32),
-      'keypoints_3d': np.asarray(ex.get('keypoints_3d', np.zeros((joints.NUM_JOINTS, 3))),
-                                 np.float32).reshape(joints.NUM_JOINTS, 3),
-      'K': (m @ k_in).astype(np.float32),
-      'scale': np.float32(ex.get('scale', 0.0)),
-      'valid': np.asarray(ex.get('valid', np.zeros(joints.NUM_JOINTS, bool)),
-                          np.bool_).reshape(joints.NUM_JOINTS),
-      'source': np.int32(ex.get('source', 0)),
-      'index': np.int64(ex.get('index', -1)),
+    "image": crops.warp_crop(image, m, size, fill=fill),
+    "keypoints_2d": crops.apply_affine(m, kp2d).astype(np.float32),
+    "keypoints_3d": np.asarray(
+      ex.get("keypoints_3d", np.zeros((joints.NUM_JOINTS, 3))), np.float32
+    ).reshape(joints.NUM_JOINTS, 3),
+    "K": (m @ k_in).astype(np.float32),
+    "scale": np.float32(ex.get("scale", 0.0)),
+    "valid": np.asarray(ex.get("valid", np.zeros(joints.NUM_JOINTS, bool)), np.bool_).reshape(
+      joints.NUM_JOINTS
+    ),
+    "source": np.int32(ex.get("source", 0)),
+    "index": np.int64(ex.get("index", -1)),
   }
-  if 'mask' in ex:
-    out['mask'] = np.bool_(ex['mask'])
+  if "mask" in ex:
+    out["mask"] = np.bool_(ex["mask"])
   return out
 
 
@@ -208,49 +222,56 @@ def decode_and_crop(ex: Mapping[str, Any], *, size: int, crop: str = 'hand',
 class DecodeAndCrop:
   """`decode_and_crop` as a picklable map step (mp_prefetch sends the
   pipeline to worker processes; `precrop` builds its stores with it)."""
+
   size: int
   crop: str
   margin: float
   fill: int
 
   def __call__(self, ex):
-    return decode_and_crop(ex, size=self.size, crop=self.crop,
-                           margin=self.margin, fill=self.fill)
+    return decode_and_crop(ex, size=self.size, crop=self.crop, margin=self.margin, fill=self.fill)
 
 
 # ----------------------------------------------------------------------------
 # Pipelines
 # ----------------------------------------------------------------------------
-def _is_precropped(name: str, src: Source,
-                   decode: DecodeAndCrop) -> bool:
+def _is_precropped(name: str, src: Source, decode: DecodeAndCrop) -> bool:
   """Whether `src` yields finished crops (`precrop.Store`) made with the
   pipeline's crop settings; other settings are a ValueError."""
-  made = getattr(src, 'crop_settings', None)
+  made = getattr(src, "crop_settings", None)
   if made is None:
     return False
-  wanted = {'source_size': decode.size, 'crop_margin': decode.margin,
-            'fill': decode.fill, 'crop_centre': crops.CROP_CENTRE}
+  wanted = {
+    "source_size": decode.size,
+    "crop_margin": decode.margin,
+    "fill": decode.fill,
+    "crop_centre": crops.CROP_CENTRE,
+  }
   for key, value in wanted.items():
     if made[key] != value:
       raise ValueError(
-          f'source {name!r} was pre-cropped with {key}={made[key]!r} but the '
-          f'pipeline crops with {key}={value!r}; build the pre-cropped copy '
-          'for these settings or turn config.data.precropped off')
+        f"source {name!r} was pre-cropped with {key}={made[key]!r} but the "
+        f"pipeline crops with {key}={value!r}; build the pre-cropped copy "
+        "for these settings or turn config.data.precropped off"
+      )
   return True
 
 
-def _process_layout(global_batch: int, process_index: int | None,
-                    process_count: int | None) -> tuple[int, int, int]:
+def _process_layout(
+  global_batch: int, process_index: int | None, process_count: int | None
+) -> tuple[int, int, int]:
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
+
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
   if global_batch <= 0 or global_batch % process_count:
     raise ValueError(
-        f'global_batch={global_batch} must be a positive multiple of the '
-        f'number of processes ({process_count})')
+      f"global_batch={global_batch} must be a positive multiple of the "
+      f"number of processes ({process_count})"
+    )
   return process_index, process_count, global_batch // process_count
 
 
@@ -259,8 +280,7 @@ def _source_seed(seed: int, i: int) -> int:
   return int(np.random.SeedSequence([int(seed), i]).generate_state(1)[0])
 
 
-def labelled_subset(num_examples: int, fraction: float, *, seed: int = 0
-                    ) -> np.ndarray:
+def labelled_subset(num_examples: int, fraction: float, *, seed: int = 0) -> np.ndarray:
   """Indices kept by `labels_fraction`: a stable, nested, seeded subset.
 
   The first round(fraction * N) entries (at least 1) of
@@ -277,7 +297,7 @@ def labelled_subset(num_examples: int, fraction: float, *, seed: int = 0
     int64 [n] sorted source indices.
   """
   if not 0.0 < fraction <= 1.0:
-    raise ValueError(f'labels_fraction must be in (0, 1], got {fraction}')
+    raise ValueError(f"labels_fraction must be in (0, 1], got {fraction}")
   n = max(1, int(round(fraction * num_examples)))
   perm = np.random.default_rng(seed).permutation(num_examples)
   return np.sort(perm[:n]).astype(np.int64)
@@ -286,30 +306,43 @@ def labelled_subset(num_examples: int, fraction: float, *, seed: int = 0
 def _named(sources) -> list[tuple[str, Source]]:
   out = []
   for i, s in enumerate(sources):
-    name, src = s if isinstance(s, tuple) else (f'source{i}', s)
+    name, src = s if isinstance(s, tuple) else (f"source{i}", s)
     if len(src) == 0:
-      raise ValueError(f'source {name!r} is empty')
+      raise ValueError(f"source {name!r} is empty")
     out.append((name, src))
   if not out:
-    raise ValueError('need at least one source')
+    raise ValueError("need at least one source")
   return out
 
 
-def _train_dataset(sources, *, global_batch, source_size, seed, weights,
-                   process_index, process_count, labels_fraction, labels_seed,
-                   crop_margin, fill) -> tuple[grain.MapDataset, int]:
-  p, n_proc, local_batch = _process_layout(global_batch, process_index,
-                                           process_count)
+def _train_dataset(
+  sources,
+  *,
+  global_batch,
+  source_size,
+  seed,
+  weights,
+  process_index,
+  process_count,
+  labels_fraction,
+  labels_seed,
+  crop_margin,
+  fill,
+) -> tuple[grain.MapDataset, int]:
+  p, n_proc, local_batch = _process_layout(global_batch, process_index, process_count)
   sources = _named(sources)
   if weights is not None:
     weights = [float(w) for w in weights]
     if len(weights) != len(sources) or min(weights) <= 0:
-      raise ValueError(f'need one positive weight per source, got {weights}')
-  decode = DecodeAndCrop(source_size, 'hand', crop_margin, fill)
+      raise ValueError(f"need one positive weight per source, got {weights}")
+  decode = DecodeAndCrop(source_size, "hand", crop_margin, fill)
   parts = []
   for i, (name, src) in enumerate(sources):
-    indices = (None if labels_fraction is None else
-               labelled_subset(len(src), labels_fraction, seed=labels_seed))
+    indices = (
+      None
+      if labels_fraction is None
+      else labelled_subset(len(src), labels_fraction, seed=labels_seed)
+    )
     ds = grain.MapDataset.source(_Tagged(src, i, indices))
     # Shuffle before repeat: a new permutation of the whole source per epoch.
     ds = ds.shuffle(seed=_source_seed(seed, i)).repeat()
@@ -324,29 +357,41 @@ def _train_dataset(sources, *, global_batch, source_size, seed, weights,
   return ds[p::n_proc], local_batch
 
 
-def _to_iter(ds: grain.MapDataset, num_threads: int, num_workers: int,
-             prefetch: int) -> grain.IterDataset:
-  it = ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=num_threads, prefetch_buffer_size=max(prefetch, num_threads)))
+def _to_iter(
+  ds: grain.MapDataset, num_threads: int, num_workers: int, prefetch: int
+) -> grain.IterDataset:
+  it = ds.to_iter_dataset(
+    grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(prefetch, num_threads))
+  )
   if num_workers > 0:
     # grain reads absl flags when it starts workers; outside absl.app.run
     # (tests, notebooks) nothing has parsed them yet, so use the defaults.
     from absl import flags  # pylint: disable=g-import-not-at-top
+
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=max(1, prefetch)))
+    it = it.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=max(1, prefetch))
+    )
   return it
 
 
 def make_pretrain_dataset(
-    sources: Sequence[tuple[str, Source]] | Sequence[Source], *,
-    global_batch: int, source_size: int = 224, seed: int = 0,
-    weights: Sequence[float] | None = None, process_index: int | None = None,
-    process_count: int | None = None, num_workers: int = 0,
-    num_threads: int = 2, prefetch: int = 2,
-    crop_margin: float = DEFAULT_CROP_MARGIN, fill: int = 0,
-    labels_fraction: float | None = None, labels_seed: int = 0,
+  sources: Sequence[tuple[str, Source]] | Sequence[Source],
+  *,
+  global_batch: int,
+  source_size: int = 224,
+  seed: int = 0,
+  weights: Sequence[float] | None = None,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  num_workers: int = 0,
+  num_threads: int = 2,
+  prefetch: int = 2,
+  crop_margin: float = DEFAULT_CROP_MARGIN,
+  fill: int = 0,
+  labels_fraction: float | None = None,
+  labels_seed: int = 0,
 ) -> grain.IterDataset:
   """Endless, shuffled, mixed, process-sharded batches (see the module doc).
 
@@ -377,10 +422,18 @@ def make_pretrain_dataset(
     valid bool [b, 21], source int32 [b], index int64 [b] (index in source).
   """
   ds, _ = _train_dataset(
-      sources, global_batch=global_batch, source_size=source_size, seed=seed,
-      weights=weights, process_index=process_index, process_count=process_count,
-      labels_fraction=labels_fraction, labels_seed=labels_seed,
-      crop_margin=crop_margin, fill=fill)
+    sources,
+    global_batch=global_batch,
+    source_size=source_size,
+    seed=seed,
+    weights=weights,
+    process_index=process_index,
+    process_count=process_count,
+    labels_fraction=labels_fraction,
+    labels_seed=labels_seed,
+    crop_margin=crop_margin,
+    fill=fill,
+  )
   return _to_iter(ds, num_threads, num_workers, prefetch)
 
 
@@ -389,9 +442,9 @@ def make_pretrain_iterator(sources, **kwargs) -> grain.DatasetIterator:
   return iter(make_pretrain_dataset(sources, **kwargs))
 
 
-def make_finetune_iterator(sources, *, labels_fraction: float | None = None,
-                           labels_seed: int = 0, **kwargs
-                           ) -> grain.DatasetIterator:
+def make_finetune_iterator(
+  sources, *, labels_fraction: float | None = None, labels_seed: int = 0, **kwargs
+) -> grain.DatasetIterator:
   """Fine-tuning batches: the pre-training pipeline on labelled sources.
 
   Args:
@@ -406,27 +459,39 @@ def make_finetune_iterator(sources, *, labels_fraction: float | None = None,
     Checkpointable iterator of batches with the keys of
     `make_pretrain_dataset`; keypoints_2d and K are in crop pixels.
   """
-  return iter(make_pretrain_dataset(sources, labels_fraction=labels_fraction,
-                                    labels_seed=labels_seed, **kwargs))
+  return iter(
+    make_pretrain_dataset(
+      sources, labels_fraction=labels_fraction, labels_seed=labels_seed, **kwargs
+    )
+  )
 
 
 def make_eval_dataset(
-    source: Source, *, global_batch: int, source_size: int = 224,
-    crop: str = 'hand', source_id: int = 0, process_index: int | None = None,
-    process_count: int | None = None, num_threads: int = 2, prefetch: int = 2,
-    crop_margin: float = DEFAULT_CROP_MARGIN, fill: int = 0,
+  source: Source,
+  *,
+  global_batch: int,
+  source_size: int = 224,
+  crop: str = "hand",
+  source_id: int = 0,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  num_threads: int = 2,
+  prefetch: int = 2,
+  crop_margin: float = DEFAULT_CROP_MARGIN,
+  fill: int = 0,
 ) -> grain.IterDataset:
   """One pass in source order, the last batch padded; see `make_eval_iterator`."""
-  p, n_proc, local_batch = _process_layout(global_batch, process_index,
-                                           process_count)
+  p, n_proc, local_batch = _process_layout(global_batch, process_index, process_count)
   if len(source) == 0:
-    raise ValueError('evaluation source is empty')
-  if crop not in ('hand', 'none'):
+    raise ValueError("evaluation source is empty")
+  if crop not in ("hand", "none"):
     raise ValueError(f"crop must be 'hand' or 'none', got {crop!r}")
   shard = _PaddedEvalShard(source, source_id, global_batch, p, n_proc)
-  ds = (grain.MapDataset.source(shard)
-        .map(DecodeAndCrop(source_size, crop, crop_margin, fill))
-        .batch(local_batch))
+  ds = (
+    grain.MapDataset.source(shard)
+    .map(DecodeAndCrop(source_size, crop, crop_margin, fill))
+    .batch(local_batch)
+  )
   return _to_iter(ds, num_threads, 0, prefetch)
 
 

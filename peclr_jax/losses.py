@@ -29,7 +29,7 @@ Conventions for the per-view parameters (dicts from ``augment``):
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -103,21 +103,27 @@ def _check_invert(invert) -> tuple[str, ...]:
     raise TypeError(f"invert must be a sequence of {INVERSIONS}, got {invert!r}") from None
   bad = [v for v in invert if v not in INVERSIONS]
   if bad:
-    raise ValueError(f"unknown inversion(s) {bad!r} in invert={invert!r}; "
-                     f"allowed: {INVERSIONS}")
+    raise ValueError(f"unknown inversion(s) {bad!r} in invert={invert!r}; allowed: {INVERSIONS}")
   return invert
 
 
 def _check_mode(translation_mode: str) -> str:
   if translation_mode not in TRANSLATION_MODES:
-    raise ValueError(f"translation_mode must be one of {TRANSLATION_MODES}, "
-                     f"got {translation_mode!r}")
+    raise ValueError(
+      f"translation_mode must be one of {TRANSLATION_MODES}, got {translation_mode!r}"
+    )
   return translation_mode
 
 
-def undo_transforms(z, rotation, scale, translation, *,
-                    invert: Sequence[str] = DEFAULT_INVERT,
-                    translation_mode: str = "extent"):
+def undo_transforms(
+  z,
+  rotation,
+  scale,
+  translation,
+  *,
+  invert: Sequence[str] = DEFAULT_INVERT,
+  translation_mode: str = "extent",
+):
   """Undoes a view's geometric augmentation in latent space.
 
   Steps (each optional via ``invert``, always in this order, which reverses
@@ -180,8 +186,9 @@ def undo_transforms(z, rotation, scale, translation, *,
 
 
 def _undo(p, t, invert, translation_mode):
-  return undo_transforms(p, t["rotation"], t["scale"], t["translation"],
-                         invert=invert, translation_mode=translation_mode)
+  return undo_transforms(
+    p, t["rotation"], t["scale"], t["translation"], invert=invert, translation_mode=translation_mode
+  )
 
 
 def contrastive_metrics(z1, z2) -> dict:
@@ -202,22 +209,32 @@ def contrastive_metrics(z1, z2) -> dict:
   sim = jnp.where(jnp.eye(n, dtype=bool), -jnp.inf, z @ z.T)
   target = jnp.concatenate([jnp.arange(n // 2) + n // 2, jnp.arange(n // 2)])
   acc = jnp.mean((jnp.argmax(sim, axis=-1) == target).astype(jnp.float32))
-  return {"pos_sim": jnp.mean(jnp.sum(z1 * z2, axis=-1)),
-          "contrastive_acc": acc}
+  return {"pos_sim": jnp.mean(jnp.sum(z1 * z2, axis=-1)), "contrastive_acc": acc}
 
 
-def peclr_latents(p1, p2, t1: Mapping, t2: Mapping, *,
-                  invert: Sequence[str] = DEFAULT_INVERT,
-                  translation_mode: str = "extent"):
+def peclr_latents(
+  p1,
+  p2,
+  t1: Mapping,
+  t2: Mapping,
+  *,
+  invert: Sequence[str] = DEFAULT_INVERT,
+  translation_mode: str = "extent",
+):
   """Both views' unit latents with their transforms undone: (z1, z2)."""
-  return (_undo(p1, t1, invert, translation_mode),
-          _undo(p2, t2, invert, translation_mode))
+  return (_undo(p1, t1, invert, translation_mode), _undo(p2, t2, invert, translation_mode))
 
 
-def peclr_loss(p1, p2, t1: Mapping, t2: Mapping, *,
-               temperature: float = 0.5,
-               invert: Sequence[str] = DEFAULT_INVERT,
-               translation_mode: str = "extent"):
+def peclr_loss(
+  p1,
+  p2,
+  t1: Mapping,
+  t2: Mapping,
+  *,
+  temperature: float = 0.5,
+  invert: Sequence[str] = DEFAULT_INVERT,
+  translation_mode: str = "extent",
+):
   """PeCLR loss: undo each view's transforms in latent space, then NT-Xent.
 
   With ``invert=PAPER_CODE_INVERT`` and ``translation_mode='extent'`` this
@@ -236,8 +253,7 @@ def peclr_loss(p1, p2, t1: Mapping, t2: Mapping, *,
   Returns:
       Scalar float32 loss.
   """
-  z1, z2 = peclr_latents(p1, p2, t1, t2, invert=invert,
-                         translation_mode=translation_mode)
+  z1, z2 = peclr_latents(p1, p2, t1, t2, invert=invert, translation_mode=translation_mode)
   return nt_xent(z1, z2, temperature)
 
 
@@ -250,8 +266,14 @@ def _masked_mean(err, valid):
   return total / jnp.maximum(count, 1.0)
 
 
-def keypoint_losses(pred: Mapping, target: Mapping, valid, crop_size: float, *,
-                    weights: Mapping[str, float] | None = None):
+def keypoint_losses(
+  pred: Mapping,
+  target: Mapping,
+  valid,
+  crop_size: float,
+  *,
+  weights: Mapping[str, float] | None = None,
+):
   """L1 losses for 2.5D fine-tuning, masked mean over valid joints.
 
   Each term is the mean absolute error over valid joints and coordinates
@@ -283,10 +305,11 @@ def keypoint_losses(pred: Mapping, target: Mapping, valid, crop_size: float, *,
   err_z = jnp.abs(f32(pred["zrel"]) - f32(target["zrel"]))[..., None]
   err_3d = jnp.abs(f32(pred["kp3d"]) - f32(target["kp3d"]))
   out = {
-      "loss_uv": _masked_mean(err_uv, valid),
-      "loss_zrel": _masked_mean(err_z, valid),
-      "loss_kp3d": _masked_mean(err_3d, valid),
+    "loss_uv": _masked_mean(err_uv, valid),
+    "loss_zrel": _masked_mean(err_z, valid),
+    "loss_kp3d": _masked_mean(err_3d, valid),
   }
-  out["loss"] = (w["uv"] * out["loss_uv"] + w["zrel"] * out["loss_zrel"]
-                 + w["kp3d"] * out["loss_kp3d"])
+  out["loss"] = (
+    w["uv"] * out["loss_uv"] + w["zrel"] * out["loss_zrel"] + w["kp3d"] * out["loss_kp3d"]
+  )
   return out

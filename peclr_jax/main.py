@@ -37,26 +37,22 @@ import re
 import sys
 
 import jax
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from peclr_jax import checkpoints
-from peclr_jax import config_checks
-from peclr_jax import config_files
-from peclr_jax import defaults
-from peclr_jax import preemption
+from peclr_jax import checkpoints, config_checks, config_files, defaults, preemption
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. configs/peclr.py:backbone=rn152 "
-    "(a name such as peclr.py is also looked up in the installed configs).",
-    lock_config=True)
+  "config",
+  None,
+  "Config file, e.g. configs/peclr.py:backbone=rn152 "
+  "(a name such as peclr.py is also looked up in the installed configs).",
+  lock_config=True,
+)
 # A path missing from the current directory is looked up in the installed
 # configs/ (`config_files.find`): the package also works once installed.
-FLAGS["config"].parser = config_files.ConfigFileParser("config",
-                                                       lock_config=True)
+FLAGS["config"].parser = config_files.ConfigFileParser("config", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -80,9 +76,9 @@ def _run_mode(config, workdir: str):
 
 
 # README "Running on a CPU"; BENCHMARKS.md section 1.
-CPU_GLIBC_TUNABLES = ("glibc.malloc.mmap_max=0:"
-                      "glibc.malloc.trim_threshold=34359738368:"
-                      "glibc.malloc.arena_max=1")
+CPU_GLIBC_TUNABLES = (
+  "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=34359738368:glibc.malloc.arena_max=1"
+)
 
 
 def cpu_malloc_hint(backend: str, glibc_tunables: str | None) -> str | None:
@@ -92,8 +88,11 @@ def cpu_malloc_hint(backend: str, glibc_tunables: str | None) -> str | None:
   """
   if backend != "cpu" or "arena_max" in (glibc_tunables or ""):
     return None
-  return ("note: on CPU, start with GLIBC_TUNABLES=" + CPU_GLIBC_TUNABLES +
-          " for a faster step (README: Running on a CPU)")
+  return (
+    "note: on CPU, start with GLIBC_TUNABLES="
+    + CPU_GLIBC_TUNABLES
+    + " for a faster step (README: Running on a CPU)"
+  )
 
 
 def initialize_distributed():
@@ -104,6 +103,7 @@ def initialize_distributed():
   (SLURM, Open MPI, Cloud TPU, ...) and fails on a plain set of machines. So
   JAX_NUM_PROCESSES and JAX_PROCESS_ID are passed when set, else left to JAX.
   """
+
   def env_int(name):
     value = os.environ.get(name)
     if value in (None, ""):
@@ -113,8 +113,9 @@ def initialize_distributed():
     except ValueError:
       raise ValueError(f"{name}={value!r} is not an integer") from None
 
-  jax.distributed.initialize(num_processes=env_int("JAX_NUM_PROCESSES"),
-                             process_id=env_int("JAX_PROCESS_ID"))
+  jax.distributed.initialize(
+    num_processes=env_int("JAX_NUM_PROCESSES"), process_id=env_int("JAX_PROCESS_ID")
+  )
 
 
 def main(argv):
@@ -124,12 +125,10 @@ def main(argv):
   # progress bars and summaries (orbax also warns at every read-only open).
   logging.set_verbosity(logging.ERROR)
   try:
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get(
-        "PECLR_DISTRIBUTED"):
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("PECLR_DISTRIBUTED"):
       # Multi-host: every process runs this same command.
       initialize_distributed()
-    hint = cpu_malloc_hint(jax.default_backend(),
-                           os.environ.get("GLIBC_TUNABLES"))
+    hint = cpu_malloc_hint(jax.default_backend(), os.environ.get("GLIBC_TUNABLES"))
     if hint:
       print(hint, flush=True)
     run(FLAGS.config, FLAGS.workdir)
@@ -146,8 +145,7 @@ def main(argv):
     # message rather than a traceback through the libraries.
     if os.environ.get("PECLR_TRACEBACK"):
       raise
-    print(f"error: {e}\n(set PECLR_TRACEBACK=1 for the traceback)",
-          file=sys.stderr)
+    print(f"error: {e}\n(set PECLR_TRACEBACK=1 for the traceback)", file=sys.stderr)
     sys.exit(1)
 
 
@@ -161,12 +159,10 @@ def parse_flags(argv):
     # when the config is first used.
     FLAGS.config.get("mode")
     return argv
-  except (flags.Error, ValueError, AttributeError, KeyError, TypeError,
-          SyntaxError, OSError) as e:
+  except (flags.Error, ValueError, AttributeError, KeyError, TypeError, SyntaxError, OSError) as e:
     if os.environ.get("PECLR_TRACEBACK"):
       raise
-    print(f"error: {_one_line(e)}\n(set PECLR_TRACEBACK=1 for the "
-          "traceback)", file=sys.stderr)
+    print(f"error: {_one_line(e)}\n(set PECLR_TRACEBACK=1 for the traceback)", file=sys.stderr)
     sys.exit(1)
 
 
@@ -187,8 +183,9 @@ def _one_line(e: BaseException) -> str:
         text = str(ast.literal_eval(text))
       except (ValueError, SyntaxError):
         break
-  if ("Traceback (most recent call last)" in text
-      or "earlier failure to load" in text):  # a missing file: its errno line
+  if (
+    "Traceback (most recent call last)" in text or "earlier failure to load" in text
+  ):  # a missing file: its errno line
     text = text.strip().splitlines()[-1].strip()
     text = re.sub(r"^\w+(Error|Exception): ", "", text)  # its class's name
   if "attribute 'get_config'" in text:

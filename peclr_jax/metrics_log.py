@@ -1,10 +1,10 @@
-"""A run's metrics on disk: metrics.jsonl (JSON lines) and TensorBoard events.
-"""
+"""A run's metrics on disk: metrics.jsonl (JSON lines) and TensorBoard events."""
 
 import json
 import os
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 
@@ -23,8 +23,7 @@ class MetricWriter:
       TensorBoard is told to purge them) and the log reads as one run.
   """
 
-  def __init__(self, workdir: str, enabled: bool | None = None,
-               resume_step: int | None = None):
+  def __init__(self, workdir: str, enabled: bool | None = None, resume_step: int | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._jsonl = None
     self._tb = None
@@ -37,16 +36,17 @@ class MetricWriter:
       # Imported here: tensorboardX imports torch when it is installed
       # (~2.5 s), which a step alone never needs.
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
       self._tb = SummaryWriter(
-          os.path.join(workdir, "tensorboard"),
-          purge_step=None if resume_step is None else resume_step + 1)
+        os.path.join(workdir, "tensorboard"),
+        purge_step=None if resume_step is None else resume_step + 1,
+      )
 
   def write(self, step: int, metrics: Mapping[str, Any]):
     if not self.enabled:
       return
     scalars = {k: float(v) for k, v in metrics.items()}
-    self._jsonl.write(json.dumps({"step": int(step), "time": time.time(),
-                                  **scalars}) + "\n")
+    self._jsonl.write(json.dumps({"step": int(step), "time": time.time(), **scalars}) + "\n")
     self._jsonl.flush()
     for k, v in scalars.items():
       self._tb.add_scalar(k, v, int(step))

@@ -22,9 +22,14 @@ def learning_rate(optim: ml_collections.ConfigDict, effective_batch: int):
   return optim.base_lr
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, *, effective_batch: int,
-                   total_updates: int, warmup_updates: int,
-                   grad_accum_steps: int) -> optax.GradientTransformation:
+def make_optimizer(
+  optim: ml_collections.ConfigDict,
+  *,
+  effective_batch: int,
+  total_updates: int,
+  warmup_updates: int,
+  grad_accum_steps: int,
+) -> optax.GradientTransformation:
   """Adam, optionally with a LARS trust ratio, warm-up then cosine to 0.
 
   The public code wraps Adam in a LARS wrapper that rescales each layer's
@@ -35,12 +40,19 @@ def make_optimizer(optim: ml_collections.ConfigDict, *, effective_batch: int,
   total_updates = max(total_updates, 1)
   warmup_updates = int(min(max(warmup_updates, 0), total_updates - 1))
   schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak, warmup_steps=warmup_updates,
-      decay_steps=total_updates, end_value=0.0)
+    init_value=0.0,
+    peak_value=peak,
+    warmup_steps=warmup_updates,
+    decay_steps=total_updates,
+    end_value=0.0,
+  )
   parts = [optax.add_decayed_weights(optim.weight_decay, mask=decay_mask)]
   if optim.lars:
-    parts.append(optax.masked(optax.scale_by_trust_ratio(
-        trust_coefficient=optim.trust_coefficient), decay_mask))
+    parts.append(
+      optax.masked(
+        optax.scale_by_trust_ratio(trust_coefficient=optim.trust_coefficient), decay_mask
+      )
+    )
   parts += [optax.scale_by_adam(), optax.scale_by_learning_rate(schedule)]
   tx = optax.chain(*parts)
   if grad_accum_steps > 1:
@@ -66,8 +78,10 @@ def optimizer_for(config, num_examples: int):
   """(tx, train steps, optimiser updates) of a run over `num_examples`."""
   steps, updates, warmup = schedule_lengths(config, num_examples)
   tx = make_optimizer(
-      config.optim,
-      effective_batch=config.batch_size * max(config.grad_accum_steps, 1),
-      total_updates=updates, warmup_updates=warmup,
-      grad_accum_steps=config.grad_accum_steps)
+    config.optim,
+    effective_batch=config.batch_size * max(config.grad_accum_steps, 1),
+    total_updates=updates,
+    warmup_updates=warmup,
+    grad_accum_steps=config.grad_accum_steps,
+  )
   return tx, steps, updates

@@ -38,47 +38,53 @@ import grain
 import numpy as np
 from tqdm import tqdm
 
-from peclr_jax import crops
-from peclr_jax import input_pipeline
-from peclr_jax import joints
+from peclr_jax import crops, input_pipeline, joints
 
 NJ = joints.NUM_JOINTS
-META_FILE = 'meta.json'
+META_FILE = "meta.json"
 
 
 def _features(size: int) -> dict[str, tuple[tuple[int, ...], Any]]:
   """Stored arrays: name -> (per-example shape, dtype)."""
-  return {'image': ((size, size, 3), np.uint8),
-          'keypoints_2d': ((NJ, 2), np.float32),
-          'keypoints_3d': ((NJ, 3), np.float32),
-          'K': ((3, 3), np.float32),
-          'scale': ((), np.float32),
-          'valid': ((NJ,), np.bool_)}
+  return {
+    "image": ((size, size, 3), np.uint8),
+    "keypoints_2d": ((NJ, 2), np.float32),
+    "keypoints_3d": ((NJ, 3), np.float32),
+    "K": ((3, 3), np.float32),
+    "scale": ((), np.float32),
+    "valid": ((NJ,), np.bool_),
+  }
 
 
-def store_dir(data_dir: str | os.PathLike, name: str, split: str,
-              source_size: int) -> str:
+def store_dir(data_dir: str | os.PathLike, name: str, split: str, source_size: int) -> str:
   """Where the store of TFDS dataset `name` ('synthetic_hands/small'), split
   and crop side lives."""
-  return os.path.join(os.fspath(data_dir), 'precropped', name,
-                      f'{split}-{int(source_size)}px')
+  return os.path.join(os.fspath(data_dir), "precropped", name, f"{split}-{int(source_size)}px")
 
 
-def build_command(name: str, split: str, source_size: int,
-                  data_dir: str | os.PathLike) -> str:
+def build_command(name: str, split: str, source_size: int, data_dir: str | os.PathLike) -> str:
   """The command line that builds a store (for error messages and docs)."""
-  base, _, config = name.partition('/')
-  config_flag = f' --config {config}' if config else ''
-  return (f'python -m peclr_jax.data precrop {base}{config_flag} --split '
-          f'{split} --source_size {source_size} --data_dir '
-          f'{os.fspath(data_dir)}')
+  base, _, config = name.partition("/")
+  config_flag = f" --config {config}" if config else ""
+  return (
+    f"python -m peclr_jax.data precrop {base}{config_flag} --split "
+    f"{split} --source_size {source_size} --data_dir "
+    f"{os.fspath(data_dir)}"
+  )
 
 
-def build(name: str, split: str, data_dir: str | os.PathLike, *,
-          source_size: int,
-          crop_margin: float = input_pipeline.DEFAULT_CROP_MARGIN,
-          fill: int = 0, num_threads: int = 4, chunk: int = 64,
-          progress: bool = False) -> str:
+def build(
+  name: str,
+  split: str,
+  data_dir: str | os.PathLike,
+  *,
+  source_size: int,
+  crop_margin: float = input_pipeline.DEFAULT_CROP_MARGIN,
+  fill: int = 0,
+  num_threads: int = 4,
+  chunk: int = 64,
+  progress: bool = False,
+) -> str:
   """Decodes and crops every example of a built TFDS split into a store.
 
   Replaces an existing store of the same name, split and size.
@@ -100,34 +106,39 @@ def build(name: str, split: str, data_dir: str | os.PathLike, *,
   source = input_pipeline.open_source(name, split, data_dir)
   n = len(source)
   out = store_dir(data_dir, name, split, source_size)
-  tmp = f'{out}.tmp-{os.getpid()}'
+  tmp = f"{out}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
   try:
-    arrays = {k: np.lib.format.open_memmap(os.path.join(tmp, f'{k}.npy'), 'w+',
-                                           dtype, (n,) + shape)
-              for k, (shape, dtype) in _features(source_size).items()}
+    arrays = {
+      k: np.lib.format.open_memmap(os.path.join(tmp, f"{k}.npy"), "w+", dtype, (n,) + shape)
+      for k, (shape, dtype) in _features(source_size).items()
+    }
     # The pipeline's own decode step, in source order.
-    batches = (grain.MapDataset.source(source)
-               .map(input_pipeline.DecodeAndCrop(source_size, 'hand',
-                                                 crop_margin, fill))
-               .batch(chunk)
-               .to_iter_dataset(grain.ReadOptions(
-                   num_threads=num_threads, prefetch_buffer_size=num_threads)))
-    with tqdm(total=n, desc=f'precrop {name} {split}', unit='image',
-              disable=not progress) as bar:
+    batches = (
+      grain.MapDataset.source(source)
+      .map(input_pipeline.DecodeAndCrop(source_size, "hand", crop_margin, fill))
+      .batch(chunk)
+      .to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=num_threads))
+    )
+    with tqdm(total=n, desc=f"precrop {name} {split}", unit="image", disable=not progress) as bar:
       for t, batch in enumerate(batches):
         for k, arr in arrays.items():
-          arr[t * chunk:t * chunk + len(batch[k])] = batch[k]
-        bar.update(len(batch['image']))
+          arr[t * chunk : t * chunk + len(batch[k])] = batch[k]
+        bar.update(len(batch["image"]))
     for arr in arrays.values():
       arr.flush()
     del arrays
-    meta = {'dataset': source.dataset_info.full_name, 'split': split,
-            'num_examples': n, 'source_size': int(source_size),
-            'crop_margin': float(crop_margin), 'fill': int(fill),
-            'crop_centre': crops.CROP_CENTRE}
-    with open(os.path.join(tmp, META_FILE), 'w') as f:
+    meta = {
+      "dataset": source.dataset_info.full_name,
+      "split": split,
+      "num_examples": n,
+      "source_size": int(source_size),
+      "crop_margin": float(crop_margin),
+      "fill": int(fill),
+      "crop_centre": crops.CROP_CENTRE,
+    }
+    with open(os.path.join(tmp, META_FILE), "w") as f:
       json.dump(meta, f, indent=1)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
@@ -160,49 +171,51 @@ class Store:
     try:
       with open(meta_path) as f:
         meta = json.load(f)
-      self.num_examples = int(meta['num_examples'])
-      self.crop_settings = {k: meta[k] for k in
-                            ('source_size', 'crop_margin', 'fill')}
+      self.num_examples = int(meta["num_examples"])
+      self.crop_settings = {k: meta[k] for k in ("source_size", "crop_margin", "fill")}
       # Stores written before the key existed crop about (S - 1)/2.
-      self.crop_settings['crop_centre'] = meta.get('crop_centre',
-                                                   '(S - 1)/2')
-      self.dataset = str(meta['dataset'])
+      self.crop_settings["crop_centre"] = meta.get("crop_centre", "(S - 1)/2")
+      self.dataset = str(meta["dataset"])
     except (ValueError, KeyError, TypeError) as e:
-      raise ValueError(f'{meta_path}: damaged pre-cropped store metadata '
-                       f'({type(e).__name__}: {e}); build it again') from None
+      raise ValueError(
+        f"{meta_path}: damaged pre-cropped store metadata ({type(e).__name__}: {e}); build it again"
+      ) from None
     if reference is not None:
       full_name = reference.dataset_info.full_name
       if (full_name, len(reference)) != (self.dataset, self.num_examples):
         raise ValueError(
-            f'{meta_path}: stale pre-cropped store of {self.dataset} '
-            f'({self.num_examples} examples), the dataset is now {full_name} '
-            f'({len(reference)} examples); build it again')
+          f"{meta_path}: stale pre-cropped store of {self.dataset} "
+          f"({self.num_examples} examples), the dataset is now {full_name} "
+          f"({len(reference)} examples); build it again"
+        )
     self._arrays = None
     self._open()  # checks every file now, not in a worker later
 
   def _open(self) -> dict[str, np.ndarray]:
     if self._arrays is None:
       arrays = {}
-      size = self.crop_settings['source_size']
+      size = self.crop_settings["source_size"]
       for k, (shape, dtype) in _features(size).items():
-        path = os.path.join(self.directory, f'{k}.npy')
+        path = os.path.join(self.directory, f"{k}.npy")
         try:
-          arr = np.load(path, mmap_mode='r')
+          arr = np.load(path, mmap_mode="r")
         except (OSError, ValueError) as e:
-          raise ValueError(f'{path}: unreadable pre-cropped array ({e}); '
-                           'build the store again') from None
+          raise ValueError(
+            f"{path}: unreadable pre-cropped array ({e}); build the store again"
+          ) from None
         want = (self.num_examples,) + shape
         if arr.shape != want or arr.dtype != dtype:
           raise ValueError(
-              f'{path}: {arr.dtype} {arr.shape}, expected '
-              f'{np.dtype(dtype)} {want}; build the store again')
+            f"{path}: {arr.dtype} {arr.shape}, expected "
+            f"{np.dtype(dtype)} {want}; build the store again"
+          )
         # Plain ndarray views of the maps: rows stack into ordinary arrays.
         arrays[k] = arr.view(np.ndarray)
       self._arrays = arrays
     return self._arrays
 
   def __getstate__(self):
-    return {**self.__dict__, '_arrays': None}
+    return {**self.__dict__, "_arrays": None}
 
   def __len__(self) -> int:
     return self.num_examples
@@ -212,14 +225,16 @@ class Store:
     return {k: arr[i] for k, arr in self._open().items()}
 
 
-def open_store(data_dir: str | os.PathLike, name: str, split: str,
-               source_size: int, reference=None) -> Store:
+def open_store(
+  data_dir: str | os.PathLike, name: str, split: str, source_size: int, reference=None
+) -> Store:
   """The store of (name, split, source_size); a missing one is a
   FileNotFoundError that gives the command building it."""
   directory = store_dir(data_dir, name, split, source_size)
   if not os.path.exists(os.path.join(directory, META_FILE)):
     raise FileNotFoundError(
-        f'no pre-cropped copy of {name} ({split}, {source_size} px) in '
-        f'{directory} (config.data.precropped=True); build it with: '
-        f'{build_command(name, split, source_size, data_dir)}')
+      f"no pre-cropped copy of {name} ({split}, {source_size} px) in "
+      f"{directory} (config.data.precropped=True); build it with: "
+      f"{build_command(name, split, source_size, data_dir)}"
+    )
   return Store(directory, reference)

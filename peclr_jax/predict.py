@@ -27,18 +27,16 @@ import math
 import os
 import sys
 import tempfile
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from peclr_jax import checkpoints
-from peclr_jax import evaluate
-from peclr_jax import models
-from peclr_jax.crops import (BOX_FILL, INITIAL_BOX_FRACTION, TEST_CROP_SIZE, initial_box,
-                             map_box)
+from peclr_jax import checkpoints, evaluate, models
+from peclr_jax.crops import BOX_FILL, INITIAL_BOX_FRACTION, TEST_CROP_SIZE, initial_box, map_box
 from peclr_jax.models import restore
 
 DEFAULT_BATCH_SIZE = 16
@@ -99,13 +97,16 @@ def to_rgb(image, name: str = "image") -> np.ndarray:
   """
   image = np.asarray(image)
   if image.dtype != np.uint8:
-    raise ValueError(f"{name} must be uint8 [H, W], [H, W, 1], [H, W, 3] or [H, W, 4]; "
-                     f"got dtype {image.dtype} (convert to uint8 0..255 first)")
+    raise ValueError(
+      f"{name} must be uint8 [H, W], [H, W, 1], [H, W, 3] or [H, W, 4]; "
+      f"got dtype {image.dtype} (convert to uint8 0..255 first)"
+    )
   if image.ndim == 2:
     image = image[..., None]
   if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
-    raise ValueError(f"{name} must be uint8 [H, W], [H, W, 1], [H, W, 3] or [H, W, 4]; "
-                     f"got shape {image.shape}")
+    raise ValueError(
+      f"{name} must be uint8 [H, W], [H, W, 1], [H, W, 3] or [H, W, 4]; got shape {image.shape}"
+    )
   if image.shape[0] < 1 or image.shape[1] < 1:
     raise ValueError(f"{name} is empty: shape {image.shape}")
   if image.shape[-1] == 1:
@@ -121,13 +122,16 @@ def _as_image_list(images) -> list[np.ndarray]:
     arr = np.asarray(images)
     if arr.ndim != 4:
       raise ValueError(
-          "images must be a list of uint8 [H, W(, C)] arrays or a uint8 array "
-          f"[N, H, W, C] with C in (1, 3, 4); got an array of shape {arr.shape} "
-          "(for one image pass [image] or image[None])")
+        "images must be a list of uint8 [H, W(, C)] arrays or a uint8 array "
+        f"[N, H, W, C] with C in (1, 3, 4); got an array of shape {arr.shape} "
+        "(for one image pass [image] or image[None])"
+      )
     images = list(arr)
   elif not isinstance(images, (list, tuple)):
-    raise ValueError("images must be a list of uint8 [H, W(, C)] arrays or a uint8 "
-                     f"array [N, H, W, C]; got {type(images).__name__}")
+    raise ValueError(
+      "images must be a list of uint8 [H, W(, C)] arrays or a uint8 "
+      f"array [N, H, W, C]; got {type(images).__name__}"
+    )
   return [to_rgb(im, f"images[{i}]") for i, im in enumerate(images)]
 
 
@@ -185,10 +189,16 @@ class Predictor:
       pixel_budget: most pixels of one model call's padded image canvas.
   """
 
-  def __init__(self, model: models.KeypointModel, input_size: int = DEFAULT_INPUT_SIZE, *,
-               batch_size: int = DEFAULT_BATCH_SIZE, fill: float = BOX_FILL,
-               box_fraction: float = INITIAL_BOX_FRACTION,
-               pixel_budget: int = PIXEL_BUDGET):
+  def __init__(
+    self,
+    model: models.KeypointModel,
+    input_size: int = DEFAULT_INPUT_SIZE,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    fill: float = BOX_FILL,
+    box_fraction: float = INITIAL_BOX_FRACTION,
+    pixel_budget: int = PIXEL_BUDGET,
+  ):
     """Wraps an in-memory keypoint model (e.g. right after fine-tuning).
 
     Args:
@@ -204,8 +214,9 @@ class Predictor:
     if not isinstance(model, models.KeypointModel):
       raise ValueError(f"model must be a models.KeypointModel, got {type(model).__name__}")
     if int(input_size) < 1 or int(batch_size) < 1:
-      raise ValueError(f"input_size and batch_size must be positive, got "
-                       f"{input_size}, {batch_size}")
+      raise ValueError(
+        f"input_size and batch_size must be positive, got {input_size}, {batch_size}"
+      )
     self.model = model
     self.input_size = int(input_size)
     self.batch_size = int(batch_size)
@@ -216,8 +227,9 @@ class Predictor:
     self.path: str | None = None
 
   @classmethod
-  def from_checkpoint(cls, path: str, *, batch_size: int = DEFAULT_BATCH_SIZE,
-                      dtype=jnp.float32, **kwargs) -> "Predictor":
+  def from_checkpoint(
+    cls, path: str, *, batch_size: int = DEFAULT_BATCH_SIZE, dtype=jnp.float32, **kwargs
+  ) -> Predictor:
     """Loads a fine-tuned or converted keypoint model
     (:func:`peclr_jax.models.restore.keypoint_model`).
 
@@ -270,8 +282,8 @@ class Predictor:
     graphdef, state = nnx.split(self.model)
     kp2d, kp3d = [], []
     for start in range(0, m, self.batch_size):
-      x = crops[start:start + self.batch_size]
-      k = K_crop[start:start + self.batch_size]
+      x = crops[start : start + self.batch_size]
+      k = K_crop[start : start + self.batch_size]
       n = x.shape[0]
       rows = self._rows(n)
       if rows > n:  # pad with copies of the first row, dropped below
@@ -290,8 +302,11 @@ class Predictor:
     chunk: list[int] = []
     for i in order:
       grown = chunk + [i]
-      canvas = (self._rows(len(grown)) * _canvas_side(sizes[grown, 0].max())
-                * _canvas_side(sizes[grown, 1].max()))
+      canvas = (
+        self._rows(len(grown))
+        * _canvas_side(sizes[grown, 0].max())
+        * _canvas_side(sizes[grown, 1].max())
+      )
       if chunk and (len(grown) > self.batch_size or canvas > self.pixel_budget):
         yield chunk
         grown = [i]
@@ -299,8 +314,9 @@ class Predictor:
     if chunk:
       yield chunk
 
-  def _two_pass(self, images: list[np.ndarray], K: np.ndarray, first: np.ndarray,
-                scale: np.ndarray) -> dict[str, np.ndarray]:
+  def _two_pass(
+    self, images: list[np.ndarray], K: np.ndarray, first: np.ndarray, scale: np.ndarray
+  ) -> dict[str, np.ndarray]:
     """:func:`evaluate.two_pass_predict` on a chunk of at most batch_size
     images, placed top-left on one zero-padded canvas (coordinates kept)."""
     n = len(images)
@@ -309,14 +325,19 @@ class Predictor:
     width = _canvas_side(max(im.shape[1] for im in images))
     canvas = np.zeros((rows, height, width, 3), np.uint8)
     for i, im in enumerate(images):
-      canvas[i, :im.shape[0], :im.shape[1]] = im
+      canvas[i, : im.shape[0], : im.shape[1]] = im
     # Rows past n (black, with the first image's camera and box) keep the
     # crops' and the model's batch at a power of two; dropped below.
     pad = np.zeros(rows - n, np.int64)
     out = evaluate.two_pass_predict(
-        self.predict_crops, canvas, np.concatenate([K, K[pad]]),
-        np.concatenate([scale, scale[pad]]), self.input_size, fill=self.fill,
-        first_box=np.concatenate([first, first[pad]]))
+      self.predict_crops,
+      canvas,
+      np.concatenate([K, K[pad]]),
+      np.concatenate([scale, scale[pad]]),
+      self.input_size,
+      fill=self.fill,
+      first_box=np.concatenate([first, first[pad]]),
+    )
     return {k: v[:n] for k, v in out.items()}
 
   def predict(self, images, K=None, boxes=None, scale=None) -> dict[str, np.ndarray]:
@@ -351,27 +372,36 @@ class Predictor:
     else:
       K = _per_image(K, n, (3, 3), "K", allow_shared=True)
     if boxes is None:
-      first = np.stack([initial_box((h, w), self.box_fraction)
-                        for h, w in sizes]) if n else np.zeros((0, 4))
+      first = (
+        np.stack([initial_box((h, w), self.box_fraction) for h, w in sizes])
+        if n
+        else np.zeros((0, 4))
+      )
     else:
       first = _per_image(boxes, n, (4,), "boxes", allow_shared=False)
       side = np.maximum(first[:, 2] - first[:, 0], first[:, 3] - first[:, 1])
-      bad = np.flatnonzero((first[:, 2] < first[:, 0]) | (first[:, 3] < first[:, 1])
-                           | (side <= 0))
+      bad = np.flatnonzero((first[:, 2] < first[:, 0]) | (first[:, 3] < first[:, 1]) | (side <= 0))
       if bad.size:
-        raise ValueError(f"boxes must be (x0, y0, x1, y1) with x1 >= x0, y1 >= y0 and "
-                         f"a positive side; boxes[{bad[0]}] = {first[bad[0]].tolist()}")
-    factor = np.ones(n) if scale is None else _per_image(scale, n, (), "scale",
-                                                          allow_shared=True)
+        raise ValueError(
+          f"boxes must be (x0, y0, x1, y1) with x1 >= x0, y1 >= y0 and "
+          f"a positive side; boxes[{bad[0]}] = {first[bad[0]].tolist()}"
+        )
+    factor = np.ones(n) if scale is None else _per_image(scale, n, (), "scale", allow_shared=True)
     if np.any(factor <= 0):
       raise ValueError(f"scale must be positive; got {np.asarray(scale).tolist()}")
 
-    result = {"kp2d": np.zeros((n, 21, 2)), "kp3d": np.zeros((n, 21, 3)),
-              "box": np.zeros((n, 4)), "affine": np.zeros((n, 3, 3)), "K": K}
+    result = {
+      "kp2d": np.zeros((n, 21, 2)),
+      "kp3d": np.zeros((n, 21, 3)),
+      "box": np.zeros((n, 4)),
+      "affine": np.zeros((n, 3, 3)),
+      "K": K,
+    }
     # Similar sizes share a chunk (and a small canvas); results go back
     # to the caller's order.
-    order = sorted(range(n), key=lambda i: (_canvas_side(sizes[i, 0]),
-                                            _canvas_side(sizes[i, 1]), i))
+    order = sorted(
+      range(n), key=lambda i: (_canvas_side(sizes[i, 0]), _canvas_side(sizes[i, 1]), i)
+    )
     for chunk in self._chunks(sizes, order):
       idx = np.array(chunk)
       out = self._two_pass([ims[i] for i in idx], K[idx], first[idx], factor[idx])
@@ -455,10 +485,15 @@ def decode_image(path: str, max_pixels: int | None = MAX_DECODE_PIXELS):
       factor *= rest
       img = img.reduce(rest)
       # As ImageOps.exif_transpose, which reads the tags from its argument.
-      method = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-                4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
-                6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-                8: Image.Transpose.ROTATE_90}.get(orientation)
+      method = {
+        2: Image.Transpose.FLIP_LEFT_RIGHT,
+        3: Image.Transpose.ROTATE_180,
+        4: Image.Transpose.FLIP_TOP_BOTTOM,
+        5: Image.Transpose.TRANSPOSE,
+        6: Image.Transpose.ROTATE_270,
+        7: Image.Transpose.TRANSVERSE,
+        8: Image.Transpose.ROTATE_90,
+      }.get(orientation)
       if method is not None:
         img = img.transpose(method)
       rgb = np.asarray(img.convert("RGB"), np.uint8)
@@ -524,8 +559,9 @@ def _unique_stem(path: str, used: set[str]) -> str:
   return name
 
 
-def _write_viz(outdir: str, path: str, image: np.ndarray, kp2d, kp3d, used: set[str],
-               unit: str) -> list[str]:
+def _write_viz(
+  outdir: str, path: str, image: np.ndarray, kp2d, kp3d, used: set[str], unit: str
+) -> list[str]:
   from PIL import Image
 
   from peclr_jax import visualize  # matplotlib only when asked for
@@ -535,11 +571,17 @@ def _write_viz(outdir: str, path: str, image: np.ndarray, kp2d, kp3d, used: set[
   kp2d = (np.asarray(kp2d) - (f - 1) / 2) / f  # as decoded_to_original
   stem = _unique_stem(path, used)
   title = os.path.basename(display_name(path))
-  return [display_name(p) for p in (
-      visualize.plot_keypoints_2d(image, kp2d, os.path.join(outdir, f"{stem}_2d.png"),
-                                  order="freihand", title=title),
-      visualize.plot_skeleton_3d(kp3d, os.path.join(outdir, f"{stem}_3d.png"),
-                                 order="freihand", title=f"{title} ({unit})"))]
+  return [
+    display_name(p)
+    for p in (
+      visualize.plot_keypoints_2d(
+        image, kp2d, os.path.join(outdir, f"{stem}_2d.png"), order="freihand", title=title
+      ),
+      visualize.plot_skeleton_3d(
+        kp3d, os.path.join(outdir, f"{stem}_3d.png"), order="freihand", title=f"{title} ({unit})"
+      ),
+    )
+  ]
 
 
 def _reason(e: Exception) -> str:
@@ -565,15 +607,17 @@ def _check_output_dir(directory: str, flag: str):
     with tempfile.TemporaryFile(dir=directory):
       pass
   except OSError as e:
-    raise ValueError(f"{flag}: cannot write in {display_name(directory)}: "
-                     f"{e.strerror or e}") from None
+    raise ValueError(
+      f"{flag}: cannot write in {display_name(directory)}: {e.strerror or e}"
+    ) from None
 
 
 def _write_json(path: str, obj):
   """Writes obj to a temporary file and renames it to path: a crash leaves
   the previous file or none, never half a report."""
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                             prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  fd, tmp = tempfile.mkstemp(
+    dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.", suffix=".tmp"
+  )
   try:
     with os.fdopen(fd, "w") as f:
       json.dump(obj, f)
@@ -598,10 +642,10 @@ def _predict_files(predictor: Predictor, batch, scale) -> dict[str, np.ndarray]:
   for _, _, f, size in batch:
     to_original = decoded_to_original(f)
     K.append(np.linalg.solve(to_original, image_intrinsics(*size)))
-    first.append(map_box(np.linalg.inv(to_original),
-                         initial_box(size, predictor.box_fraction)))
-  out = predictor.predict([im for _, im, _, _ in batch], K=np.stack(K), boxes=np.stack(first),
-                          scale=scale)
+    first.append(map_box(np.linalg.inv(to_original), initial_box(size, predictor.box_fraction)))
+  out = predictor.predict(
+    [im for _, im, _, _ in batch], K=np.stack(K), boxes=np.stack(first), scale=scale
+  )
   f = np.array([f for _, _, f, _ in batch], np.float64)[:, None, None]
   out["kp2d_decoded"] = out["kp2d"]
   out["kp2d"] = f * out["kp2d"] + (f - 1) / 2
@@ -611,17 +655,28 @@ def _predict_files(predictor: Predictor, batch, scale) -> dict[str, np.ndarray]:
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog="python -m peclr_jax.predict",
-      description="Predict 3D hand keypoints (FreiHAND order, wrist root) for images.")
-  parser.add_argument("--checkpoint", required=True,
-                      help="fine-tuning workdir (best/ preferred), checkpoints dir or step dir")
-  parser.add_argument("--images", required=True, nargs="+",
-                      help="image files and/or directories (their files, not recursive)")
+    prog="python -m peclr_jax.predict",
+    description="Predict 3D hand keypoints (FreiHAND order, wrist root) for images.",
+  )
+  parser.add_argument(
+    "--checkpoint",
+    required=True,
+    help="fine-tuning workdir (best/ preferred), checkpoints dir or step dir",
+  )
+  parser.add_argument(
+    "--images",
+    required=True,
+    nargs="+",
+    help="image files and/or directories (their files, not recursive)",
+  )
   parser.add_argument("--out", required=True, help="output JSON file")
-  parser.add_argument("--viz", default=None,
-                      help="directory for 2D overlays and 3D skeleton PNGs")
-  parser.add_argument("--scale", type=float, default=None,
-                      help="metric length of the reference bone (m); default: bone units")
+  parser.add_argument("--viz", default=None, help="directory for 2D overlays and 3D skeleton PNGs")
+  parser.add_argument(
+    "--scale",
+    type=float,
+    default=None,
+    help="metric length of the reference bone (m); default: bone units",
+  )
   parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
   return parser
@@ -647,8 +702,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   try:
     if os.path.isdir(args.out):
-      raise ValueError(f"--out: {display_name(args.out)} is a directory; name the JSON "
-                       "file to write")
+      raise ValueError(
+        f"--out: {display_name(args.out)} is a directory; name the JSON file to write"
+      )
     _check_output_dir(os.path.dirname(os.path.abspath(args.out)), "--out")
     if args.viz:
       _check_output_dir(args.viz, "--viz")
@@ -658,8 +714,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     predictor = Predictor.from_checkpoint(args.checkpoint, batch_size=args.batch_size)
   except (checkpoints.CheckpointError, FileNotFoundError) as e:
-    print(f"error: cannot load a keypoint model from {display_name(args.checkpoint)}: {e}",
-          file=sys.stderr)
+    print(
+      f"error: cannot load a keypoint model from {display_name(args.checkpoint)}: {e}",
+      file=sys.stderr,
+    )
     return 1
 
   files = list_inputs(args.images)
@@ -676,17 +734,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         for item in batch:
           run([item])
       else:
-        skipped.append({"file": display_name(batch[0][0]),
-                        "error": f"prediction failed: {_reason(e)}"})
+        skipped.append(
+          {"file": display_name(batch[0][0]), "error": f"prediction failed: {_reason(e)}"}
+        )
       return
     for i, (path, im, f, (h, w)) in enumerate(batch):
-      entry = {"file": display_name(path), "height": h, "width": w, "reduction": f,
-               "kp3d": out["kp3d"][i].tolist(), "kp2d": out["kp2d"][i].tolist(),
-               "box": out["box"][i].tolist()}
+      entry = {
+        "file": display_name(path),
+        "height": h,
+        "width": w,
+        "reduction": f,
+        "kp3d": out["kp3d"][i].tolist(),
+        "kp2d": out["kp2d"][i].tolist(),
+        "box": out["box"][i].tolist(),
+      }
       if args.viz:
         try:
-          entry["viz"] = _write_viz(args.viz, path, im, out["kp2d_decoded"][i],
-                                    out["kp3d"][i], used, unit)
+          entry["viz"] = _write_viz(
+            args.viz, path, im, out["kp2d_decoded"][i], out["kp3d"][i], used, unit
+          )
         except Exception as e:  # pylint: disable=broad-except
           entry["viz_error"] = _reason(e)
       predictions.append(entry)
@@ -697,8 +763,9 @@ def main(argv: Sequence[str] | None = None) -> int:
       bar.update(len(pending))
       pending.clear()
 
-  with tqdm(total=len(files), desc="predict", unit="img", file=sys.stderr,
-            disable=args.no_progress) as bar:
+  with tqdm(
+    total=len(files), desc="predict", unit="img", file=sys.stderr, disable=args.no_progress
+  ) as bar:
     for path in files:
       try:
         pending.append((path, *decode_image(path, MAX_DECODE_PIXELS)))
@@ -707,30 +774,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         bar.update(1)
         continue
       # Decoded images wait for a full batch: bound them by pixels too.
-      if (len(pending) >= predictor.batch_size
-          or sum(im.shape[0] * im.shape[1] for _, im, _, _ in pending) >= predictor.pixel_budget):
+      if (
+        len(pending) >= predictor.batch_size
+        or sum(im.shape[0] * im.shape[1] for _, im, _, _ in pending) >= predictor.pixel_budget
+      ):
         flush()
     flush()
 
   report = {
-      "checkpoint": display_name(predictor.path),
-      "backbone": predictor.meta.get("backbone"),
-      "input_size": predictor.input_size,
-      "joint_order": "freihand",
-      "root": "wrist",
-      "kp3d_units": "metres" if args.scale is not None else "reference bone (middle MCP-PIP)",
-      "kp2d_units": "pixels of the original image (x, y)",
-      "intrinsics": "assumed: 224 px default scaled to the longer image side",
-      "reduction": (f"images over {MAX_DECODE_PIXELS} pixels are decoded reduced by the "
-                    "integer factor 'reduction' (f x f pixel blocks averaged)"),
-      "predictions": predictions,
-      "skipped": skipped,
+    "checkpoint": display_name(predictor.path),
+    "backbone": predictor.meta.get("backbone"),
+    "input_size": predictor.input_size,
+    "joint_order": "freihand",
+    "root": "wrist",
+    "kp3d_units": "metres" if args.scale is not None else "reference bone (middle MCP-PIP)",
+    "kp2d_units": "pixels of the original image (x, y)",
+    "intrinsics": "assumed: 224 px default scaled to the longer image side",
+    "reduction": (
+      f"images over {MAX_DECODE_PIXELS} pixels are decoded reduced by the "
+      "integer factor 'reduction' (f x f pixel blocks averaged)"
+    ),
+    "predictions": predictions,
+    "skipped": skipped,
   }
   _write_json(args.out, report)
   for s in skipped:
     print(f"skipped {s['file']}: {s['error']}", file=sys.stderr)
-  print(f"predicted {len(predictions)} image(s), skipped {len(skipped)}; "
-        f"wrote {display_name(args.out)}", file=sys.stderr)
+  print(
+    f"predicted {len(predictions)} image(s), skipped {len(skipped)}; "
+    f"wrote {display_name(args.out)}",
+    file=sys.stderr,
+  )
   return 0 if predictions else 1
 
 

@@ -20,8 +20,9 @@ class Preempted(Exception):
 
   def __init__(self, step: int, directory: str, cause: str = "Preempted"):
     super().__init__(
-        f"{cause} at step {step}: checkpoint saved in {directory}; re-run "
-        "the same command to continue.")
+      f"{cause} at step {step}: checkpoint saved in {directory}; re-run "
+      "the same command to continue."
+    )
     self.step = step
     self.directory = directory
     self.cause = cause
@@ -54,13 +55,10 @@ class PreemptionWatch:
   def __enter__(self):
     # signal.signal only works in the main thread (fit may run in another,
     # e.g. under a notebook kernel); there, preemption is not handled.
-    if (not self._distributed
-        and threading.current_thread() is threading.main_thread()):
-      self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM,
-                                                     self._handler)
+    if not self._distributed and threading.current_thread() is threading.main_thread():
+      self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handler)
       if callable(signal.getsignal(signal.SIGINT)):
-        self._previous[signal.SIGINT] = signal.signal(signal.SIGINT,
-                                                      self._handler)
+        self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handler)
     return self
 
   def _handler(self, signum, frame):
@@ -70,8 +68,11 @@ class PreemptionWatch:
       self.cause = self.INTERRUPTED
       # os.write: print() from a handler can hit stderr mid-write (the
       # progress bar) and fail with a reentrant-call error.
-      os.write(2, b"\nCtrl-C: stopping after this step with a checkpoint; "
-               b"press Ctrl-C again to stop at once without one.\n")
+      os.write(
+        2,
+        b"\nCtrl-C: stopping after this step with a checkpoint; "
+        b"press Ctrl-C again to stop at once without one.\n",
+      )
     self._signalled = True
 
   @property

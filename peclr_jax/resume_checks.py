@@ -3,7 +3,6 @@
 import json
 import os
 
-
 # Config keys (of the config `fit` gets) that may change when a run resumes:
 # they change when things are logged, saved or evaluated, how many workers
 # read the data or whether from pre-cropped stores (the same batches and
@@ -12,10 +11,20 @@ import os
 # the learning-rate schedule for the new length (from the restored step on),
 # as the issue asks ("the number of steps"); everything else changes the
 # result and is refused unless ALLOW_CONFIG_CHANGE_ENV is set to 1.
-RESUME_SAFE_KEYS = frozenset({
-    "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-    "eval_every_steps", "eval_batches", "num_train_steps", "num_epochs",
-    "data.num_workers", "data.precropped", "data.device_prefetch"})
+RESUME_SAFE_KEYS = frozenset(
+  {
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "eval_every_steps",
+    "eval_batches",
+    "num_train_steps",
+    "num_epochs",
+    "data.num_workers",
+    "data.precropped",
+    "data.device_prefetch",
+  }
+)
 ALLOW_CONFIG_CHANGE_ENV = "PECLR_ALLOW_CONFIG_CHANGE"
 
 
@@ -44,23 +53,24 @@ def check_config_change(stored: dict | None, config, where: str) -> list[str]:
   new = json.loads(config.to_json_best_effort())
   old, new = _flatten(stored), _flatten(new)
   missing = "<absent>"
-  changed = sorted(k for k in set(old) | set(new)
-                   if old.get(k, missing) != new.get(k, missing))
+  changed = sorted(k for k in set(old) | set(new) if old.get(k, missing) != new.get(k, missing))
   describe = lambda k: f"{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}"
   safe = [describe(k) for k in changed if k in RESUME_SAFE_KEYS]
   unsafe = [describe(k) for k in changed if k not in RESUME_SAFE_KEYS]
   allowed = os.environ.get(ALLOW_CONFIG_CHANGE_ENV) == "1"
   if unsafe and not allowed:
     raise ValueError(
-        f"the config differs from the one {where} was trained with, in keys "
-        f"that change the result: {'; '.join(unsafe)}. Use another --workdir, "
-        f"or re-run with the old values, or set {ALLOW_CONFIG_CHANGE_ENV}=1 to "
-        "continue with the new ones anyway.")
+      f"the config differs from the one {where} was trained with, in keys "
+      f"that change the result: {'; '.join(unsafe)}. Use another --workdir, "
+      f"or re-run with the old values, or set {ALLOW_CONFIG_CHANGE_ENV}=1 to "
+      "continue with the new ones anyway."
+    )
   if unsafe:
-    print(f"Resuming {where} with a changed config "
-          f"({ALLOW_CONFIG_CHANGE_ENV}=1): {'; '.join(unsafe + safe)}",
-          flush=True)
+    print(
+      f"Resuming {where} with a changed config "
+      f"({ALLOW_CONFIG_CHANGE_ENV}=1): {'; '.join(unsafe + safe)}",
+      flush=True,
+    )
   elif safe:
-    print(f"Resuming {where} with changed keys (allowed on resume): "
-          f"{'; '.join(safe)}", flush=True)
+    print(f"Resuming {where} with changed keys (allowed on resume): {'; '.join(safe)}", flush=True)
   return safe + unsafe

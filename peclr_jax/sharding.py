@@ -9,11 +9,12 @@ and implemented on jit + shard_map), and the same code runs on one CPU, a
 multi-GPU host or a multi-host TPU pod after `jax.distributed.initialize()`.
 """
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 
@@ -26,8 +27,9 @@ def make_mesh(devices=None) -> jax.sharding.Mesh:
   annotations, and only the batch's input sharding is stated.
   """
   devices = jax.devices() if devices is None else devices
-  return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,),
-                           axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.sharding.Mesh(
+    np.asarray(devices), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,)
+  )
 
 
 def replicate(tree, mesh):
@@ -54,13 +56,15 @@ def replicate(tree, mesh):
 def shard_batch(batch: Mapping[str, np.ndarray], mesh) -> dict[str, jax.Array]:
   """Assembles this process's part of the batch into global sharded arrays."""
   sharding = NamedSharding(mesh, P(DATA_AXIS))
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}
+  return {
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
+  }
 
 
 def check_batch_divisible(global_batch: int, mesh, name: str = "batch_size"):
   n = mesh.devices.size
   if global_batch % n or global_batch % jax.process_count():
     raise ValueError(
-        f"config.{name}={global_batch} must be divisible by the {n} devices "
-        f"and {jax.process_count()} processes it is split across.")
+      f"config.{name}={global_batch} must be divisible by the {n} devices "
+      f"and {jax.process_count()} processes it is split across."
+    )

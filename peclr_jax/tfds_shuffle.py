@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import struct
-from typing import Iterator
+from collections.abc import Iterator
 
 from etils import epath
 from tensorflow_datasets.core import shuffle
@@ -31,17 +31,17 @@ class _EpathBucket(shuffle._Bucket):  # pylint: disable=protected-access
     if not self._fobj:
       epath.Path(self._path).parent.mkdir(parents=True, exist_ok=True)
       try:
-        self._fobj = epath.Path(self._path).open('wb')
+        self._fobj = epath.Path(self._path).open("wb")
       except OSError as e:
         if e.errno != errno.EMFILE:
           raise
         # ~1000 buckets are open at once: more than a default soft limit of
         # 1024 descriptors allows next to everything else.
         shuffle._increase_open_files_limit()  # pylint: disable=protected-access
-        self._fobj = epath.Path(self._path).open('wb')
+        self._fobj = epath.Path(self._path).open("wb")
     self._fobj.write(shuffle._hkey_to_bytes(key))  # pylint: disable=protected-access
     # '=Q': standard 8-byte size, as TFDS's reader expects.
-    self._fobj.write(struct.pack('=Q', len(data)))
+    self._fobj.write(struct.pack("=Q", len(data)))
     self._fobj.write(data)
     self._length += 1
     self._size += len(data)
@@ -51,9 +51,9 @@ class _EpathBucket(shuffle._Bucket):  # pylint: disable=protected-access
     path = epath.Path(self._path)
     if not path.exists():  # a bucket nothing hashed into
       return
-    with path.open('rb') as f:
+    with path.open("rb") as f:
       while buff := f.read(shuffle.HKEY_SIZE_BYTES):
-        size, = struct.unpack('=Q', f.read(8))
+        (size,) = struct.unpack("=Q", f.read(8))
         yield shuffle._read_hkey(buff), f.read(size)  # pylint: disable=protected-access
 
   def del_file(self) -> None:

@@ -10,7 +10,7 @@ import json
 import math
 import os
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -19,13 +19,15 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from peclr_jax import checkpoints
-from peclr_jax import config_checks
-from peclr_jax import device_prefetch
-from peclr_jax import metrics_log
-from peclr_jax import preemption
-from peclr_jax import resume_checks
-from peclr_jax import sharding
+from peclr_jax import (
+  checkpoints,
+  config_checks,
+  device_prefetch,
+  metrics_log,
+  preemption,
+  resume_checks,
+  sharding,
+)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -36,8 +38,9 @@ def check_finite(step: int, metrics: Mapping[str, float], name="train_loss"):
   value = float(metrics[name])
   if not math.isfinite(value):
     raise NonFiniteLossError(
-        f"{name} is {value} at step {step}; stopping. Lower the learning rate "
-        "(config.optim.base_lr) or use float32 (config.model.dtype).")
+      f"{name} is {value} at step {step}; stopping. Lower the learning rate "
+      "(config.optim.base_lr) or use float32 (config.model.dtype)."
+    )
 
 
 def make_train_step(graphdef, loss_fn):
@@ -50,8 +53,7 @@ def make_train_step(graphdef, loss_fn):
   def train_step(state, batch, rng, step):
     model, optimizer = nnx.merge(graphdef, state)
     key = jax.random.fold_in(rng, step)
-    grad_fn = nnx.value_and_grad(
-        lambda m: loss_fn(m, batch, key), has_aux=True)
+    grad_fn = nnx.value_and_grad(lambda m: loss_fn(m, batch, key), has_aux=True)
     (_, metrics), grads = grad_fn(model)
     optimizer.update(model, grads)
     return nnx.state((model, optimizer)), metrics
@@ -63,9 +65,21 @@ def _pure(tree):
   return nnx.to_pure_dict(tree)
 
 
-def fit(config: ml_collections.ConfigDict, workdir: str, *, mesh, model, tx,
-        train_iter, loss_fn, num_steps: int, meta: dict, evaluate=None,
-        best_metric: tuple[str, str] | None = None, desc: str = "train"):
+def fit(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  mesh,
+  model,
+  tx,
+  train_iter,
+  loss_fn,
+  num_steps: int,
+  meta: dict,
+  evaluate=None,
+  best_metric: tuple[str, str] | None = None,
+  desc: str = "train",
+):
   """Runs, or resumes, a training loop and returns the trained model.
 
   Args:
@@ -112,33 +126,52 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, mesh, model, tx,
     if stored is not None:
       checkpoints.check_meta(checkpoints.read_meta(workdir), meta, where)
     resume_checks.check_config_change(stored, config, where)
-    return _fit(config, workdir, mesh=mesh, model=model, tx=tx,
-                train_iter=train_iter, loss_fn=loss_fn, num_steps=num_steps,
-                meta=meta, evaluate=evaluate, best_metric=best_metric,
-                desc=desc)
+    return _fit(
+      config,
+      workdir,
+      mesh=mesh,
+      model=model,
+      tx=tx,
+      train_iter=train_iter,
+      loss_fn=loss_fn,
+      num_steps=num_steps,
+      meta=meta,
+      evaluate=evaluate,
+      best_metric=best_metric,
+      desc=desc,
+    )
 
 
-def _fit(config, workdir, *, mesh, model, tx, train_iter, loss_fn, num_steps,
-         meta, evaluate, best_metric, desc):
+def _fit(
+  config,
+  workdir,
+  *,
+  mesh,
+  model,
+  tx,
+  train_iter,
+  loss_fn,
+  num_steps,
+  meta,
+  evaluate,
+  best_metric,
+  desc,
+):
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   graphdef, state = nnx.split((model, optimizer))
   rng = jax.random.key(config.seed)
   # The next batches go to the devices while a step runs; checkpoints hold
   # the state after the batches consumed, not after those read ahead.
   train_iter = device_prefetch.DevicePrefetcher(
-      train_iter, lambda batch: sharding.shard_batch(batch, mesh),
-      size=config.data.device_prefetch)
+    train_iter, lambda batch: sharding.shard_batch(batch, mesh), size=config.data.device_prefetch
+  )
 
-  manager = checkpoints.CheckpointManager(
-      workdir, max_to_keep=config.keep_checkpoints)
+  manager = checkpoints.CheckpointManager(workdir, max_to_keep=config.keep_checkpoints)
   start = manager.latest_step() or 0
   if start:
-    template = {"model": _pure(state[0]), "opt": _pure(state[1]),
-                "rng": jax.random.key_data(rng)}
-    restored = manager.restore(start, template, expect_meta=meta,
-                               data_iter=train_iter)
-    nnx.replace_by_pure_dict(state, {0: restored["model"],
-                                     1: restored["opt"]})
+    template = {"model": _pure(state[0]), "opt": _pure(state[1]), "rng": jax.random.key_data(rng)}
+    restored = manager.restore(start, template, expect_meta=meta, data_iter=train_iter)
+    nnx.replace_by_pure_dict(state, {0: restored["model"], 1: restored["opt"]})
     rng = jax.random.wrap_key_data(jnp.asarray(restored["rng"]))
     print(f"Resumed from {manager.directory}/{start}.", flush=True)
   state, rng = sharding.replicate((state, rng), mesh)
@@ -149,9 +182,13 @@ def _fit(config, workdir, *, mesh, model, tx, train_iter, loss_fn, num_steps,
   def save(step):
     nonlocal last_saved
     host = jax.device_get(state)
-    manager.save(step, {"model": _pure(host[0]), "opt": _pure(host[1]),
-                        "rng": np.asarray(jax.random.key_data(rng))},
-                 meta=meta, config=config, data_iter=train_iter)
+    manager.save(
+      step,
+      {"model": _pure(host[0]), "opt": _pure(host[1]), "rng": np.asarray(jax.random.key_data(rng))},
+      meta=meta,
+      config=config,
+      data_iter=train_iter,
+    )
     last_saved = step
 
   def current_model():
@@ -173,15 +210,13 @@ def _fit(config, workdir, *, mesh, model, tx, train_iter, loss_fn, num_steps,
       return metrics
     name, mode = best_metric
     value = float(metrics[name])
-    better = best_value is None or (
-        value < best_value if mode == "min" else value > best_value)
+    better = best_value is None or (value < best_value if mode == "min" else value > best_value)
     # A resumed run re-evaluates steps whose best checkpoint the interrupted
     # run already saved (orbax refuses to save a step twice).
     if better and step not in best_manager.all_steps():
       best_value = value
       host = jax.device_get(state)
-      best_manager.save(step, {"model": _pure(host[0])},
-                        meta={**meta, name: value}, config=config)
+      best_manager.save(step, {"model": _pure(host[0])}, meta={**meta, name: value}, config=config)
       # best.json only names a checkpoint that is complete on disk.
       best_manager.wait()
       if jax.process_index() == 0:
@@ -201,8 +236,14 @@ def _fit(config, workdir, *, mesh, model, tx, train_iter, loss_fn, num_steps,
     cleanup.callback(manager.close)
     cleanup.callback(train_iter.close)
     cleanup.enter_context(jax.set_mesh(mesh))
-    bar = tqdm(total=num_steps, initial=start, desc=desc, unit="step",
-               dynamic_ncols=True, disable=jax.process_index() != 0)
+    bar = tqdm(
+      total=num_steps,
+      initial=start,
+      desc=desc,
+      unit="step",
+      dynamic_ncols=True,
+      disable=jax.process_index() != 0,
+    )
     # Closed first, also on errors: an open bar is redrawn at exit, after
     # the error message.
     cleanup.callback(bar.close)
@@ -228,9 +269,9 @@ def _fit(config, workdir, *, mesh, model, tx, train_iter, loss_fn, num_steps,
         writer.write(step, metrics)
         bar.set_postfix(loss=f"{metrics['train_loss']:.4f}")
         last_metrics = metrics
-      if evaluate is not None and (is_last or (
-          config.eval_every_steps > 0
-          and step % config.eval_every_steps == 0)):
+      if evaluate is not None and (
+        is_last or (config.eval_every_steps > 0 and step % config.eval_every_steps == 0)
+      ):
         last_metrics = {**last_metrics, **run_evaluation(step)}
       if is_last or step % config.checkpoint_every_steps == 0:
         save(step)

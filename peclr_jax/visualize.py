@@ -13,20 +13,21 @@ from __future__ import annotations
 
 import csv
 import os
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+import mpl_toolkits.mplot3d  # noqa: F401  (registers the '3d' projection)
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-import mpl_toolkits.mplot3d  # noqa: F401  (registers the '3d' projection)
 
-from peclr_jax import geometry
-from peclr_jax import joints
+from peclr_jax import geometry, joints
 from peclr_jax.crops import IMAGENET_MEAN, IMAGENET_STD
 
 #: One colour per finger (thumb..pinky); the wrist is drawn in black.
 FINGER_COLOURS = ("#e6194b", "#f58231", "#3cb44b", "#4363d8", "#911eb4")
 WRIST_COLOUR = "#000000"
+
 
 def _finger_chain(f: int) -> tuple[int, ...]:
   """AIT indices of finger f from the wrist to the tip."""
@@ -34,8 +35,9 @@ def _finger_chain(f: int) -> tuple[int, ...]:
 
 
 #: AIT skeleton edges (parent, child) with their finger index.
-AIT_EDGES = tuple((c[k], c[k + 1], f) for f in range(5)
-                  for c in [_finger_chain(f)] for k in range(4))
+AIT_EDGES = tuple(
+  (c[k], c[k + 1], f) for f in range(5) for c in [_finger_chain(f)] for k in range(4)
+)
 
 
 def joint_colours() -> list[str]:
@@ -69,8 +71,9 @@ def _save(fig: Figure, path: str) -> str:
   return path
 
 
-def to_display_image(image, mean: Optional[Sequence[float]] = None,
-                     std: Optional[Sequence[float]] = None) -> np.ndarray:
+def to_display_image(
+  image, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+) -> np.ndarray:
   """An image ready for imshow: uint8 [H, W, 3].
 
   Args:
@@ -91,19 +94,47 @@ def to_display_image(image, mean: Optional[Sequence[float]] = None,
   return np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
 
 
-def _draw_hand_2d(ax, kp_ait: np.ndarray, *, linestyle: str = "-", marker: str = "o",
-                  alpha: float = 1.0, label: Optional[str] = None) -> None:
+def _draw_hand_2d(
+  ax,
+  kp_ait: np.ndarray,
+  *,
+  linestyle: str = "-",
+  marker: str = "o",
+  alpha: float = 1.0,
+  label: str | None = None,
+) -> None:
   for parent, child, f in AIT_EDGES:
-    ax.plot(kp_ait[[parent, child], 0], kp_ait[[parent, child], 1],
-            color=FINGER_COLOURS[f], linestyle=linestyle, linewidth=2, alpha=alpha)
-  ax.scatter(kp_ait[:, 0], kp_ait[:, 1], c=joint_colours(), s=14, marker=marker,
-             alpha=alpha, zorder=3, label=label)
+    ax.plot(
+      kp_ait[[parent, child], 0],
+      kp_ait[[parent, child], 1],
+      color=FINGER_COLOURS[f],
+      linestyle=linestyle,
+      linewidth=2,
+      alpha=alpha,
+    )
+  ax.scatter(
+    kp_ait[:, 0],
+    kp_ait[:, 1],
+    c=joint_colours(),
+    s=14,
+    marker=marker,
+    alpha=alpha,
+    zorder=3,
+    label=label,
+  )
 
 
-def plot_keypoints_2d(image, kp2d, path: str, *, gt=None, order: str = "ait",
-                      title: Optional[str] = None,
-                      mean: Optional[Sequence[float]] = None,
-                      std: Optional[Sequence[float]] = None) -> str:
+def plot_keypoints_2d(
+  image,
+  kp2d,
+  path: str,
+  *,
+  gt=None,
+  order: str = "ait",
+  title: str | None = None,
+  mean: Sequence[float] | None = None,
+  std: Sequence[float] | None = None,
+) -> str:
   """Overlays a 2D hand skeleton (per-finger colours) on an image.
 
   Args:
@@ -120,15 +151,29 @@ def plot_keypoints_2d(image, kp2d, path: str, *, gt=None, order: str = "ait",
       ``path``.
   """
   return plot_keypoints_grid(
-      [image], [kp2d], path, gt=None if gt is None else [gt], order=order,
-      titles=None if title is None else [title], mean=mean, std=std)
+    [image],
+    [kp2d],
+    path,
+    gt=None if gt is None else [gt],
+    order=order,
+    titles=None if title is None else [title],
+    mean=mean,
+    std=std,
+  )
 
 
-def plot_keypoints_grid(images, kp2d, path: str, *, gt=None, order: str = "ait",
-                        titles: Optional[Sequence[str]] = None,
-                        mean: Optional[Sequence[float]] = None,
-                        std: Optional[Sequence[float]] = None,
-                        columns: int = 4) -> str:
+def plot_keypoints_grid(
+  images,
+  kp2d,
+  path: str,
+  *,
+  gt=None,
+  order: str = "ait",
+  titles: Sequence[str] | None = None,
+  mean: Sequence[float] | None = None,
+  std: Sequence[float] | None = None,
+  columns: int = 4,
+) -> str:
   """`plot_keypoints_2d` for several images side by side (one PNG).
 
   Args:
@@ -146,8 +191,9 @@ def plot_keypoints_grid(images, kp2d, path: str, *, gt=None, order: str = "ait",
     ax = fig.add_subplot(rows, cols, i + 1)
     ax.imshow(img)
     if gt is not None:
-      _draw_hand_2d(ax, _to_ait(gt[i], order), linestyle="--", marker="s",
-                    alpha=0.6, label="ground truth")
+      _draw_hand_2d(
+        ax, _to_ait(gt[i], order), linestyle="--", marker="s", alpha=0.6, label="ground truth"
+      )
     _draw_hand_2d(ax, _to_ait(kp2d[i], order), label="prediction")
     ax.set_xlim(-0.5, img.shape[1] - 0.5)
     ax.set_ylim(img.shape[0] - 0.5, -0.5)
@@ -169,15 +215,31 @@ def _camera_to_plot(kp: np.ndarray) -> np.ndarray:
   return np.stack([kp[..., 0], kp[..., 2], -kp[..., 1]], axis=-1)
 
 
-def _draw_hand_3d(ax, kp_ait: np.ndarray, *, linestyle: str = "-", alpha: float = 1.0,
-                  marker: str = "o") -> None:
+def _draw_hand_3d(
+  ax, kp_ait: np.ndarray, *, linestyle: str = "-", alpha: float = 1.0, marker: str = "o"
+) -> None:
   kp = _camera_to_plot(kp_ait)
   for parent, child, f in AIT_EDGES:
     seg = kp[[parent, child]]
-    ax.plot(seg[:, 0], seg[:, 1], seg[:, 2], color=FINGER_COLOURS[f],
-            linestyle=linestyle, linewidth=2, alpha=alpha)
-  ax.scatter(kp[:, 0], kp[:, 1], kp[:, 2], c=joint_colours(), s=12,
-             marker=marker, alpha=alpha, depthshade=False)
+    ax.plot(
+      seg[:, 0],
+      seg[:, 1],
+      seg[:, 2],
+      color=FINGER_COLOURS[f],
+      linestyle=linestyle,
+      linewidth=2,
+      alpha=alpha,
+    )
+  ax.scatter(
+    kp[:, 0],
+    kp[:, 1],
+    kp[:, 2],
+    c=joint_colours(),
+    s=12,
+    marker=marker,
+    alpha=alpha,
+    depthshade=False,
+  )
 
 
 def _equal_axes_3d(ax, points: np.ndarray) -> None:
@@ -190,9 +252,17 @@ def _equal_axes_3d(ax, points: np.ndarray) -> None:
   ax.set_box_aspect((1, 1, 1))
 
 
-def plot_skeleton_3d(pred, path: str, *, gt=None, order: str = "ait",
-                     layout: str = "side_by_side", title: Optional[str] = None,
-                     elev: float = 15.0, azim: float = -75.0) -> str:
+def plot_skeleton_3d(
+  pred,
+  path: str,
+  *,
+  gt=None,
+  order: str = "ait",
+  layout: str = "side_by_side",
+  title: str | None = None,
+  elev: float = 15.0,
+  azim: float = -75.0,
+) -> str:
   """3D hand skeleton(s): prediction and optionally ground truth.
 
   Camera-frame coordinates (x right, y down, z forward) are drawn with the
@@ -227,8 +297,13 @@ def plot_skeleton_3d(pred, path: str, *, gt=None, order: str = "ait",
   for i, (name, hands) in enumerate(panels):
     ax = fig.add_subplot(1, len(panels), i + 1, projection="3d")
     for kp, style in hands:
-      _draw_hand_3d(ax, kp, linestyle=style, alpha=1.0 if style == "-" else 0.6,
-                    marker="o" if style == "-" else "s")
+      _draw_hand_3d(
+        ax,
+        kp,
+        linestyle=style,
+        alpha=1.0 if style == "-" else 0.6,
+        marker="o" if style == "-" else "s",
+      )
     _equal_axes_3d(ax, allpts)
     ax.view_init(elev=elev, azim=azim)
     ax.set_xlabel("x", fontsize=8)
@@ -259,11 +334,19 @@ def format_view_params(params: Mapping[str, Any]) -> str:
   return ", ".join(parts)
 
 
-def plot_view_pair(view1, view2, params1: Mapping[str, Any], params2: Mapping[str, Any],
-                   path: str, *, keypoints1=None, keypoints2=None,
-                   mean: Sequence[float] = IMAGENET_MEAN,
-                   std: Sequence[float] = IMAGENET_STD,
-                   title: Optional[str] = None) -> str:
+def plot_view_pair(
+  view1,
+  view2,
+  params1: Mapping[str, Any],
+  params2: Mapping[str, Any],
+  path: str,
+  *,
+  keypoints1=None,
+  keypoints2=None,
+  mean: Sequence[float] = IMAGENET_MEAN,
+  std: Sequence[float] = IMAGENET_STD,
+  title: str | None = None,
+) -> str:
   """The two augmented views of one image with their parameters in the titles.
 
   Args:
@@ -279,8 +362,9 @@ def plot_view_pair(view1, view2, params1: Mapping[str, Any], params2: Mapping[st
       ``path``.
   """
   fig = _new_figure(8, 4.4)
-  for i, (view, params, kp) in enumerate(((view1, params1, keypoints1),
-                                          (view2, params2, keypoints2))):
+  for i, (view, params, kp) in enumerate(
+    ((view1, params1, keypoints1), (view2, params2, keypoints2))
+  ):
     ax = fig.add_subplot(1, 2, i + 1)
     img = to_display_image(view, mean, std)
     ax.imshow(img)
@@ -296,7 +380,7 @@ def plot_view_pair(view1, view2, params1: Mapping[str, Any], params2: Mapping[st
   return _save(fig, path)
 
 
-def latent_points(z, params: Optional[Mapping[str, Any]] = None, **undo_kwargs) -> np.ndarray:
+def latent_points(z, params: Mapping[str, Any] | None = None, **undo_kwargs) -> np.ndarray:
   """A projection as D/2 points in 2-D, optionally after undoing its view.
 
   Args:
@@ -316,16 +400,25 @@ def latent_points(z, params: Optional[Mapping[str, Any]] = None, **undo_kwargs) 
     out = losses.l2_normalize(z)
   else:
     out = losses.undo_transforms(
-        z,
-        np.asarray(params["rotation"], np.float32).reshape(1),
-        np.asarray(params["scale"], np.float32).reshape(1),
-        np.asarray(params["translation"], np.float32).reshape(1, 2),
-        **undo_kwargs)
+      z,
+      np.asarray(params["rotation"], np.float32).reshape(1),
+      np.asarray(params["scale"], np.float32).reshape(1),
+      np.asarray(params["translation"], np.float32).reshape(1, 2),
+      **undo_kwargs,
+    )
   return np.asarray(out, np.float64).reshape(-1, 2)
 
 
-def plot_latent_pair(z1, z2, params1: Mapping[str, Any], params2: Mapping[str, Any],
-                     path: str, *, title: Optional[str] = None, **undo_kwargs) -> str:
+def plot_latent_pair(
+  z1,
+  z2,
+  params1: Mapping[str, Any],
+  params2: Mapping[str, Any],
+  path: str,
+  *,
+  title: str | None = None,
+  **undo_kwargs,
+) -> str:
   """The latent points of two views before and after ``undo_transforms``.
 
   Left: the L2-normalised projections as D/2 (64 for D = 128) 2-D points;
@@ -347,13 +440,29 @@ def plot_latent_pair(z1, z2, params1: Mapping[str, Any], params2: Mapping[str, A
   before = (latent_points(z1), latent_points(z2))
   after = (latent_points(z1, params1, **undo_kwargs), latent_points(z2, params2, **undo_kwargs))
   fig = _new_figure(9, 4.5)
-  for i, (name, (p1, p2)) in enumerate((("before inversion", before),
-                                        ("after undo_transforms", after))):
+  for i, (name, (p1, p2)) in enumerate(
+    (("before inversion", before), ("after undo_transforms", after))
+  ):
     ax = fig.add_subplot(1, 2, i + 1)
     for a, b in zip(p1, p2):
       ax.plot([a[0], b[0]], [a[1], b[1]], color="0.8", linewidth=0.6, zorder=1)
-    ax.scatter(p1[:, 0], p1[:, 1], s=10, color="#4363d8", label=f"view 1: {format_view_params(params1)}", zorder=2)
-    ax.scatter(p2[:, 0], p2[:, 1], s=10, color="#e6194b", marker="^", label=f"view 2: {format_view_params(params2)}", zorder=2)
+    ax.scatter(
+      p1[:, 0],
+      p1[:, 1],
+      s=10,
+      color="#4363d8",
+      label=f"view 1: {format_view_params(params1)}",
+      zorder=2,
+    )
+    ax.scatter(
+      p2[:, 0],
+      p2[:, 1],
+      s=10,
+      color="#e6194b",
+      marker="^",
+      label=f"view 2: {format_view_params(params2)}",
+      zorder=2,
+    )
     cos = float(np.sum(p1 * p2))  # both flattened vectors have unit norm
     ax.set_title(f"{name} (cos sim {cos:.3f})", fontsize=9)
     ax.set_aspect("equal", adjustable="datalim")
@@ -364,7 +473,7 @@ def plot_latent_pair(z1, z2, params1: Mapping[str, Any], params2: Mapping[str, A
   return _save(fig, path)
 
 
-def plot_pck_curve(metrics: Mapping[str, Any], path: str, *, title: Optional[str] = None) -> str:
+def plot_pck_curve(metrics: Mapping[str, Any], path: str, *, title: str | None = None) -> str:
   """3D PCK curves (unaligned and Procrustes-aligned) with AUC in the legend.
 
   Args:
@@ -381,8 +490,9 @@ def plot_pck_curve(metrics: Mapping[str, Any], path: str, *, title: Optional[str
   fig = _new_figure(5.5, 4.2)
   ax = fig.add_subplot(1, 1, 1)
   for key, auc_key, epe_key, name, colour in (
-          ("pck", "auc", "epe_cm", "unaligned", "#4363d8"),
-          ("pa_pck", "pa_auc", "pa_epe_cm", "Procrustes-aligned", "#e6194b")):
+    ("pck", "auc", "epe_cm", "unaligned", "#4363d8"),
+    ("pa_pck", "pa_auc", "pa_epe_cm", "Procrustes-aligned", "#e6194b"),
+  ):
     label = f"{name}: AUC {float(metrics[auc_key]):.3f}"
     if epe_key in metrics:
       label += f", EPE {float(metrics[epe_key]):.2f} cm"
@@ -398,8 +508,9 @@ def plot_pck_curve(metrics: Mapping[str, Any], path: str, *, title: Optional[str
   return _save(fig, path)
 
 
-def write_metrics_csv(metrics: Mapping[str, Any], path: str,
-                      joint_names: Optional[Sequence[str]] = None) -> str:
+def write_metrics_csv(
+  metrics: Mapping[str, Any], path: str, joint_names: Sequence[str] | None = None
+) -> str:
   """Per-keypoint metrics as CSV, one row per joint plus a final 'mean' row.
 
   Columns: index, joint, epe_cm, pa_epe_cm, auc, pa_auc (AUC columns only
@@ -417,7 +528,9 @@ def write_metrics_csv(metrics: Mapping[str, Any], path: str,
   epe = np.asarray(metrics["per_keypoint_epe_cm"], np.float64)
   pa_epe = np.asarray(metrics["per_keypoint_pa_epe_cm"], np.float64)
   if joint_names is None:
-    joint_names = joints.FREIHAND_NAMES if len(epe) == 21 else [f"joint_{i}" for i in range(len(epe))]
+    joint_names = (
+      joints.FREIHAND_NAMES if len(epe) == 21 else [f"joint_{i}" for i in range(len(epe))]
+    )
   if len(joint_names) != len(epe):
     raise ValueError(f"{len(joint_names)} joint names for {len(epe)} keypoints")
   columns = [("epe_cm", epe), ("pa_epe_cm", pa_epe)]
@@ -434,8 +547,9 @@ def write_metrics_csv(metrics: Mapping[str, Any], path: str,
   return path
 
 
-def plot_training_curves(workdirs: Mapping[str, str], path: str,
-                         keys: Sequence[str] = ("train_loss",)) -> str:
+def plot_training_curves(
+  workdirs: Mapping[str, str], path: str, keys: Sequence[str] = ("train_loss",)
+) -> str:
   """One panel per metric, one line per run, from the runs' metrics.jsonl.
 
   Args:
@@ -456,8 +570,7 @@ def plot_training_curves(workdirs: Mapping[str, str], path: str,
       points = [(r["step"], r[key]) for r in run if key in r]
       if points:
         steps, values = zip(*points)
-        ax.plot(steps, values, marker="." if len(points) < 30 else None,
-                label=label)
+        ax.plot(steps, values, marker="." if len(points) < 30 else None, label=label)
     ax.set_xlabel("step")
     ax.set_title(key, fontsize=9)
     ax.grid(alpha=0.3)
@@ -467,9 +580,12 @@ def plot_training_curves(workdirs: Mapping[str, str], path: str,
   return _save(fig, path)
 
 
-def plot_label_efficiency(rows: Sequence[Mapping[str, Any]],
-                          constant: Mapping[str, float], path: str,
-                          key: str = "two_pass_pa_epe_cm") -> str:
+def plot_label_efficiency(
+  rows: Sequence[Mapping[str, Any]],
+  constant: Mapping[str, float],
+  path: str,
+  key: str = "two_pass_pa_epe_cm",
+) -> str:
   """PA-EPE against the fraction of labels, one line per initialisation.
 
   Args:
@@ -484,15 +600,13 @@ def plot_label_efficiency(rows: Sequence[Mapping[str, Any]],
   fig = _new_figure(5.0, 3.6)
   ax = fig.add_subplot(1, 1, 1)
   for method in dict.fromkeys(r["method"] for r in rows):
-    mine = sorted((r for r in rows if r["method"] == method),
-                  key=lambda r: r["labels"])
+    mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["labels"])
     x = [100 * r["labels"] for r in mine]
     mean = np.array([r[key][0] for r in mine])
     std = np.array([r[key][1] for r in mine])
     ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=method)
   for i, (name, value) in enumerate(constant.items()):
-    ax.axhline(value, color="grey", linestyle=(0, (4, 2 + 2 * i)), lw=1,
-               label=name)
+    ax.axhline(value, color="grey", linestyle=(0, (4, 2 + 2 * i)), lw=1, label=name)
   ax.set_xscale("log")
   percents = sorted({100 * r["labels"] for r in rows})
   ax.set_xticks(percents, [f"{p:g}" for p in percents])

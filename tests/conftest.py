@@ -20,8 +20,10 @@ def _compilation_cache(tmp_path_factory):
   """Tests compile the same tiny train steps many times: share the XLA output
   between them (and between xdist workers, through one directory)."""
   import jax  # pylint: disable=g-import-not-at-top
+
   cache = os.environ.get("PECLR_TEST_JAX_CACHE") or str(
-      tmp_path_factory.getbasetemp().parent / "jax_cache")
+    tmp_path_factory.getbasetemp().parent / "jax_cache"
+  )
   jax.config.update("jax_compilation_cache_dir", cache)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -45,8 +45,7 @@ def _ring_keypoints(rng, batch, center, radius):
   kp = np.stack([np.cos(ang) * rad, np.sin(ang) * rad], -1)
   # Multiples of 1/64 px below 1024 px: any sum of 21 of them is exact in
   # float32, so every program finds the same hand centre, however it sums.
-  return (np.round((kp + np.asarray(center, np.float64)) * 64) / 64).astype(
-      np.float32)
+  return (np.round((kp + np.asarray(center, np.float64)) * 64) / 64).astype(np.float32)
 
 
 def _norm2(a):
@@ -97,10 +96,9 @@ def _np_matrix(c, h0, out_size, rotation, scale, translation):
   -z j / S = translation; R = OpenCV getRotationMatrix2D rotation."""
   z = out_size * scale / (2.0 * h0)
   t = np.deg2rad(rotation)
-  rot = np.stack([np.stack([np.cos(t), np.sin(t)], -1),
-                  np.stack([-np.sin(t), np.cos(t)], -1)], -2)
+  rot = np.stack([np.stack([np.cos(t), np.sin(t)], -1), np.stack([-np.sin(t), np.cos(t)], -1)], -2)
   a = z[:, None, None] * rot
-  shift = out_size / 2.0 + translation * out_size - np.einsum('bij,bj->bi', a, c)
+  shift = out_size / 2.0 + translation * out_size - np.einsum("bij,bj->bi", a, c)
   m = np.zeros((len(z), 3, 3))
   m[:, :2, :2], m[:, :2, 2], m[:, 2, 2] = a, shift, 1.0
   return m
@@ -109,7 +107,7 @@ def _np_matrix(c, h0, out_size, rotation, scale, translation):
 def _np_apply(m, pts):
   """NumPy homogeneous affine map of points [B, J, 2] by [B, 3, 3]."""
   m, pts = np.asarray(m, np.float64), np.asarray(pts, np.float64)
-  return np.einsum('bij,bnj->bni', m[:, :2, :2], pts) + m[:, None, :2, 2]
+  return np.einsum("bij,bnj->bni", m[:, :2, :2], pts) + m[:, None, :2, 2]
 
 
 def _cfg(**kw):
@@ -118,8 +116,8 @@ def _cfg(**kw):
 
 # Everything runs jitted: eager dispatch of the many small ops is far slower
 # than one compile per configuration on the shared 2-core test machine.
-_view = jax.jit(A.augment_view, static_argnames=('cfg', 'photometric'))
-_pair = jax.jit(A.augment_pair, static_argnames=('cfg',))
+_view = jax.jit(A.augment_view, static_argnames=("cfg", "photometric"))
+_pair = jax.jit(A.augment_pair, static_argnames=("cfg",))
 
 
 # --------------------------------------------------------------------------
@@ -131,11 +129,12 @@ def test_warp_matches_scipy_bilinear_with_constant_border():
   rng = np.random.default_rng(0)
   img = rng.uniform(0, 255, (2, 20, 24, 3)).astype(np.float32)
   fill = np.array([10.0, 50.0, 200.0], np.float32)
-  mats = np.stack([
-      np.asarray(crops.crop_matrix(np.array([11.3, 9.7]), 13.0, 16, 30.0,
-                                   np.array([4.0, 1.5]))),
+  mats = np.stack(
+    [
+      np.asarray(crops.crop_matrix(np.array([11.3, 9.7]), 13.0, 16, 30.0, np.array([4.0, 1.5]))),
       np.array([[1.7, 0.2, -3.1], [-0.4, 1.1, 2.6], [0, 0, 1]], np.float32),
-  ])
+    ]
+  )
   out = np.asarray(A.warp(img, mats, (16, 18), fill))
   assert out.shape == (2, 16, 18, 3)
   # Reference: scipy bilinear sampling at M^-1 q with constant taps outside.
@@ -145,20 +144,19 @@ def test_warp_matches_scipy_bilinear_with_constant_border():
     sx = inv[0, 0] * xs + inv[0, 1] * ys + inv[0, 2]
     sy = inv[1, 0] * xs + inv[1, 1] * ys + inv[1, 2]
     for ch in range(3):
-      ref = ndimage.map_coordinates(img[b, :, :, ch].astype(np.float64),
-                                    [sy, sx], order=1, mode='grid-constant',
-                                    cval=fill[ch])
+      ref = ndimage.map_coordinates(
+        img[b, :, :, ch].astype(np.float64), [sy, sx], order=1, mode="grid-constant", cval=fill[ch]
+      )
       # The reference samples at the exact M^-1 q; the warp's own position
       # is off by K_WARP EPS x_src, its four-tap blend by 8 EPS of 255.
       _, x_src = _geometry_scales(mats[b], np.zeros(2), 16)
-      tol = 255 * (_slope(img[b:b + 1], fill) * K_WARP * EPS * x_src
-                   + 8 * EPS)
+      tol = 255 * (_slope(img[b : b + 1], fill) * K_WARP * EPS * x_src + 8 * EPS)
       np.testing.assert_allclose(out[b, :, :, ch], ref, rtol=0, atol=tol)
   # The second matrix pushes part of the view off the source: fill shows.
   assert np.any(np.all(np.isclose(out[1], fill, atol=1e-3), -1))
 
 
-@pytest.mark.parametrize('seed', [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
 def test_bright_dot_lands_where_matrix_maps_it(seed):
   rng = np.random.default_rng(seed)
   batch, hw, center = 6, 64, np.array([30.3, 33.7])
@@ -169,8 +167,10 @@ def test_bright_dot_lands_where_matrix_maps_it(seed):
   # stays >= ~5 px inside the 32 px view for every draw.
   dot = kc + 5.0
   ys, xs = np.mgrid[0:hw, 0:hw].astype(np.float64)
-  blob = 120.0 * np.exp(-((xs[None] - dot[:, 0, None, None]) ** 2 +
-                          (ys[None] - dot[:, 1, None, None]) ** 2) / (2 * 2.0 ** 2))
+  blob = 120.0 * np.exp(
+    -((xs[None] - dot[:, 0, None, None]) ** 2 + (ys[None] - dot[:, 1, None, None]) ** 2)
+    / (2 * 2.0**2)
+  )
   img = np.clip(np.round(MEAN255 + blob[..., None]), 0, 255).astype(np.uint8)
   cfg = _cfg(color_jitter=False)
   view, _, mat = _view(jax.random.key(seed), img, kp, cfg=cfg)
@@ -180,7 +180,7 @@ def test_bright_dot_lands_where_matrix_maps_it(seed):
   vy, vx = np.mgrid[0:S, 0:S]
   found = np.stack([(wgt * vx).sum((1, 2)), (wgt * vy).sum((1, 2))], -1)
   found /= wgt.sum((1, 2))[:, None]
-  expect = np.einsum('bij,bj->bi', mat[:, :2, :2], dot) + mat[:, :2, 2]
+  expect = np.einsum("bij,bj->bi", mat[:, :2, :2], dot) + mat[:, :2, 2]
   assert np.all((expect > 3) & (expect < S - 4))
   np.testing.assert_array_less(np.linalg.norm(found - expect, axis=-1), 0.5)
 
@@ -191,9 +191,9 @@ def test_params_within_ranges():
   kp = _ring_keypoints(rng, batch, rng.uniform(12, 20, (batch, 1, 2)), 10.0)
   img = np.zeros((batch, 32, 32, 3), np.uint8)
   _, params, _ = _view(jax.random.key(7), img, kp, cfg=_cfg())
-  rot = np.asarray(params['rotation'])
-  scale = np.asarray(params['scale'])
-  trans = np.asarray(params['translation'])
+  rot = np.asarray(params["rotation"])
+  scale = np.asarray(params["scale"])
+  trans = np.asarray(params["translation"])
   assert rot.shape == scale.shape == (batch,) and trans.shape == (batch, 2)
   np.testing.assert_array_equal(rot, np.round(rot))  # whole degrees
   assert rot.min() >= -45 and rot.max() <= 45
@@ -219,44 +219,46 @@ def test_matrix_equals_documented_formula():
     _, params, mat = _view(jax.random.key(key), img, kp, cfg=_cfg())
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}
     c, h0 = _np_box(kp)
-    ref = _np_matrix(c, h0, S, p['rotation'], p['scale'], p['translation'])
+    ref = _np_matrix(c, h0, S, p["rotation"], p["scale"], p["translation"])
     # float32 against float64 from the same parameters: K_GEOM roundings of
     # the zoom and rotation (relative) and of the terms of t (x_view).
     x_view, _ = _geometry_scales(mat, kp, S)
     mat = np.asarray(mat)
-    np.testing.assert_allclose(mat[:, :2, :2], ref[:, :2, :2], rtol=0,
-                               atol=K_GEOM * EPS * _norm2(ref[:, :2, :2]).max())
-    np.testing.assert_allclose(mat[:, :2, 2], ref[:, :2, 2], rtol=0,
-                               atol=K_GEOM * EPS * x_view)
+    np.testing.assert_allclose(
+      mat[:, :2, :2], ref[:, :2, :2], rtol=0, atol=K_GEOM * EPS * _norm2(ref[:, :2, :2]).max()
+    )
+    np.testing.assert_allclose(mat[:, :2, 2], ref[:, :2, 2], rtol=0, atol=K_GEOM * EPS * x_view)
     np.testing.assert_array_equal(mat[:, 2], [[0, 0, 1]] * batch)
     # Meaning of `translation`: where the hand centre lands, relative to
     # the view centre, as a fraction of the view size.
     landed = _np_apply(mat, c[:, None])[:, 0]
-    np.testing.assert_allclose((landed - S / 2) / S, p['translation'],
-                               rtol=0, atol=K_GEOM * EPS * x_view / S)
+    np.testing.assert_allclose(
+      (landed - S / 2) / S, p["translation"], rtol=0, atol=K_GEOM * EPS * x_view / S
+    )
 
 
 def test_crop_matrix_known_answer_and_inverse():
   c = np.array([[40.0, 25.0]])
-  mat = np.asarray(crops.crop_matrix(c, np.array([20.0]), 32, np.array([0.0]),
-                                     np.array([[4.0, 2.0]])))
+  mat = np.asarray(
+    crops.crop_matrix(c, np.array([20.0]), 32, np.array([0.0]), np.array([[4.0, 2.0]]))
+  )
   # z = 32 / 40 = 0.8: the crop origin c - 20 + j maps to (0, 0). About 8
   # roundings (z, z j, A c, t) of terms up to |A c| = 32 px.
   corner = np.array([[[40 - 20 + 4.0, 25 - 20 + 2.0]]])
-  np.testing.assert_allclose(_np_apply(mat, corner), 0.0,
-                             atol=8 * EPS * 32)
+  np.testing.assert_allclose(_np_apply(mat, corner), 0.0, atol=8 * EPS * 32)
   # cos 0 and sin 0 are exact; 32 / 40 is one division (GPU: 2 ulp).
-  np.testing.assert_allclose(mat[0, :2, :2], 0.8 * np.eye(2), rtol=0,
-                             atol=2 * EPS)
+  np.testing.assert_allclose(mat[0, :2, :2], 0.8 * np.eye(2), rtol=0, atol=2 * EPS)
   m = np.asarray(crops.crop_matrix(c, np.array([13.0]), 32, np.array([33.0])))
   # Checked in float64: only the float32 inverse's error remains, a few EPS
   # of A^-1 (det and a division) and of the terms of -A^-1 t.
   prod = np.asarray(A.invert_affine(m), np.float64) @ m.astype(np.float64)
   a_inv = _norm2(np.linalg.inv(m[0, :2, :2].astype(np.float64)))
-  np.testing.assert_allclose(prod[0, :2, :2], np.eye(2), rtol=0,
-                             atol=8 * EPS * a_inv * _norm2(m[0, :2, :2]))
-  np.testing.assert_allclose(prod[0, :2, 2], 0.0, rtol=0,
-                             atol=8 * EPS * a_inv * np.linalg.norm(m[0, :2, 2]))
+  np.testing.assert_allclose(
+    prod[0, :2, :2], np.eye(2), rtol=0, atol=8 * EPS * a_inv * _norm2(m[0, :2, :2])
+  )
+  np.testing.assert_allclose(
+    prod[0, :2, 2], 0.0, rtol=0, atol=8 * EPS * a_inv * np.linalg.norm(m[0, :2, 2])
+  )
   np.testing.assert_array_equal(prod[0, 2], [0, 0, 1])
 
 
@@ -281,16 +283,14 @@ def test_positive_rotation_is_counter_clockwise_on_screen():
 def test_degenerate_keypoints_fall_back_to_whole_image():
   img = np.full((2, 24, 40, 3), 200, np.uint8)
   kp = np.zeros((2, 21, 2), np.float32)  # missing labels
-  view, _, mat = _view(jax.random.key(0), img, kp,
-                       cfg=_cfg(rotate=False, crop=False))
+  view, _, mat = _view(jax.random.key(0), img, kp, cfg=_cfg(rotate=False, crop=False))
   assert np.all(np.isfinite(np.asarray(view)))
   # Whole image: centre (20, 12), half-side 20, margin 1.25 -> z = 32 / 50.
   # 1.25 * 20 and 2 * 25 are exact, 32 / 50 is one division (GPU: 2 ulp).
   np.testing.assert_allclose(np.asarray(mat)[:, 0, 0], 32 / 50, rtol=4 * EPS)
   centre = np.broadcast_to([[[20.0, 12.0]]], (2, 1, 2))
   x_view, _ = _geometry_scales(mat, centre, S)
-  np.testing.assert_allclose(_np_apply(mat, centre), S / 2, rtol=0,
-                             atol=K_GEOM * EPS * x_view)
+  np.testing.assert_allclose(_np_apply(mat, centre), S / 2, rtol=0, atol=K_GEOM * EPS * x_view)
 
 
 # --------------------------------------------------------------------------
@@ -314,8 +314,7 @@ def test_jit_determinism_and_key_dependence():
   (c1, _), _, _ = f(jax.random.key(4), img, kp)
   np.testing.assert_array_equal(np.asarray(a1), np.asarray(b1))
   np.testing.assert_array_equal(np.asarray(a2), np.asarray(b2))
-  np.testing.assert_array_equal(np.asarray(pa1['rotation']),
-                                np.asarray(pb1['rotation']))
+  np.testing.assert_array_equal(np.asarray(pa1["rotation"]), np.asarray(pb1["rotation"]))
   assert a1.shape == (4, S, S, 3) and a1.dtype == jnp.float32
   assert ma1.shape == (4, 3, 3)
   assert np.all(np.isfinite(np.asarray(a1)))
@@ -333,14 +332,13 @@ def test_geometric_only_view_is_normalised_warp_with_zero_border():
   # positions may differ by K_WARP EPS x_src, which bilinear sampling turns
   # into at most slope times that; the blend and normalisation add 8 EPS.
   _, x_src = _geometry_scales(mat, kp, S)
-  tol = ((_slope(img, fill) * K_WARP * EPS * x_src + 8 * EPS)
-         / min(A.IMAGENET_STD))
-  np.testing.assert_allclose(np.asarray(view), np.asarray(ref), rtol=0,
-                             atol=tol)
+  tol = (_slope(img, fill) * K_WARP * EPS * x_src + 8 * EPS) / min(A.IMAGENET_STD)
+  np.testing.assert_allclose(np.asarray(view), np.asarray(ref), rtol=0, atol=tol)
   # Border (mean colour) normalises to 0 in the view corner: all four taps
   # outside, so the pixel is the fill itself; / 255, - mean, / std round.
-  np.testing.assert_allclose(np.asarray(view)[:, 0, 0], 0.0, rtol=0,
-                             atol=4 * EPS / min(A.IMAGENET_STD))
+  np.testing.assert_allclose(
+    np.asarray(view)[:, 0, 0], 0.0, rtol=0, atol=4 * EPS / min(A.IMAGENET_STD)
+  )
   # With colour jitter on (same key -> same geometry) the content changes.
   jit_view, _, mat2 = _view(jax.random.key(1), img, kp, cfg=cfg)
   np.testing.assert_array_equal(np.asarray(mat), np.asarray(mat2))
@@ -373,8 +371,7 @@ def _smooth_jitter_safe_batch(batch, hw=40, seed=0):
   coarse[..., 1] = rng.uniform(70, 250, coarse.shape[:-1])
   coarse[..., 0] = rng.uniform(40, 250, coarse.shape[:-1])
   coarse[..., 2] = coarse[..., 1] - rng.uniform(20, 70, coarse.shape[:-1])
-  img = ndimage.zoom(coarse, (1, hw / 6, hw / 6, 1), order=1, grid_mode=True,
-                     mode='nearest')
+  img = ndimage.zoom(coarse, (1, hw / 6, hw / 6, 1), order=1, grid_mode=True, mode="nearest")
   edge = np.minimum(np.arange(hw), np.arange(hw)[::-1])
   fade = np.clip(np.minimum(edge[:, None], edge[None, :]) / 8.0, 0, 1)
   fill = 255.0 * np.array(A.IMAGENET_MEAN)
@@ -384,20 +381,21 @@ def _smooth_jitter_safe_batch(batch, hw=40, seed=0):
   return img, kp
 
 
-@pytest.mark.skipif(len(jax.devices()) < 2, reason='needs several devices')
+@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs several devices")
 def test_sharded_batch_needs_no_collectives():
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  from jax.sharding import Mesh, NamedSharding
+  from jax.sharding import PartitionSpec as P
+
   n = len(jax.devices())
   img, kp = _smooth_jitter_safe_batch(batch=2 * n, seed=2)
   green, blue = img[..., 1].astype(int), img[..., 2].astype(int)
   assert green.min() >= 70 and (green - blue).min() >= 11
-  mesh = Mesh(np.array(jax.devices()), ('data',))
-  shard = NamedSharding(mesh, P('data'))
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  shard = NamedSharding(mesh, P("data"))
   cfg = _cfg()
-  args = (jax.random.key(0), jax.device_put(img, shard),
-          jax.device_put(kp, shard))
+  args = (jax.random.key(0), jax.device_put(img, shard), jax.device_put(kp, shard))
   hlo = _pair.lower(*args, cfg=cfg).compile().as_text()
-  for op in ('all-gather', 'all-to-all', 'collective-permute', 'all-reduce'):
+  for op in ("all-gather", "all-to-all", "collective-permute", "all-reduce"):
     assert op not in hlo, op
   out = jax.device_get(_pair(*args, cfg=cfg))
   ref = jax.device_get(_pair(jax.random.key(0), img, kp, cfg=cfg))
@@ -408,20 +406,21 @@ def test_sharded_batch_needs_no_collectives():
   for (view, par, mat), (rview, rpar, rmat) in zip(zip(*out), zip(*ref)):
     # Same random bits: whole degrees exactly, 1 / U(0.9, 1.5) within its
     # three roundings.
-    np.testing.assert_array_equal(par['rotation'], rpar['rotation'])
-    np.testing.assert_allclose(par['scale'], rpar['scale'], rtol=4 * EPS)
+    np.testing.assert_array_equal(par["rotation"], rpar["rotation"])
+    np.testing.assert_allclose(par["scale"], rpar["scale"], rtol=4 * EPS)
     # Geometry: K_GEOM roundings of terms up to x_view (view px).
     x_view, x_src = _geometry_scales(rmat, kp, S)
-    np.testing.assert_allclose(par['translation'], rpar['translation'],
-                               rtol=0, atol=K_GEOM * EPS * x_view / S)
-    np.testing.assert_allclose(_np_apply(mat, kp), _np_apply(rmat, kp),
-                               rtol=0, atol=K_GEOM * EPS * x_view)
+    np.testing.assert_allclose(
+      par["translation"], rpar["translation"], rtol=0, atol=K_GEOM * EPS * x_view / S
+    )
+    np.testing.assert_allclose(
+      _np_apply(mat, kp), _np_apply(rmat, kp), rtol=0, atol=K_GEOM * EPS * x_view
+    )
     # Views: source positions within K_GEOM EPS x_src, which sampling turns
     # into slope times that (0..1 units), blending and the colour jitter's
     # ~20 roundings add K_GEOM EPS; the jitter multiplies by at most
     # L_JITTER, normalising divides by std.
-    tol = (L_JITTER * (slope * K_GEOM * EPS * x_src + K_GEOM * EPS)
-           / min(A.IMAGENET_STD))
+    tol = L_JITTER * (slope * K_GEOM * EPS * x_src + K_GEOM * EPS) / min(A.IMAGENET_STD)
     np.testing.assert_allclose(view, rview, rtol=0, atol=tol)
 
 
@@ -434,15 +433,26 @@ def _hsv_test_pixels(rng, n=512):
   """[n, 3] RGB in [0, 1]: uniform floats, then the special cases first."""
   px = rng.uniform(0, 1, (n, 3)).astype(np.float32)
   special = [
-      [0.5, 0.5, 0.5], [0, 0, 0], [1, 1, 1], [0.2, 0.2, 0.2],  # greys
-      [1, 0, 0], [0, 1, 0], [0, 0, 1],  # primaries
-      [1, 1, 0], [0, 1, 1], [1, 0, 1], [0.2, 0.9, 0.9],  # secondaries
-      # Red is the maximum and blue just above green: hue just below 1, the
-      # wrap of h / 6 < 0 (and just above 0 with green above blue).
-      [1, 0, 1e-3], [0.9, 0.3, 0.30001], [0.7, 0.5, 0.5 + 1e-4],
-      [1, 1e-3, 0], [0.9, 0.30001, 0.3],
+    [0.5, 0.5, 0.5],
+    [0, 0, 0],
+    [1, 1, 1],
+    [0.2, 0.2, 0.2],  # greys
+    [1, 0, 0],
+    [0, 1, 0],
+    [0, 0, 1],  # primaries
+    [1, 1, 0],
+    [0, 1, 1],
+    [1, 0, 1],
+    [0.2, 0.9, 0.9],  # secondaries
+    # Red is the maximum and blue just above green: hue just below 1, the
+    # wrap of h / 6 < 0 (and just above 0 with green above blue).
+    [1, 0, 1e-3],
+    [0.9, 0.3, 0.30001],
+    [0.7, 0.5, 0.5 + 1e-4],
+    [1, 1e-3, 0],
+    [0.9, 0.30001, 0.3],
   ]
-  px[:len(special)] = special
+  px[: len(special)] = special
   return px
 
 
@@ -453,12 +463,12 @@ def test_hsv_round_trip_is_identity():
   # The hue comes back through 6 h + n <= 11 (steps of 8 EPS) and 4 - k:
   # with the forward hue's own error (~12 EPS once times 6), <= ~22 EPS,
   # scaled by v s <= 1.
-  np.testing.assert_allclose(np.asarray(A.hsv_to_rgb(hsv)), px, rtol=0,
-                             atol=24 * EPS)
+  np.testing.assert_allclose(np.asarray(A.hsv_to_rgb(hsv)), px, rtol=0, atol=24 * EPS)
   # Also as [B, H, W, 3] images (the shape the augmentation passes).
   img = px[:504].reshape(2, 12, 21, 3)
-  np.testing.assert_allclose(np.asarray(A.hsv_to_rgb(A.rgb_to_hsv(img))),
-                             img, rtol=0, atol=24 * EPS)
+  np.testing.assert_allclose(
+    np.asarray(A.hsv_to_rgb(A.rgb_to_hsv(img))), img, rtol=0, atol=24 * EPS
+  )
 
 
 def test_hsv_conversions_match_colorsys():
@@ -477,8 +487,7 @@ def test_hsv_conversions_match_colorsys():
   hsv[:4, 0] = [0.0, 1.0, 1 - 1e-6, 5 / 6]
   ref = np.array([colorsys.hsv_to_rgb(*p) for p in hsv.astype(np.float64)])
   # 6 h (2 EPS), + n (4 EPS), 4 - k (2 EPS), v - v s f (1.5 EPS).
-  np.testing.assert_allclose(np.asarray(A.hsv_to_rgb(hsv)), ref, rtol=0,
-                             atol=16 * EPS)
+  np.testing.assert_allclose(np.asarray(A.hsv_to_rgb(hsv)), ref, rtol=0, atol=16 * EPS)
 
 
 def test_hsv_jitter_hue_past_one_known_answer():
@@ -518,8 +527,8 @@ def test_hsv_jitter_matches_colorsys_reference():
       for j in range(5):
         h, s, v = colorsys.rgb_to_hsv(*img[b, i, j].astype(np.float64))
         ref[b, i, j] = colorsys.hsv_to_rgb(
-            min(h * hue[b], 1.0), min(s * sat[b], 1.0),
-            min(max(v * alpha[b] + beta[b], 0.0), 1.0))
+          min(h * hue[b], 1.0), min(s * sat[b], 1.0), min(max(v * alpha[b] + beta[b], 0.0), 1.0)
+        )
   # As the round trip (24 EPS) plus the scaling of h, s and v.
   np.testing.assert_allclose(out, ref, rtol=0, atol=32 * EPS)
 
@@ -530,8 +539,7 @@ def test_grayscale_and_blur_known_answers():
   g = np.asarray(A.grayscale(img))
   # Three products and two sums of terms summing to <= 1, the weights
   # themselves rounded: <= 4 EPS.
-  np.testing.assert_allclose(g[..., 0], img @ np.array([0.299, 0.587, 0.114]),
-                             rtol=0, atol=8 * EPS)
+  np.testing.assert_allclose(g[..., 0], img @ np.array([0.299, 0.587, 0.114]), rtol=0, atol=8 * EPS)
   np.testing.assert_array_equal(g[..., 0], g[..., 2])
   # Impulse response = outer product of the normalised 1D Gaussian.
   imp = np.zeros((2, 15, 15, 1), np.float32)
@@ -543,17 +551,19 @@ def test_grayscale_and_blur_known_answers():
     k /= k.sum()
     # Each tap: exp (a few ulp), the 7-term sum and the division: ~12 EPS
     # relative; the outer product of two passes twice that.
-    np.testing.assert_allclose(out[b, 4:11, 4:11], np.outer(k, k), rtol=0,
-                               atol=32 * EPS * np.outer(k, k).max())
+    np.testing.assert_allclose(
+      out[b, 4:11, 4:11], np.outer(k, k), rtol=0, atol=32 * EPS * np.outer(k, k).max()
+    )
     assert abs(out[b].sum() - 1.0) < 64 * EPS  # and 225 terms summed
   # Reflect border: unchanged. Per pass 7 products and sums of taps that sum
   # to 1 within 8 EPS: ~20 EPS of 0.3 for both passes.
   const = np.full((1, 9, 9, 3), 0.3, np.float32)
-  np.testing.assert_allclose(np.asarray(A.gaussian_blur(const, [2.0], 7)),
-                             const, rtol=0, atol=32 * EPS * 0.3)
+  np.testing.assert_allclose(
+    np.asarray(A.gaussian_blur(const, [2.0], 7)), const, rtol=0, atol=32 * EPS * 0.3
+  )
 
 
-@pytest.mark.parametrize('flag', ['blur', 'noise', 'color_drop', 'cutout'])
+@pytest.mark.parametrize("flag", ["blur", "noise", "color_drop", "cutout"])
 def test_optional_augmentation_hits_about_half_the_samples(flag):
   img, kp = _small_batch(batch=64, seed=6)
   base = _cfg(color_jitter=False, cutout_fraction=(0.3, 0.5))
@@ -562,11 +572,10 @@ def test_optional_augmentation_hits_about_half_the_samples(flag):
   aug = np.asarray(_view(jax.random.key(9), img, kp, cfg=cfg)[0])
   changed = np.any(np.abs(aug - plain) > 1e-3, axis=(1, 2, 3))
   assert 14 <= changed.sum() <= 50, changed.sum()
-  if flag == 'color_drop':
+  if flag == "color_drop":
     rgb = aug * np.array(A.IMAGENET_STD) + np.array(A.IMAGENET_MEAN)
-    np.testing.assert_allclose(rgb[changed][..., 0], rgb[changed][..., 2],
-                               atol=1e-5)
-  if flag == 'cutout':  # one flat grey box per hit sample
+    np.testing.assert_allclose(rgb[changed][..., 0], rgb[changed][..., 2], atol=1e-5)
+  if flag == "cutout":  # one flat grey box per hit sample
     rgb = aug * np.array(A.IMAGENET_STD) + np.array(A.IMAGENET_MEAN)
     for b in np.flatnonzero(changed):
       box = rgb[b][np.any(np.abs(aug[b] - plain[b]) > 1e-3, -1)]

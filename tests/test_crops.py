@@ -16,18 +16,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from peclr_jax import augment
-from peclr_jax import crops
+from peclr_jax import augment, crops
 
 ROOM = 1.5 * np.sqrt(2)
 
 
-@pytest.mark.parametrize('size,grad,centre,half,out', [
-    ((40, 30), (3, 4), (20.3, 14.7), 6.0, 32),   # zoom in, z = 2.7
-    ((120, 100), (1, 1), (60.0, 50.0), 45.0, 16),   # z = 0.18: reduce
-])
-def test_warp_matches_ramp_at_inverse_mapped_points(size, grad, centre, half,
-                                                    out):
+@pytest.mark.parametrize(
+  "size,grad,centre,half,out",
+  [
+    ((40, 30), (3, 4), (20.3, 14.7), 6.0, 32),  # zoom in, z = 2.7
+    ((120, 100), (1, 1), (60.0, 50.0), 45.0, 16),  # z = 0.18: reduce
+  ],
+)
+def test_warp_matches_ramp_at_inverse_mapped_points(size, grad, centre, half, out):
   (w, h), (gx, gy) = size, grad
   ys, xs = np.mgrid[:h, :w]
   ramp = gx * xs + gy * ys + 10  # integers <= 255: the source is exact
@@ -35,8 +36,7 @@ def test_warp_matches_ramp_at_inverse_mapped_points(size, grad, centre, half,
   m = crops.crop_matrix(centre, half, out)
   crop = crops.warp_crop(pil, m, out).astype(np.float64)[..., 0]
   qy, qx = np.mgrid[:out, :out].astype(np.float64)
-  src = crops.apply_affine(np.linalg.inv(m),
-                           np.stack([qx, qy], -1).reshape(-1, 2))
+  src = crops.apply_affine(np.linalg.inv(m), np.stack([qx, qy], -1).reshape(-1, 2))
   want = (gx * src[:, 0] + gy * src[:, 1] + 10).reshape(out, out)
   err = crop - want
   # PIL rounds or truncates its 8-bit output (Pillow 13 truncates: mean
@@ -47,27 +47,26 @@ def test_warp_matches_ramp_at_inverse_mapped_points(size, grad, centre, half,
 
 def test_crop_matrix_maps_the_square_onto_the_crop_centred_on_s_over_2():
   m = crops.crop_matrix((10.0, 20.0), 5.0, 8)
-  corners = crops.apply_affine(m, np.array([[5.0, 15.0], [15.0, 25.0],
-                                            [10.0, 20.0]]))
+  corners = crops.apply_affine(m, np.array([[5.0, 15.0], [15.0, 25.0], [10.0, 20.0]]))
   # Source square [c - h, c + h] -> [0, S], its centre -> (S/2, S/2).
   np.testing.assert_allclose(corners, [[0.0, 0.0], [8.0, 8.0], [4.0, 4.0]])
 
 
-@pytest.mark.parametrize('xp', [np, jnp])
+@pytest.mark.parametrize("xp", [np, jnp])
 def test_apply_affine_matches_homogeneous_product(xp):
   rng = np.random.default_rng(3)
   m = np.tile(np.eye(3, dtype=np.float32), (2, 1, 1))
   m[:, :2, :] = rng.normal(size=(2, 2, 3))
   pts = rng.normal(size=(2, 21, 2)).astype(np.float32)
   hom = np.concatenate([pts, np.ones((2, 21, 1), np.float32)], -1)
-  ref = np.einsum('bij,bkj->bki', m, hom)[..., :2]
+  ref = np.einsum("bij,bkj->bki", m, hom)[..., :2]
   got = crops.apply_affine(xp.asarray(m), xp.asarray(pts))
   assert type(got) is type(xp.asarray(pts))
   np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_warp_outside_image_is_fill():
-  pil = Image.new('RGB', (20, 20), (200, 200, 200))
+  pil = Image.new("RGB", (20, 20), (200, 200, 200))
   m = crops.crop_matrix((500.0, 500.0), 4.0, 8)
   assert np.asarray(crops.warp_crop(pil, m, 8)).max() == 0
 
@@ -92,7 +91,7 @@ def test_square_from_keypoints_and_errors():
   np.testing.assert_allclose(h2, np.sqrt(500.0) * ROOM)
   _, h = crops.square_from_keypoints(np.zeros((21, 2)))
   assert h == crops.MIN_HALF_SIDE
-  with pytest.raises(ValueError, match='NaN'):
+  with pytest.raises(ValueError, match="NaN"):
     crops.square_from_keypoints(np.full((21, 2), np.nan))
 
 
@@ -101,22 +100,20 @@ def test_square_from_keypoints_and_errors():
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('box', [(10.0, 20.0, 50.0, 60.0),
-                                 (3.0, 40.0, 23.0, 121.0)])
+@pytest.mark.parametrize("box", [(10.0, 20.0, 50.0, 60.0), (3.0, 40.0, 23.0, 121.0)])
 def test_crop_matrix_centres_a_box_as_the_public_test_time_crop(box):
   # The public create_affine_transform_from_bbox, written out: zoom
   # a = 0.7 S / longer side, box centre -> (S/2, S/2).
   s, fill = 224, 0.7
   x1, y1, x2, y2 = box
   a = fill * s / max(x2 - x1, y2 - y1)
-  public = np.array([[a, 0.0, s / 2 - a * (x1 + x2) / 2],
-                     [0.0, a, s / 2 - a * (y1 + y2) / 2],
-                     [0.0, 0.0, 1.0]])
+  public = np.array(
+    [[a, 0.0, s / 2 - a * (x1 + x2) / 2], [0.0, a, s / 2 - a * (y1 + y2) / 2], [0.0, 0.0, 1.0]]
+  )
   half = max(x2 - x1, y2 - y1) / (2 * fill)
   m = crops.crop_matrix(((x1 + x2) / 2, (y1 + y2) / 2), half, s)
   np.testing.assert_allclose(m, public, rtol=1e-12, atol=1e-12)
-  np.testing.assert_array_equal(crops.box_affine(np.array(box), s, fill),
-                                public)
+  np.testing.assert_array_equal(crops.box_affine(np.array(box), s, fill), public)
 
 
 def test_whole_image_box_is_the_identity():
@@ -125,10 +122,8 @@ def test_whole_image_box_is_the_identity():
   centre, half = crops.full_image_box((12, 12))
   m = crops.crop_matrix(centre, half, 12)
   np.testing.assert_array_equal(m, np.eye(3))
-  np.testing.assert_array_equal(
-      crops.warp_crop(Image.fromarray(image), m, 12), image)
-  np.testing.assert_array_equal(
-      np.asarray(augment.warp(image[None], m[None], 12))[0], image)
+  np.testing.assert_array_equal(crops.warp_crop(Image.fromarray(image), m, 12), image)
+  np.testing.assert_array_equal(np.asarray(augment.warp(image[None], m[None], 12))[0], image)
 
 
 def test_hand_box_numpy_and_jax_agree_and_fall_back_to_the_image():
@@ -143,8 +138,7 @@ def test_hand_box_numpy_and_jax_agree_and_fall_back_to_the_image():
   np.testing.assert_allclose(half[0], want_half, rtol=1e-12)
   np.testing.assert_array_equal(centre[1:], [[40.0, 30.0]] * 2)
   np.testing.assert_array_equal(half[1:], [40.0, 40.0])
-  jc, jh = jax.jit(lambda k: crops.hand_box(k, (60, 80), margin=1.5))(
-      jnp.asarray(kp, jnp.float32))
+  jc, jh = jax.jit(lambda k: crops.hand_box(k, (60, 80), margin=1.5))(jnp.asarray(kp, jnp.float32))
   np.testing.assert_allclose(jc, centre, rtol=1e-5)
   np.testing.assert_allclose(jh, half, rtol=1e-5)
 
@@ -160,28 +154,28 @@ def test_crop_matrix_and_apply_affine_run_on_numpy_and_inside_jit():
   assert isinstance(m, np.ndarray) and m.dtype == np.float64
   # Independent reference: q = z R (p - c) + S/2 - z j, R = [[c, s], [-s, c]].
   t = np.deg2rad(theta)
-  rot = np.stack([np.stack([np.cos(t), np.sin(t)], -1),
-                  np.stack([-np.sin(t), np.cos(t)], -1)], -2)
+  rot = np.stack([np.stack([np.cos(t), np.sin(t)], -1), np.stack([-np.sin(t), np.cos(t)], -1)], -2)
   z = 64 / (2 * half)
-  want = (z[:, None, None] * np.einsum('bij,bnj->bni', rot,
-                                       kp - centre[:, None])
-          + 32 - z[:, None, None] * jitter[:, None])
-  np.testing.assert_allclose(crops.apply_affine(m, kp), want, rtol=1e-12,
-                             atol=1e-9)
+  want = (
+    z[:, None, None] * np.einsum("bij,bnj->bni", rot, kp - centre[:, None])
+    + 32
+    - z[:, None, None] * jitter[:, None]
+  )
+  np.testing.assert_allclose(crops.apply_affine(m, kp), want, rtol=1e-12, atol=1e-9)
 
   @jax.jit
   def on_device(c, h, r, j, p):
     return crops.apply_affine(crops.crop_matrix(c, h, 64, r, j), p)
 
-  got = on_device(*(jnp.asarray(a, jnp.float32)
-                    for a in (centre, half, theta, jitter, kp)))
+  got = on_device(*(jnp.asarray(a, jnp.float32) for a in (centre, half, theta, jitter, kp)))
   assert got.dtype == jnp.float32
   # float32: |q| <= ~1e3 px, a few roundings of relative 6e-8 each.
   np.testing.assert_allclose(got, want, atol=1e-3)
 
 
-@pytest.mark.parametrize('zoom,theta', [(1.0, 0.0), (2.7, 0.0), (0.6, 0.0),
-                                        (1.3, 30.0), (0.8, -45.0)])
+@pytest.mark.parametrize(
+  "zoom,theta", [(1.0, 0.0), (2.7, 0.0), (0.6, 0.0), (1.3, 30.0), (0.8, -45.0)]
+)
 def test_host_and_device_warps_agree(zoom, theta):
   rng = np.random.default_rng(6)
   image = rng.integers(0, 256, (30, 40, 3), np.uint8)
@@ -193,10 +187,10 @@ def test_host_and_device_warps_agree(zoom, theta):
   # treat the one-pixel edge differently: cv2's constant border blends with
   # the fill, PIL's does not).
   qy, qx = np.mgrid[:s, :s].astype(np.float64)
-  src = crops.apply_affine(np.linalg.inv(m),
-                           np.stack([qx, qy], -1).reshape(-1, 2))
-  inside = ((src[:, 0] >= 0) & (src[:, 0] <= 39) & (src[:, 1] >= 0)
-            & (src[:, 1] <= 29)).reshape(s, s)
+  src = crops.apply_affine(np.linalg.inv(m), np.stack([qx, qy], -1).reshape(-1, 2))
+  inside = ((src[:, 0] >= 0) & (src[:, 0] <= 39) & (src[:, 1] >= 0) & (src[:, 1] <= 29)).reshape(
+    s, s
+  )
   assert inside.mean() > 0.3
   err = (host - device)[inside]
   # PIL's 8-bit output is rounded or truncated (Pillow 13: truncated); a
@@ -206,6 +200,5 @@ def test_host_and_device_warps_agree(zoom, theta):
 
 
 def test_crops_imports_without_jax():
-  code = ('import sys, peclr_jax.crops; '
-          'sys.exit(1 if "jax" in sys.modules else 0)')
-  subprocess.run([sys.executable, '-c', code], check=True)
+  code = 'import sys, peclr_jax.crops; sys.exit(1 if "jax" in sys.modules else 0)'
+  subprocess.run([sys.executable, "-c", code], check=True)

@@ -26,8 +26,11 @@ def _repo_text_files() -> dict[str, str]:
   """{path: text} of the files git tracks or would add (not ignored ones)."""
   try:
     out = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT, capture_output=True, check=True).stdout
+      ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+      cwd=ROOT,
+      capture_output=True,
+      check=True,
+    ).stdout
   except (OSError, subprocess.CalledProcessError):
     pytest.skip("not a git checkout")
   files = {}
@@ -73,10 +76,12 @@ def _check_target(path: pathlib.Path, anchor: str | None) -> str | None:
 
 
 def test_no_file_cites_the_outside_notes():
-  bad = [f"{name}:{i}: {line.strip()}"
-         for name, text in _repo_text_files().items()
-         for i, line in enumerate(text.splitlines(), 1)
-         if _OUTSIDE_NOTES.search(line)]
+  bad = [
+    f"{name}:{i}: {line.strip()}"
+    for name, text in _repo_text_files().items()
+    for i, line in enumerate(text.splitlines(), 1)
+    if _OUTSIDE_NOTES.search(line)
+  ]
   assert not bad, "cites notes that are not in the repository:\n" + "\n".join(bad)
 
 

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from scipy.linalg import orthogonal_procrustes
 
-from peclr_jax import crops
-from peclr_jax import evaluate
+from peclr_jax import crops, evaluate
 
 # AIT index of each FreiHAND joint, written out from docs/datasets.md (not taken
 # from geometry) so the order checks are independent of the code under test.
@@ -18,6 +17,7 @@ FH_FROM_AIT = [0, 1, 6, 11, 16, 2, 7, 12, 17, 3, 8, 13, 18, 4, 9, 14, 19, 5, 10,
 # --------------------------------------------------------------------------
 # Independent reference: the official FreiHAND eval, one sample at a time.
 # --------------------------------------------------------------------------
+
 
 def _ref_align(gt, pred):
   t1, t2 = gt.mean(0), pred.mean(0)
@@ -72,6 +72,7 @@ def _random_similarity(rng):
 # --------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------
+
 
 def test_metrics_match_independent_reference():
   rng = np.random.default_rng(0)
@@ -150,8 +151,8 @@ def test_accumulator_uneven_masked_batches_equals_one_shot():
   acc = evaluate.KeypointMetricsAccumulator()
   start = 0
   for size, pad in ((4, 0), (3, 1), (2, 2), (1, 3)):
-    p = np.concatenate([pred[start:start + size], rng.normal(size=(pad, 21, 3))])
-    g = np.concatenate([gt[start:start + size], rng.normal(size=(pad, 21, 3))])
+    p = np.concatenate([pred[start : start + size], rng.normal(size=(pad, 21, 3))])
+    g = np.concatenate([gt[start : start + size], rng.normal(size=(pad, 21, 3))])
     mask = np.arange(size + pad) < size
     acc.update(p, g, mask=mask)
     start += size
@@ -169,6 +170,7 @@ def test_accumulator_empty_raises():
 # --------------------------------------------------------------------------
 # Two-pass test-time cropping
 # --------------------------------------------------------------------------
+
 
 def test_initial_box_as_public_code():
   np.testing.assert_allclose(crops.initial_box(224), [75.04, 75.04, 148.96, 148.96])
@@ -237,8 +239,11 @@ def test_two_pass_maps_keypoints_back_exactly():
   out = evaluate.two_pass_predict(fake_predict, images, K, scale, crop_size)
   assert len(calls) == 2
   # Pass 1: the fixed centre crop.
-  np.testing.assert_allclose(calls[0], np.broadcast_to(
-      crops.box_affine(crops.initial_box(image_size), crop_size), (n, 3, 3)), atol=1e-9)
+  np.testing.assert_allclose(
+    calls[0],
+    np.broadcast_to(crops.box_affine(crops.initial_box(image_size), crop_size), (n, 3, 3)),
+    atol=1e-9,
+  )
   # Pass 2: the keypoints' box is centred and fills 70% of the crop.
   kp2 = palm_img @ calls[1][:, :2, :2].transpose(0, 2, 1) + calls[1][:, None, :2, 2]
   lo, hi = kp2.min(1), kp2.max(1)
@@ -281,6 +286,7 @@ def test_keypoint_box_truncates_like_int():
 # Submission
 # --------------------------------------------------------------------------
 
+
 def test_write_submission_round_trip(tmp_path):
   rng = np.random.default_rng(9)
   xyz = rng.normal(size=(3, 21, 3))
@@ -304,8 +310,7 @@ def test_two_pass_output_written_in_freihand_order(tmp_path):
   images = np.zeros((n, 16, 16, 3), np.uint8)
 
   def fake_predict(crops, k_crop):
-    return {"kp2d": np.full((n, 21, 2), 8.0) + np.arange(21)[:, None] * 0.1,
-            "kp3d": xyz_palm}
+    return {"kp2d": np.full((n, 21, 2), 8.0) + np.arange(21)[:, None] * 0.1, "kp3d": xyz_palm}
 
   out = evaluate.two_pass_predict(fake_predict, images, np.eye(3), np.full(n, 2.0), 16)
   with zipfile.ZipFile(evaluate.write_submission(out["kp3d_metres"], str(tmp_path))) as zf:

@@ -11,61 +11,77 @@ import numpy as np
 import pytest
 from ml_collections import config_flags
 
-from peclr_jax import data
-from peclr_jax import datasets
-from peclr_jax import device_prefetch
+from peclr_jax import data, datasets, device_prefetch, metrics_log, precrop, pretrain
 from peclr_jax import input_pipeline as ip
-from peclr_jax import metrics_log
-from peclr_jax import precrop
-from peclr_jax import pretrain
 
-NAME = 'synthetic_hands/small'  # 32 train images of 64 px
+NAME = "synthetic_hands/small"  # 32 train images of 64 px
 SIZE = 48  # crop side: not the image side, so the crop really resamples
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def store_dir(synthetic_data_dir):
   """The store of synthetic_hands/small train at SIZE px, built by the CLI."""
-  assert data.main(['precrop', 'synthetic_hands', '--config', 'small',
-                    '--data_dir', synthetic_data_dir, '--split', 'train',
-                    '--source_size', str(SIZE), '--num_threads', '2']) == 0
-  return precrop.store_dir(synthetic_data_dir, NAME, 'train', SIZE)
+  assert (
+    data.main(
+      [
+        "precrop",
+        "synthetic_hands",
+        "--config",
+        "small",
+        "--data_dir",
+        synthetic_data_dir,
+        "--split",
+        "train",
+        "--source_size",
+        str(SIZE),
+        "--num_threads",
+        "2",
+      ]
+    )
+    == 0
+  )
+  return precrop.store_dir(synthetic_data_dir, NAME, "train", SIZE)
 
 
 def _sources(data_dir, precropped_first):
   # As pre-training opens them (config.data.precropped) ...
-  [(_, first)] = datasets.open_sources(_data_cfg(data_dir, SIZE), 'train',
-                                       precropped=precropped_first)
+  [(_, first)] = datasets.open_sources(
+    _data_cfg(data_dir, SIZE), "train", precropped=precropped_first
+  )
   assert isinstance(first, precrop.Store) == precropped_first
   # ... and a second source, always JPEG: a store mixes with other sources.
-  return [('a', first), ('b', ip.open_source(NAME, 'train', data_dir))]
+  return [("a", first), ("b", ip.open_source(NAME, "train", data_dir))]
 
 
 def _data_cfg(data_dir, source_size):
-  return ml_collections.ConfigDict(dict(
-      data_dir=data_dir, sources=(NAME,), build_if_missing=False,
-      source_size=source_size))
+  return ml_collections.ConfigDict(
+    dict(data_dir=data_dir, sources=(NAME,), build_if_missing=False, source_size=source_size)
+  )
 
 
 def _batches(sources, n, **kw):
   """n batches and the iterator state after them."""
   it = ip.make_pretrain_iterator(
-      sources, global_batch=8, source_size=SIZE, seed=3, weights=(3, 1),
-      process_index=0, process_count=1, **kw)
+    sources,
+    global_batch=8,
+    source_size=SIZE,
+    seed=3,
+    weights=(3, 1),
+    process_index=0,
+    process_count=1,
+    **kw,
+  )
   return [next(it) for _ in range(n)], it.get_state()
 
 
-@pytest.mark.parametrize('labels_fraction', [None, 0.5])
-def test_precropped_batches_equal_jpeg_batches(synthetic_data_dir, store_dir,
-                                               labels_fraction):
+@pytest.mark.parametrize("labels_fraction", [None, 0.5])
+def test_precropped_batches_equal_jpeg_batches(synthetic_data_dir, store_dir, labels_fraction):
   del store_dir
   # 6 batches of 8 at weights 3:1 go through source 'a' (32 images, or 16)
   # more than once: new epochs reshuffle the same way on both paths.
-  ref, ref_state = _batches(_sources(synthetic_data_dir, False), 6,
-                            labels_fraction=labels_fraction)
-  got, got_state = _batches(_sources(synthetic_data_dir, True), 6,
-                            labels_fraction=labels_fraction)
+  ref, ref_state = _batches(_sources(synthetic_data_dir, False), 6, labels_fraction=labels_fraction)
+  got, got_state = _batches(_sources(synthetic_data_dir, True), 6, labels_fraction=labels_fraction)
   # The same state too: a run may switch paths when it resumes.
   assert got_state == ref_state
   for x, y in zip(ref, got):
@@ -73,11 +89,11 @@ def test_precropped_batches_equal_jpeg_batches(synthetic_data_dir, store_dir,
     for k in x:
       assert x[k].dtype == y[k].dtype, k
       np.testing.assert_array_equal(x[k], y[k], err_msg=k)  # bit for bit
-  assert {0, 1} <= set(np.concatenate([b['source'] for b in got]).tolist())
+  assert {0, 1} <= set(np.concatenate([b["source"] for b in got]).tolist())
 
 
 def test_store_holds_the_crop_of_every_example(synthetic_data_dir, store_dir):
-  jpeg = ip.open_source(NAME, 'train', synthetic_data_dir)
+  jpeg = ip.open_source(NAME, "train", synthetic_data_dir)
   store = precrop.Store(store_dir, reference=jpeg)
   assert len(store) == len(jpeg) == 32
   # Picklable for grain worker processes: the maps are reopened there.
@@ -85,62 +101,66 @@ def test_store_holds_the_crop_of_every_example(synthetic_data_dir, store_dir):
   for i in (0, 17, 31):
     want = ip.decode_and_crop(jpeg[i], size=SIZE)
     got = store[i]
-    for k in ('image', 'keypoints_2d', 'keypoints_3d', 'K', 'scale', 'valid'):
+    for k in ("image", "keypoints_2d", "keypoints_3d", "K", "scale", "valid"):
       np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
-@pytest.mark.parametrize('args, message', [
-    (['freihand'], 'freihand/default is not built in'),
-    (['synthetic_hands', '--config', 'small', '--split', 'nope'],
-     "has no split 'nope'"),
-])
-def test_precrop_cli_errors_are_one_line(synthetic_data_dir, capsys, args,
-                                         message):
-  assert data.main(['precrop', *args, '--data_dir', synthetic_data_dir]) == 2
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (["freihand"], "freihand/default is not built in"),
+    (["synthetic_hands", "--config", "small", "--split", "nope"], "has no split 'nope'"),
+  ],
+)
+def test_precrop_cli_errors_are_one_line(synthetic_data_dir, capsys, args, message):
+  assert data.main(["precrop", *args, "--data_dir", synthetic_data_dir]) == 2
   err = capsys.readouterr().err
   assert message in err and len(err.strip().splitlines()) == 1
 
 
-def test_store_problems_are_one_clear_error(synthetic_data_dir, store_dir,
-                                            tmp_path):
+def test_store_problems_are_one_clear_error(synthetic_data_dir, store_dir, tmp_path):
   cfg = _data_cfg(synthetic_data_dir, SIZE + 8)
-  with pytest.raises(FileNotFoundError,
-                     match='python -m peclr_jax.data precrop synthetic_hands '
-                     '--config small --split train --source_size 56'):
-    datasets.open_sources(cfg, 'train', precropped=True)
-  jpeg = ip.open_source(NAME, 'train', synthetic_data_dir)
+  with pytest.raises(
+    FileNotFoundError,
+    match="python -m peclr_jax.data precrop synthetic_hands "
+    "--config small --split train --source_size 56",
+  ):
+    datasets.open_sources(cfg, "train", precropped=True)
+  jpeg = ip.open_source(NAME, "train", synthetic_data_dir)
   # A store made for other crop settings is refused by the pipeline.
   with pytest.raises(ValueError, match="'a'.*source_size=48.*source_size=40"):
     ip.make_pretrain_iterator(
-        [('a', precrop.Store(store_dir))], global_batch=8, source_size=40,
-        process_index=0, process_count=1)
+      [("a", precrop.Store(store_dir))],
+      global_batch=8,
+      source_size=40,
+      process_index=0,
+      process_count=1,
+    )
   # Damaged copies of the store: each error names the file.
-  copy = tmp_path / 'store'
+  copy = tmp_path / "store"
   os.makedirs(copy)
   for f in os.listdir(store_dir):
     os.link(os.path.join(store_dir, f), copy / f)
   meta = (copy / precrop.META_FILE).read_text()
   (copy / precrop.META_FILE).unlink()
-  (copy / precrop.META_FILE).write_text(
-      meta.replace('"num_examples": 32', '"num_examples": 31'))
-  with pytest.raises(ValueError, match=f'{copy}/meta.json: stale'):
+  (copy / precrop.META_FILE).write_text(meta.replace('"num_examples": 32', '"num_examples": 31'))
+  with pytest.raises(ValueError, match=f"{copy}/meta.json: stale"):
     precrop.Store(copy, reference=jpeg)
   (copy / precrop.META_FILE).write_text('{"num_exa')
-  with pytest.raises(ValueError, match='meta.json: damaged'):
+  with pytest.raises(ValueError, match="meta.json: damaged"):
     precrop.Store(copy)
   # A store from before the crop centre moved to S/2 is refused.
   old = json.loads(meta)
-  del old['crop_centre']
+  del old["crop_centre"]
   (copy / precrop.META_FILE).write_text(json.dumps(old))
-  with pytest.raises(ValueError,
-                     match=r"crop_centre='\(S - 1\)/2'.*crop_centre='S/2'"):
+  with pytest.raises(ValueError, match=r"crop_centre='\(S - 1\)/2'.*crop_centre='S/2'"):
     ip.make_pretrain_iterator(
-        [('a', precrop.Store(copy))], global_batch=8, source_size=48,
-        process_index=0, process_count=1)
+      [("a", precrop.Store(copy))], global_batch=8, source_size=48, process_index=0, process_count=1
+    )
   (copy / precrop.META_FILE).write_text(meta)
-  (copy / 'K.npy').unlink()
-  np.save(copy / 'K.npy', np.zeros((32, 3), np.float32))
-  with pytest.raises(ValueError, match=r'K.npy: float32 \(32, 3\), expected'):
+  (copy / "K.npy").unlink()
+  np.save(copy / "K.npy", np.zeros((32, 3), np.float32))
+  with pytest.raises(ValueError, match=r"K.npy: float32 \(32, 3\), expected"):
     precrop.Store(copy)
 
 
@@ -150,28 +170,27 @@ def test_store_problems_are_one_clear_error(synthetic_data_dir, store_dir,
 def _numbers(n, fail_at=None):
   def check(x):
     if x == fail_at:
-      raise KeyError(f'bad example {x}')
+      raise KeyError(f"bad example {x}")
     return x
+
   return iter(grain.MapDataset.range(n).map(check).to_iter_dataset())
 
 
-@pytest.mark.parametrize('size', [0, 2])  # 0: no thread, no reading ahead
+@pytest.mark.parametrize("size", [0, 2])  # 0: no thread, no reading ahead
 def test_prefetcher_keeps_order_and_ends_cleanly(size):
   it = device_prefetch.DevicePrefetcher(_numbers(7), lambda x: 10 * x, size)
   assert list(it) == [0, 10, 20, 30, 40, 50, 60]
   with pytest.raises(StopIteration):
     next(it)
   it.close()
-  assert not any(t.name == 'device_prefetch' and t.is_alive()
-                 for t in threading.enumerate())
+  assert not any(t.name == "device_prefetch" and t.is_alive() for t in threading.enumerate())
 
 
-@pytest.mark.parametrize('size', [0, 2])
+@pytest.mark.parametrize("size", [0, 2])
 def test_prefetcher_raises_the_source_error_in_order(size):
-  it = device_prefetch.DevicePrefetcher(_numbers(9, fail_at=3), lambda x: x,
-                                        size)
+  it = device_prefetch.DevicePrefetcher(_numbers(9, fail_at=3), lambda x: x, size)
   assert [next(it), next(it), next(it)] == [0, 1, 2]
-  with pytest.raises(KeyError, match='bad example 3'):
+  with pytest.raises(KeyError, match="bad example 3"):
     next(it)
   it.close()
 
@@ -192,19 +211,31 @@ def test_prefetcher_state_is_after_the_batches_handed_out():
 
 def test_tiny_precropped_run_logs_the_input_wait(synthetic_data_dir, tmp_path):
   config = config_flags.config_flags._LoadConfigModule(  # pylint: disable=protected-access
-      'peclr.py', os.path.join(REPO, 'configs', 'peclr.py')).get_config(
-          'runlocal')
+    "peclr.py", os.path.join(REPO, "configs", "peclr.py")
+  ).get_config("runlocal")
   config.data.data_dir = synthetic_data_dir
   config.data.precropped = True
   config.num_train_steps = 2
   config.eval_every_steps = -1
   # The runlocal crop side, a store of its own.
-  assert data.main(['precrop', 'synthetic_hands', '--config', 'small',
-                    '--data_dir', synthetic_data_dir, '--source_size',
-                    str(config.data.source_size)]) == 0
+  assert (
+    data.main(
+      [
+        "precrop",
+        "synthetic_hands",
+        "--config",
+        "small",
+        "--data_dir",
+        synthetic_data_dir,
+        "--source_size",
+        str(config.data.source_size),
+      ]
+    )
+    == 0
+  )
   pretrain.train_and_evaluate(config, str(tmp_path))
-  rows = [r for r in metrics_log.read_metrics(str(tmp_path)) if 'train_loss' in r]
-  assert [r['step'] for r in rows] == [1, 2]
+  rows = [r for r in metrics_log.read_metrics(str(tmp_path)) if "train_loss" in r]
+  assert [r["step"] for r in rows] == [1, 2]
   for r in rows:
-    assert r['input_wait_ms'] >= 0
-    assert 0 <= r['input_wait_fraction'] <= 1
+    assert r["input_wait_ms"] >= 0
+    assert 0 <= r["input_wait_fraction"] <= 1

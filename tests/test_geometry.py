@@ -12,8 +12,9 @@ from peclr_jax import joints
 
 def _hand(rng, batch=3):
   """Random 'hands': 21 joints ~ 4 cm around a centre 0.4-0.9 m in front of the camera."""
-  centre = np.stack([rng.uniform(-0.1, 0.1, batch), rng.uniform(-0.1, 0.1, batch),
-                     rng.uniform(0.4, 0.9, batch)], -1)
+  centre = np.stack(
+    [rng.uniform(-0.1, 0.1, batch), rng.uniform(-0.1, 0.1, batch), rng.uniform(0.4, 0.9, batch)], -1
+  )
   return (centre[:, None, :] + rng.normal(scale=0.04, size=(batch, 21, 3))).astype(np.float32)
 
 
@@ -29,13 +30,23 @@ def _cams(rng, batch=3):
 
 # ---------------------------------------------------------------- joint orders
 
-FH_NAMES = ["wrist"] + [f"{f}_{p}" for f in ("thumb", "index", "middle", "ring", "pinky")
-                        for p in ("mcp", "pip", "dip", "tip")]
-AIT_NAMES = ["wrist"] + [f"{f}_{p}" for p in ("mcp", "pip", "dip", "tip")
-                         for f in ("thumb", "index", "middle", "ring", "pinky")]
-MANO_NAMES = (["wrist"] + [f"{f}_{p}" for f in ("index", "middle", "pinky", "ring", "thumb")
-                           for p in ("mcp", "pip", "dip")]
-              + [f"{f}_tip" for f in ("thumb", "index", "middle", "ring", "pinky")])
+FH_NAMES = ["wrist"] + [
+  f"{f}_{p}"
+  for f in ("thumb", "index", "middle", "ring", "pinky")
+  for p in ("mcp", "pip", "dip", "tip")
+]
+AIT_NAMES = ["wrist"] + [
+  f"{f}_{p}"
+  for p in ("mcp", "pip", "dip", "tip")
+  for f in ("thumb", "index", "middle", "ring", "pinky")
+]
+MANO_NAMES = (
+  ["wrist"]
+  + [
+    f"{f}_{p}" for f in ("index", "middle", "pinky", "ring", "thumb") for p in ("mcp", "pip", "dip")
+  ]
+  + [f"{f}_tip" for f in ("thumb", "index", "middle", "ring", "pinky")]
+)
 
 
 def test_joint_maps_match_names():
@@ -47,8 +58,9 @@ def test_joint_maps_match_names():
   assert joints.AIT_NAMES == tuple(AIT_NAMES)
   assert joints.FREIHAND_NAMES == tuple(FH_NAMES)
   # The reference bone is the middle finger MCP -> PIP, FreiHAND's 9 -> 10.
-  assert (AIT_NAMES[joints.REF_BONE[0]] == "middle_mcp"
-          and AIT_NAMES[joints.REF_BONE[1]] == "middle_pip")
+  assert (
+    AIT_NAMES[joints.REF_BONE[0]] == "middle_mcp" and AIT_NAMES[joints.REF_BONE[1]] == "middle_pip"
+  )
 
 
 def test_joint_maps_invert_each_other():
@@ -67,11 +79,13 @@ def test_palm_wrist_round_trip():
   np.testing.assert_allclose(palm[:, 0], (x[:, 0] + x[:, 3]) / 2, rtol=1e-6)
   np.testing.assert_array_equal(palm[:, 1:], x[:, 1:])
   np.testing.assert_allclose(g.palm_to_wrist(palm), x, rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(g.palm_to_wrist(g.wrist_to_palm(jnp.asarray(x)))),
-                             x, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(g.palm_to_wrist(g.wrist_to_palm(jnp.asarray(x)))), x, rtol=1e-6, atol=1e-6
+  )
 
 
 # ---------------------------------------------------------------- camera
+
 
 def test_project_matches_freihand_formula_and_unprojects():
   rng = np.random.default_rng(2)
@@ -84,13 +98,15 @@ def test_project_matches_freihand_formula_and_unprojects():
   x64, k64 = xyz.astype(np.float64), k.astype(np.float64)
   ref = np.einsum("bij,bnj->bni", k64, x64)
   size = np.einsum("bij,bnj->bni", np.abs(k64), np.abs(x64))[..., :2] / x64[..., 2:]
-  np.testing.assert_allclose(uv, ref[..., :2] / ref[..., 2:], rtol=0,
-                             atol=4 * np.finfo(np.float32).eps * size.max())
+  np.testing.assert_allclose(
+    uv, ref[..., :2] / ref[..., 2:], rtol=0, atol=4 * np.finfo(np.float32).eps * size.max()
+  )
   back = np.asarray(g.unproject(uv, xyz[..., 2], k))
   np.testing.assert_allclose(back, xyz, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- 2.5D
+
 
 def test_uvd_round_trip_and_zroot():
   rng = np.random.default_rng(4)
@@ -98,8 +114,9 @@ def test_uvd_round_trip_and_zroot():
   uv, z_rel, bone = g.xyz_to_uvd(xyz, k)
   bone_np = np.linalg.norm(xyz[:, 8] - xyz[:, 3], axis=-1)
   np.testing.assert_allclose(np.asarray(bone), bone_np, rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(z_rel),
-                             (xyz[..., 2] - xyz[:, :1, 2]) / bone_np[:, None], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(z_rel), (xyz[..., 2] - xyz[:, :1, 2]) / bone_np[:, None], rtol=1e-5, atol=1e-5
+  )
   assert np.all(np.asarray(z_rel)[:, 0] == 0)
 
   z_root = jax.jit(g.solve_zroot)(uv, z_rel, k)
@@ -115,8 +132,8 @@ def test_uvd_round_trip_and_zroot():
 
 def test_solve_zroot_degenerate_is_finite():
   k = _cams(np.random.default_rng(5), 2)
-  uv = jnp.full((2, 21, 2), 100.0)          # all joints on one pixel: a = 0
-  z_rel = jnp.zeros((2, 21))                # and c = -1
+  uv = jnp.full((2, 21, 2), 100.0)  # all joints on one pixel: a = 0
+  z_rel = jnp.zeros((2, 21))  # and c = -1
   z = g.solve_zroot(uv, z_rel, k)
   assert np.all(np.isfinite(np.asarray(z)))
   grad = jax.grad(lambda u: g.solve_zroot(u, z_rel, k).sum())(uv)
@@ -124,6 +141,7 @@ def test_solve_zroot_degenerate_is_finite():
 
 
 # ---------------------------------------------------------------- Procrustes
+
 
 def _official_align(gt, pred):
   """The official FreiHAND align_w_scale(gt, pred), rewritten for the test."""

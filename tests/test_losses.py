@@ -15,6 +15,7 @@ def _unit(x):
 
 # ---------------------------------------------------------------- NT-Xent
 
+
 def _nt_xent_numpy(z1, z2, t):
   """Exp/sum form: -log(exp(s_ip/T) / sum_{k != i} exp(s_ik/T)), mean over 2B."""
   z = np.concatenate([z1, z2]).astype(np.float64)
@@ -57,6 +58,7 @@ def test_nt_xent_gradients_finite_and_stable():
 
 # ---------------------------------------------------------------- PyTorch reference
 
+
 def _torch_paper_code(p1, p2, angle1, angle2, tx1, ty1, tx2, ty2, temperature=0.5):
   """Public pipeline from its description: normalise -> translate(-t) with extent ->
   rotate(-theta) about the (detached) centroid with OpenCV's matrix -> normalise ->
@@ -91,9 +93,11 @@ def _torch_paper_code(p1, p2, angle1, angle2, tx1, ty1, tx2, ty2, temperature=0.
 
 
 def _random_params(rng, b):
-  return {"rotation": rng.integers(-45, 46, b).astype(np.float32),
-          "scale": rng.uniform(0.6, 1.2, b).astype(np.float32),
-          "translation": rng.uniform(-0.15, 0.15, (b, 2)).astype(np.float32)}
+  return {
+    "rotation": rng.integers(-45, 46, b).astype(np.float32),
+    "scale": rng.uniform(0.6, 1.2, b).astype(np.float32),
+    "translation": rng.uniform(-0.15, 0.15, (b, 2)).astype(np.float32),
+  }
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -108,9 +112,15 @@ def test_peclr_loss_paper_code_matches_torch(seed):
   tp2 = torch.tensor(p2, requires_grad=True)
   tt = lambda x: torch.tensor(x)
   ref, rz1, rz2 = _torch_paper_code(
-      tp1, tp2, tt(t1["rotation"]), tt(t2["rotation"]),
-      tt(t1["translation"][:, 0]), tt(t1["translation"][:, 1]),
-      tt(t2["translation"][:, 0]), tt(t2["translation"][:, 1]))
+    tp1,
+    tp2,
+    tt(t1["rotation"]),
+    tt(t2["rotation"]),
+    tt(t1["translation"][:, 0]),
+    tt(t1["translation"][:, 1]),
+    tt(t2["translation"][:, 0]),
+    tt(t2["translation"][:, 1]),
+  )
   ref.backward()
 
   kw = dict(invert=L.PAPER_CODE_INVERT, translation_mode="extent")
@@ -139,8 +149,7 @@ def test_peclr_loss_jits():
   # at most D = 8 terms in a row (norms, centroid, similarities, softmax),
   # each in any order: <= D eps relative, on logits up to 1 / T = 2.
   eps = np.finfo(np.float32).eps
-  np.testing.assert_allclose(float(f(p1, p2, t1, t2)), float(loss), rtol=0,
-                             atol=8 * 8 * eps * 2)
+  np.testing.assert_allclose(float(f(p1, p2, t1, t2)), float(loss), rtol=0, atol=8 * 8 * eps * 2)
 
 
 def test_contrastive_metrics_against_a_loop():
@@ -154,12 +163,10 @@ def test_contrastive_metrics_against_a_loop():
     others = [j for j in range(12) if j != i]
     best = max(others, key=lambda j: z[i] @ z[j])
     hits += best == (i + 6) % 12
-  got = L.contrastive_metrics(jnp.asarray(z1, jnp.float32),
-                              jnp.asarray(z2, jnp.float32))
+  got = L.contrastive_metrics(jnp.asarray(z1, jnp.float32), jnp.asarray(z2, jnp.float32))
   assert 0 < hits < 12  # the noise makes some views miss their positive
   assert float(got["contrastive_acc"]) == np.float32(hits / 12)
-  np.testing.assert_allclose(float(got["pos_sim"]),
-                             np.mean(np.sum(z1 * z2, axis=-1)), rtol=1e-5)
+  np.testing.assert_allclose(float(got["pos_sim"]), np.mean(np.sum(z1 * z2, axis=-1)), rtol=1e-5)
   # Identical views after inversion: every view finds its positive.
   same = L.contrastive_metrics(jnp.asarray(z1), jnp.asarray(z1))
   assert float(same["contrastive_acc"]) == 1.0
@@ -167,6 +174,7 @@ def test_contrastive_metrics_against_a_loop():
 
 
 # ---------------------------------------------------------------- undo_transforms
+
 
 def _opencv_rot(theta_deg):
   """cv2.getRotationMatrix2D's 2x2 part for angle theta (CCW on screen positive)."""
@@ -202,8 +210,9 @@ def test_undo_transforms_inverts_a_known_view(mode):
   theta = np.array([30.0, -45.0, 7.0])
   scale = np.array([1.3, 0.7, 1.0])
   shift = rng.uniform(-0.2, 0.2, (b, 2))
-  views, params = zip(*[_apply_view(z[i].reshape(-1, 2), theta[i], scale[i], shift[i], mode)
-                        for i in range(b)])
+  views, params = zip(
+    *[_apply_view(z[i].reshape(-1, 2), theta[i], scale[i], shift[i], mode) for i in range(b)]
+  )
   views, params = np.stack(views), np.stack(params)
   out = L.undo_transforms(views.astype(np.float32), theta, scale, params, translation_mode=mode)
   np.testing.assert_allclose(np.asarray(out), z, atol=2e-6)
@@ -218,8 +227,9 @@ def test_undo_rotation_sign_convention():
   p = _unit(rng.normal(size=(1, 8))).reshape(-1, 2)
   c = p.mean(0)
   rotated = (c + (p - c) @ _opencv_rot(20.0).T).reshape(1, -1)
-  out = L.undo_transforms(rotated, jnp.array([20.0]), jnp.ones(1), jnp.zeros((1, 2)),
-                          invert=("rotate",))
+  out = L.undo_transforms(
+    rotated, jnp.array([20.0]), jnp.ones(1), jnp.zeros((1, 2)), invert=("rotate",)
+  )
   np.testing.assert_allclose(np.asarray(out), p.reshape(1, -1), atol=1e-6)
   # 90 degrees by hand: OpenCV +90 maps offset (1, 0) to (0, -1) (up on screen).
   np.testing.assert_allclose(_opencv_rot(90.0) @ np.array([1.0, 0.0]), [0.0, -1.0], atol=1e-12)
@@ -232,10 +242,12 @@ def test_undo_transforms_identity_and_validation():
   np.testing.assert_allclose(np.asarray(out), _unit(z), atol=1e-6)
   out2 = L.undo_transforms(z, np.full(2, 10.0), np.ones(2), np.zeros((2, 2)), invert=())
   np.testing.assert_allclose(np.asarray(out2), _unit(z), atol=1e-6)
-  out3 = L.undo_transforms(z, np.full(2, 10.0), np.ones(2), np.zeros((2, 2)),
-                           invert="translate, rotate")
-  out4 = L.undo_transforms(z, np.full(2, 10.0), np.ones(2), np.zeros((2, 2)),
-                           invert=("translate", "rotate"))
+  out3 = L.undo_transforms(
+    z, np.full(2, 10.0), np.ones(2), np.zeros((2, 2)), invert="translate, rotate"
+  )
+  out4 = L.undo_transforms(
+    z, np.full(2, 10.0), np.ones(2), np.zeros((2, 2)), invert=("translate", "rotate")
+  )
   np.testing.assert_array_equal(np.asarray(out3), np.asarray(out4))
   args = (z, np.zeros(2), np.ones(2), np.zeros((2, 2)))
   with pytest.raises(ValueError, match="unknown inversion"):
@@ -248,11 +260,15 @@ def test_undo_transforms_identity_and_validation():
 
 # ---------------------------------------------------------------- keypoint losses
 
+
 def test_keypoint_losses_known_answer_and_mask():
   rng = np.random.default_rng(7)
   b = 2
-  tgt = {"kp2d": rng.uniform(0, 128, (b, 21, 2)), "zrel": rng.normal(size=(b, 21)),
-         "kp3d": rng.normal(size=(b, 21, 3))}
+  tgt = {
+    "kp2d": rng.uniform(0, 128, (b, 21, 2)),
+    "zrel": rng.normal(size=(b, 21)),
+    "kp3d": rng.normal(size=(b, 21, 3)),
+  }
   pred = {k: v + rng.normal(size=v.shape) for k, v in tgt.items()}
   valid = rng.uniform(size=(b, 21)) > 0.3
   pred["kp3d"][~valid] = np.nan  # unlabelled joints must not leak NaN

@@ -10,54 +10,56 @@ import os
 import subprocess
 import sys
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from flax import nnx
 from jax import lax
 
-from peclr_jax import geometry
-from peclr_jax import models
+from peclr_jax import geometry, models
 from peclr_jax.cpu_fusion import materialise
 from peclr_jax.models import heads as heads_lib
 from peclr_jax.models import resnet as resnet_lib
 
-torch = pytest.importorskip('torch')
+torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 # torchvision parameter counts without fc (sum of p.numel() over parameters()).
 TORCHVISION_PARAMS = {
-    'resnet18': (11_176_512, 512),
-    'resnet34': (21_284_672, 512),
-    'resnet50': (23_508_032, 2048),
-    'resnet101': (42_500_160, 2048),
-    'resnet152': (58_143_808, 2048),
+  "resnet18": (11_176_512, 512),
+  "resnet34": (21_284_672, 512),
+  "resnet50": (23_508_032, 2048),
+  "resnet101": (42_500_160, 2048),
+  "resnet152": (58_143_808, 2048),
 }
 
 
 def _abstract(name, dtype=jnp.float32):
-  return nnx.eval_shape(lambda: models.get_backbone(name, rngs=nnx.Rngs(0),
-                                                    dtype=dtype))
+  return nnx.eval_shape(lambda: models.get_backbone(name, rngs=nnx.Rngs(0), dtype=dtype))
 
 
 def _count(tree):
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
-_SUFFIX = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias',
-           'mean': 'running_mean', 'var': 'running_var'}
+_SUFFIX = {
+  "kernel": "weight",
+  "scale": "weight",
+  "bias": "bias",
+  "mean": "running_mean",
+  "var": "running_var",
+}
 
 
 def to_torch_state_dict(module):
   """nnx state -> torchvision-style {key: np.ndarray} (kernels OIHW / [out, in])."""
   out = {}
   for path, var in nnx.to_flat_state(nnx.state(module)):
-    key = '.'.join(str(p) for p in path[:-1]) + '.' + _SUFFIX[path[-1]]
+    key = ".".join(str(p) for p in path[:-1]) + "." + _SUFFIX[path[-1]]
     value = np.asarray(var.get_value())
-    if path[-1] == 'kernel':
-      value = (value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T)
+    if path[-1] == "kernel":
+      value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
     out[key] = value
   return out
 
@@ -66,7 +68,8 @@ def to_torch_state_dict(module):
 # Backbones
 # --------------------------------------------------------------------------
 
-@pytest.mark.parametrize('name', sorted(TORCHVISION_PARAMS))
+
+@pytest.mark.parametrize("name", sorted(TORCHVISION_PARAMS))
 def test_parameter_counts_match_torchvision(name):
   model = _abstract(name)
   n_params, n_features = TORCHVISION_PARAMS[name]
@@ -77,45 +80,46 @@ def test_parameter_counts_match_torchvision(name):
 
 
 def test_resnet50_state_dict_keys_are_torchvision():
-  sd = _abstract_state_shapes('resnet50')
+  sd = _abstract_state_shapes("resnet50")
   # torchvision resnet50.state_dict(): 320 entries = 53 conv weights +
   # 53 BN x (weight, bias, running_mean, running_var, num_batches_tracked)
   # + fc.weight + fc.bias; we have neither fc nor num_batches_tracked.
   assert len(sd) == 320 - 2 - 53
-  assert sd['conv1.weight'] == (64, 3, 7, 7)
-  assert sd['layer1.0.conv1.weight'] == (64, 64, 1, 1)
+  assert sd["conv1.weight"] == (64, 3, 7, 7)
+  assert sd["layer1.0.conv1.weight"] == (64, 64, 1, 1)
   # v1.5: the stride-2 conv of layer2.0 is the 3x3 conv2 (checked by parity
   # below); shapes of the downsample branch:
-  assert sd['layer2.0.conv2.weight'] == (128, 128, 3, 3)
-  assert sd['layer2.0.downsample.0.weight'] == (512, 256, 1, 1)
-  assert sd['layer2.0.downsample.1.running_var'] == (512,)
-  assert sd['layer4.2.bn3.weight'] == (2048,)
-  assert 'layer1.1.downsample.0.weight' not in sd
+  assert sd["layer2.0.conv2.weight"] == (128, 128, 3, 3)
+  assert sd["layer2.0.downsample.0.weight"] == (512, 256, 1, 1)
+  assert sd["layer2.0.downsample.1.running_var"] == (512,)
+  assert sd["layer4.2.bn3.weight"] == (2048,)
+  assert "layer1.1.downsample.0.weight" not in sd
 
 
 def _abstract_state_shapes(name):
   model = _abstract(name)
   out = {}
   for path, var in nnx.to_flat_state(nnx.state(model)):
-    key = '.'.join(str(p) for p in path[:-1]) + '.' + _SUFFIX[path[-1]]
+    key = ".".join(str(p) for p in path[:-1]) + "." + _SUFFIX[path[-1]]
     shape = var.get_value().shape
-    if path[-1] == 'kernel':
+    if path[-1] == "kernel":
       shape = (shape[3], shape[2], shape[0], shape[1])
     out[key] = shape
   return out
 
 
-@pytest.mark.parametrize('name', ['resnet34', 'resnet50'])
+@pytest.mark.parametrize("name", ["resnet34", "resnet50"])
 def test_output_shapes_abstract(name):
   def fwd():
     model = models.get_backbone(name, rngs=nnx.Rngs(0))
     return model(jnp.zeros((2, 64, 64, 3)))
+
   out = nnx.eval_shape(fwd)
   assert out.shape == (2, TORCHVISION_PARAMS[name][1])
   assert out.dtype == jnp.float32
 
 
-@pytest.mark.parametrize('name,size', [('resnet_tiny', 32), ('resnet18', 32)])
+@pytest.mark.parametrize("name,size", [("resnet_tiny", 32), ("resnet18", 32)])
 def test_forward_shapes(name, size):
   model = models.get_backbone(name, rngs=nnx.Rngs(0))
   out = model(jnp.ones((2, size, size, 3)))
@@ -125,11 +129,11 @@ def test_forward_shapes(name, size):
 
 def test_unknown_backbone_raises():
   with pytest.raises(ValueError):
-    models.get_backbone('resnet19', rngs=nnx.Rngs(0))
+    models.get_backbone("resnet19", rngs=nnx.Rngs(0))
 
 
 def test_conv_init_is_kaiming_fan_out():
-  model = models.get_backbone('resnet18', rngs=nnx.Rngs(0))
+  model = models.get_backbone("resnet18", rngs=nnx.Rngs(0))
   k = np.asarray(model.layer3[0].conv2.kernel.get_value())  # 3x3, 256 -> 256
   expected_std = np.sqrt(2.0 / (256 * 3 * 3))
   assert abs(k.std() / expected_std - 1) < 0.02
@@ -151,29 +155,36 @@ def torch_resnet(sd, x, *, bottleneck, train):
 
   def bn(h, p):
     # Clones: torch updates running stats in place in training mode.
-    return F.batch_norm(h, sd[p + '.running_mean'].clone(),
-                        sd[p + '.running_var'].clone(), sd[p + '.weight'],
-                        sd[p + '.bias'], training=train, momentum=0.1, eps=1e-5)
+    return F.batch_norm(
+      h,
+      sd[p + ".running_mean"].clone(),
+      sd[p + ".running_var"].clone(),
+      sd[p + ".weight"],
+      sd[p + ".bias"],
+      training=train,
+      momentum=0.1,
+      eps=1e-5,
+    )
 
   def conv(h, p, stride, pad):
-    return F.conv2d(h, sd[p + '.weight'], stride=stride, padding=pad)
+    return F.conv2d(h, sd[p + ".weight"], stride=stride, padding=pad)
 
-  x = F.relu(bn(conv(x, 'conv1', 2, 3), 'bn1'))
+  x = F.relu(bn(conv(x, "conv1", 2, 3), "bn1"))
   x = F.max_pool2d(x, 3, 2, 1)
   for stage in range(1, 5):
     i = 0
-    while f'layer{stage}.{i}.conv1.weight' in sd:
-      p = f'layer{stage}.{i}'
+    while f"layer{stage}.{i}.conv1.weight" in sd:
+      p = f"layer{stage}.{i}"
       s = 2 if (stage > 1 and i == 0) else 1
       if bottleneck:
-        y = F.relu(bn(conv(x, p + '.conv1', 1, 0), p + '.bn1'))
-        y = F.relu(bn(conv(y, p + '.conv2', s, 1), p + '.bn2'))
-        y = bn(conv(y, p + '.conv3', 1, 0), p + '.bn3')
+        y = F.relu(bn(conv(x, p + ".conv1", 1, 0), p + ".bn1"))
+        y = F.relu(bn(conv(y, p + ".conv2", s, 1), p + ".bn2"))
+        y = bn(conv(y, p + ".conv3", 1, 0), p + ".bn3")
       else:
-        y = F.relu(bn(conv(x, p + '.conv1', s, 1), p + '.bn1'))
-        y = bn(conv(y, p + '.conv2', 1, 1), p + '.bn2')
-      if p + '.downsample.0.weight' in sd:
-        x = bn(conv(x, p + '.downsample.0', s, 0), p + '.downsample.1')
+        y = F.relu(bn(conv(x, p + ".conv1", s, 1), p + ".bn1"))
+        y = bn(conv(y, p + ".conv2", 1, 1), p + ".bn2")
+      if p + ".downsample.0.weight" in sd:
+        x = bn(conv(x, p + ".downsample.0", s, 0), p + ".downsample.1")
       x = F.relu(x + y)
       i += 1
   return x.mean(dim=(2, 3))
@@ -182,7 +193,7 @@ def torch_resnet(sd, x, *, bottleneck, train):
 def _randomise_bn_stats(model, seed):
   """Non-trivial running stats and affine params so eval parity means something."""
   rng = np.random.default_rng(seed)
-  for path, module in nnx.iter_modules(model):
+  for _, module in nnx.iter_modules(model):
     if isinstance(module, nnx.BatchNorm):
       c = module.num_features
       module.mean.set_value(jnp.asarray(rng.normal(0, 0.3, c), jnp.float32))
@@ -194,16 +205,15 @@ def _randomise_bn_stats(model, seed):
 def _tiny_resnet(bottleneck: bool):
   """A tiny basic or bottleneck ResNet with non-trivial BatchNorm statistics."""
   if bottleneck:
-    model = resnet_lib.ResNet(resnet_lib.Bottleneck, (1, 2, 1, 1), width=4,
-                              rngs=nnx.Rngs(1))
+    model = resnet_lib.ResNet(resnet_lib.Bottleneck, (1, 2, 1, 1), width=4, rngs=nnx.Rngs(1))
   else:
-    model = models.get_backbone('resnet_tiny', rngs=nnx.Rngs(1))
+    model = models.get_backbone("resnet_tiny", rngs=nnx.Rngs(1))
   _randomise_bn_stats(model, seed=2)
   return model
 
 
-@pytest.mark.parametrize('bottleneck', [False, True], ids=['basic', 'bottleneck'])
-@pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
+@pytest.mark.parametrize("bottleneck", [False, True], ids=["basic", "bottleneck"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_parity_with_torch_functional_resnet(bottleneck, train):
   model = _tiny_resnet(bottleneck)
   sd = to_torch_state_dict(model)
@@ -219,15 +229,16 @@ def test_parity_with_torch_functional_resnet(bottleneck, train):
   np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize('bottleneck', [False, True], ids=['basic', 'bottleneck'])
+@pytest.mark.parametrize("bottleneck", [False, True], ids=["basic", "bottleneck"])
 def test_gradients_match_torch_autograd(bottleneck):
   # Train mode (batch statistics, as in PeCLR training): the gradients w.r.t.
   # the input and every parameter go through the 1x1-as-matmul convs (both
   # strides), the stem max-pool's custom VJP and the blocks' `materialise`.
   model = _tiny_resnet(bottleneck)
-  sd = {k: torch.tensor(v, requires_grad=not k.endswith(('running_mean',
-                                                           'running_var')))
-        for k, v in to_torch_state_dict(model).items()}
+  sd = {
+    k: torch.tensor(v, requires_grad=not k.endswith(("running_mean", "running_var")))
+    for k, v in to_torch_state_dict(model).items()
+  }
   x = jax.random.normal(jax.random.key(3), (3, 40, 40, 3))
   r = jax.random.normal(jax.random.key(4), (3, model.num_features))
 
@@ -250,8 +261,7 @@ def test_gradients_match_torch_autograd(bottleneck):
 
   def check(ours, ref):
     ref = ref.detach().numpy()
-    np.testing.assert_allclose(ours, ref, rtol=1e-3,
-                               atol=1e-4 * np.abs(ref).max())
+    np.testing.assert_allclose(ours, ref, rtol=1e-3, atol=1e-4 * np.abs(ref).max())
 
   check(np.asarray(g_x), xt.grad.permute(0, 2, 3, 1))
   ours = to_torch_state_dict(g_model)
@@ -264,6 +274,7 @@ def test_gradients_match_torch_autograd(bottleneck):
 # CPU formulations: 1x1 conv hook, stem max-pool, block materialisation
 # --------------------------------------------------------------------------
 
+
 def _primitive_counts(fn, *args):
   """{primitive name: count} over the jaxpr of fn, sub-jaxprs included."""
   counts = {}
@@ -272,34 +283,43 @@ def _primitive_counts(fn, *args):
     for eqn in jaxpr.eqns:
       counts[eqn.primitive.name] = counts.get(eqn.primitive.name, 0) + 1
       for param in eqn.params.values():
-        for p in (param if isinstance(param, (tuple, list)) else (param,)):
-          if hasattr(p, 'eqns'):
+        for p in param if isinstance(param, (tuple, list)) else (param,):
+          if hasattr(p, "eqns"):
             walk(p)
-          elif hasattr(getattr(p, 'jaxpr', None), 'eqns'):
+          elif hasattr(getattr(p, "jaxpr", None), "eqns"):
             walk(p.jaxpr)
 
   walk(jax.make_jaxpr(fn)(*args).jaxpr)
   return counts
 
 
-_DN = ('NHWC', 'HWIO', 'NHWC')
+_DN = ("NHWC", "HWIO", "NHWC")
 
 
 def _lax_conv(x, w, stride, pad, **kw):
-  return lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad),) * 2,
-                                  dimension_numbers=_DN, **kw)
+  return lax.conv_general_dilated(
+    x, w, (stride, stride), ((pad, pad),) * 2, dimension_numbers=_DN, **kw
+  )
 
 
 def _hook_conv(x, w, stride, pad, **kw):
   # As nnx.Conv calls it (ConvDimensionNumbers, list of pairs, out_sharding).
   dn = lax.conv_dimension_numbers(x.shape, w.shape, _DN)
   return resnet_lib.conv_general_dilated(
-      x, w, (stride, stride), [(pad, pad)] * 2, lhs_dilation=(1, 1),
-      rhs_dilation=(1, 1), dimension_numbers=dn, feature_group_count=1,
-      out_sharding=None, **kw)
+    x,
+    w,
+    (stride, stride),
+    [(pad, pad)] * 2,
+    lhs_dilation=(1, 1),
+    rhs_dilation=(1, 1),
+    dimension_numbers=dn,
+    feature_group_count=1,
+    out_sharding=None,
+    **kw,
+  )
 
 
-@pytest.mark.parametrize('stride', [1, 2])
+@pytest.mark.parametrize("stride", [1, 2])
 def test_conv_hook_1x1_is_a_matmul_with_lax_values_and_gradients(stride):
   kx, kw, kr = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, (2, 7, 9, 5))  # odd sizes: stride 2 rounds up
@@ -311,8 +331,8 @@ def test_conv_hook_1x1_is_a_matmul_with_lax_values_and_gradients(stride):
     return lambda x, w: jnp.sum(jnp.sin(conv(x, w, stride, 0)) * r)
 
   counts = _primitive_counts(loss(_hook_conv), x, w)
-  assert counts.get('dot_general') == 1
-  assert 'conv_general_dilated' not in counts
+  assert counts.get("dot_general") == 1
+  assert "conv_general_dilated" not in counts
   y, y_ref = _hook_conv(x, w, stride, 0), _lax_conv(x, w, stride, 0)
   assert y.shape == y_ref.shape == (2,) + out_hw + (6,)
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
@@ -325,21 +345,18 @@ def test_conv_hook_1x1_is_a_matmul_with_lax_values_and_gradients(stride):
     assert float(jnp.abs(grads[0][:, 1::2]).max()) == 0.0
 
 
-@pytest.mark.parametrize('kernel,stride,pad', [(3, 1, 1), (3, 2, 1), (1, 1, 1)])
+@pytest.mark.parametrize("kernel,stride,pad", [(3, 1, 1), (3, 2, 1), (1, 1, 1)])
 def test_conv_hook_other_convolutions_go_to_lax_unchanged(kernel, stride, pad):
   # (1, 1, 1): a padded 1x1 kernel is not a plain matmul either.
   x = jax.random.normal(jax.random.key(1), (2, 7, 8, 4))
   w = jax.random.normal(jax.random.key(2), (kernel, kernel, 4, 3))
   counts = _primitive_counts(lambda x, w: _hook_conv(x, w, stride, pad), x, w)
-  assert counts == {'conv_general_dilated': 1}
-  np.testing.assert_array_equal(_hook_conv(x, w, stride, pad),
-                                _lax_conv(x, w, stride, pad))
+  assert counts == {"conv_general_dilated": 1}
+  np.testing.assert_array_equal(_hook_conv(x, w, stride, pad), _lax_conv(x, w, stride, pad))
 
 
-@pytest.mark.parametrize('hw,stride,pad', [(2, 1, 1), (4, 2, 1), (3, 2, 1),
-                                           (1, 1, 1), (4, 1, 0)])
-def test_conv_hook_small_outputs_are_im2col_with_lax_values_and_gradients(
-    hw, stride, pad):
+@pytest.mark.parametrize("hw,stride,pad", [(2, 1, 1), (4, 2, 1), (3, 2, 1), (1, 1, 1), (4, 1, 0)])
+def test_conv_hook_small_outputs_are_im2col_with_lax_values_and_gradients(hw, stride, pad):
   # Outputs of at most 2 x 2 pixels. In float64 the rewrite must agree with
   # lax to rounding (~1e-15 relative): any wrong tap or stride is O(1).
   with jax.enable_x64(True):
@@ -351,8 +368,8 @@ def test_conv_hook_small_outputs_are_im2col_with_lax_values_and_gradients(
     r = jax.random.normal(kr, y_ref.shape, jnp.float64)
     loss = lambda conv: lambda x, w: jnp.sum(jnp.sin(conv(x, w, stride, pad)) * r)
     counts = _primitive_counts(loss(_hook_conv), x, w)
-    if jax.default_backend() == 'cpu':
-      assert 'conv_general_dilated' not in counts
+    if jax.default_backend() == "cpu":
+      assert "conv_general_dilated" not in counts
     y = _hook_conv(x, w, stride, pad)
     assert y.shape == y_ref.shape
     np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
@@ -369,17 +386,15 @@ def test_conv_hook_dtypes_and_precision():
   y16 = _hook_conv(x16, w16, 2, 0)
   assert y16.dtype == jnp.bfloat16
   ref = _lax_conv(x16.astype(jnp.float32), w16.astype(jnp.float32), 2, 0)
-  np.testing.assert_allclose(y16.astype(jnp.float32), ref, rtol=2e-2,
-                             atol=2e-2)
+  np.testing.assert_allclose(y16.astype(jnp.float32), ref, rtol=2e-2, atol=2e-2)
   y32 = _hook_conv(x16, w16, 2, 0, preferred_element_type=jnp.float32)
   assert y32.dtype == jnp.float32
   np.testing.assert_allclose(y32, ref, rtol=1e-5, atol=1e-5)
   # The precision flax passes reaches the dot.
-  jaxpr = jax.make_jaxpr(lambda x, w: _hook_conv(
-      x, w, 1, 0, precision=lax.Precision.HIGHEST))(x, w)
-  dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == 'dot_general']
+  jaxpr = jax.make_jaxpr(lambda x, w: _hook_conv(x, w, 1, 0, precision=lax.Precision.HIGHEST))(x, w)
+  dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
   assert len(dots) == 1
-  assert dots[0].params['precision'] == (lax.Precision.HIGHEST,) * 2
+  assert dots[0].params["precision"] == (lax.Precision.HIGHEST,) * 2
   # Through nnx.Conv, as the backbone builds it: bf16 compute, f32 params.
   conv = resnet_lib.conv_layer(8, 4, 1, 2, 0, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
   assert conv.kernel.get_value().dtype == jnp.float32
@@ -387,16 +402,18 @@ def test_conv_hook_dtypes_and_precision():
   assert y.dtype == jnp.bfloat16 and y.shape == (2, 3, 3, 4)
   k16 = conv.kernel.get_value().astype(jnp.bfloat16)
   np.testing.assert_allclose(
-      y.astype(jnp.float32),
-      _lax_conv(x16, k16, 2, 0, preferred_element_type=jnp.float32),
-      rtol=2e-2, atol=2e-2)
+    y.astype(jnp.float32),
+    _lax_conv(x16, k16, 2, 0, preferred_element_type=jnp.float32),
+    rtol=2e-2,
+    atol=2e-2,
+  )
 
 
 def _reference_max_pool(x):
   return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
-@pytest.mark.parametrize('shape', [(2, 9, 8, 3), (1, 10, 11, 2), (1, 1, 2, 1)])
+@pytest.mark.parametrize("shape", [(2, 9, 8, 3), (1, 10, 11, 2), (1, 1, 2, 1)])
 def test_max_pool_matches_reduce_window(shape):
   x = jax.random.normal(jax.random.key(0), shape)  # no ties
   y = resnet_lib.max_pool_3x3_s2(x)
@@ -407,25 +424,23 @@ def test_max_pool_matches_reduce_window(shape):
   grad = lambda pool: jax.jit(jax.grad(lambda x: jnp.sum(pool(x) * r)))(x)
   g, g_ref = grad(resnet_lib.max_pool_3x3_s2), grad(_reference_max_pool)
   np.testing.assert_allclose(g, g_ref, rtol=1e-6, atol=1e-6)
-  assert 'reduce_window_max' not in _primitive_counts(
-      jax.grad(lambda x: jnp.sum(resnet_lib.max_pool_3x3_s2(x))), x)
+  assert "reduce_window_max" not in _primitive_counts(
+    jax.grad(lambda x: jnp.sum(resnet_lib.max_pool_3x3_s2(x))), x
+  )
 
 
 def test_max_pool_gradient_goes_to_every_tied_maximum():
-  x = jnp.array([[1., 5., 2.],
-                 [5., 0., 3.],
-                 [4., 1., 2.]])[None, :, :, None]
+  x = jnp.array([[1.0, 5.0, 2.0], [5.0, 0.0, 3.0], [4.0, 1.0, 2.0]])[None, :, :, None]
   # Windows (rows/cols -1..1 and 1..3 of the -inf padded input):
   # top-left {1, 5, 5, 0}: both 5s; top-right {5, 2, 0, 3}: the 5 at (0, 1);
   # bottom-left {5, 0, 4, 1}: the 5 at (1, 0); bottom-right {0, 3, 1, 2}: 3.
-  np.testing.assert_array_equal(resnet_lib.max_pool_3x3_s2(x)[0, :, :, 0],
-                                [[5., 5.], [5., 3.]])
-  g = jnp.array([[1., 10.], [100., 1000.]])[None, :, :, None]
+  np.testing.assert_array_equal(resnet_lib.max_pool_3x3_s2(x)[0, :, :, 0], [[5.0, 5.0], [5.0, 3.0]])
+  g = jnp.array([[1.0, 10.0], [100.0, 1000.0]])[None, :, :, None]
   _, vjp = jax.vjp(resnet_lib.max_pool_3x3_s2, x)
-  dx, = vjp(g)
-  np.testing.assert_array_equal(dx[0, :, :, 0], [[0., 11., 0.],
-                                                 [101., 0., 1000.],
-                                                 [0., 0., 0.]])
+  (dx,) = vjp(g)
+  np.testing.assert_array_equal(
+    dx[0, :, :, 0], [[0.0, 11.0, 0.0], [101.0, 0.0, 1000.0], [0.0, 0.0, 0.0]]
+  )
   # reduce_window's VJP (like torch) gives the top-left window's cotangent
   # to one of the two 5s only.
   _, vjp_ref = jax.vjp(_reference_max_pool, x)
@@ -436,8 +451,7 @@ def test_materialise_is_the_identity_in_value_and_gradient():
   x = jax.random.normal(jax.random.key(0), (2, 3, 4))
   np.testing.assert_array_equal(materialise(x), x)
   f = lambda x: jnp.sum(jnp.sin(materialise(x) * 2.0))
-  np.testing.assert_allclose(jax.grad(f)(x), 2.0 * jnp.cos(2.0 * x),
-                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(jax.grad(f)(x), 2.0 * jnp.cos(2.0 * x), rtol=1e-6, atol=1e-6)
 
 
 _COMPILES_A_CONDITIONAL = """
@@ -448,42 +462,47 @@ print('conditional' in f.lower(jnp.ones((4, 3))).compile().as_text())
 """
 
 
-@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='CPU only')
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU only")
 def test_materialise_is_a_conditional_on_one_cpu_device_only():
   # With several devices the predicate would cost an all-reduce per call, so
   # materialise steps aside. The device count is fixed per process, hence
   # one fresh interpreter per count.
   def compiles_a_conditional(devices: int) -> bool:
-    env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=
-               f'--xla_force_host_platform_device_count={devices}')
-    out = subprocess.run([sys.executable, '-c', _COMPILES_A_CONDITIONAL],
-                         env=env, capture_output=True, text=True, check=True)
-    return out.stdout.strip().splitlines()[-1] == 'True'
+    env = dict(
+      os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"
+    )
+    out = subprocess.run(
+      [sys.executable, "-c", _COMPILES_A_CONDITIONAL],
+      env=env,
+      capture_output=True,
+      text=True,
+      check=True,
+    )
+    return out.stdout.strip().splitlines()[-1] == "True"
 
   assert compiles_a_conditional(1)
   assert not compiles_a_conditional(2)
 
 
 def test_resnet_uses_the_cpu_formulations():
-  model = resnet_lib.ResNet(resnet_lib.Bottleneck, (1, 1, 1, 1), width=4,
-                            rngs=nnx.Rngs(0))
+  model = resnet_lib.ResNet(resnet_lib.Bottleneck, (1, 1, 1, 1), width=4, rngs=nnx.Rngs(0))
   model.eval()  # no batch-statistic updates inside make_jaxpr
   counts = _primitive_counts(lambda x: model(x), jnp.ones((2, 20, 20, 3)))
   # 20 px: stages at 5, 3, 2 and 1 px. Native: the 7x7 stem and the 3x3
   # convs of the first two stages; the 12 1x1 convs (conv1, conv3 and
   # downsample of each block) and, on CPU, the last two stages' 3x3 convs
   # (outputs of at most 2 x 2 pixels) are dots.
-  im2col = 2 if jax.default_backend() == 'cpu' else 0
-  assert counts.get('conv_general_dilated') == 5 - im2col
-  assert counts.get('dot_general') == 12 + im2col
-  assert not any(k.startswith('reduce_window') for k in counts)
+  im2col = 2 if jax.default_backend() == "cpu" else 0
+  assert counts.get("conv_general_dilated") == 5 - im2col
+  assert counts.get("dot_general") == 12 + im2col
+  assert not any(k.startswith("reduce_window") for k in counts)
   # One conditional per block input on one CPU device (none elsewhere).
-  one_cpu = jax.default_backend() == 'cpu' and jax.device_count() == 1
-  assert counts.get('cond', 0) == (4 if one_cpu else 0)
+  one_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
+  assert counts.get("cond", 0) == (4 if one_cpu else 0)
 
 
 def test_batchnorm_statistics_train_vs_eval():
-  model = models.get_backbone('resnet_tiny', rngs=nnx.Rngs(0))
+  model = models.get_backbone("resnet_tiny", rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3)) + 0.5
   before = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
 
@@ -497,18 +516,17 @@ def test_batchnorm_statistics_train_vs_eval():
   model.train()
   y_train = model(x)
   after_train = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
-  m0, m1 = before['bn1']['mean'], after_train['bn1']['mean']
+  m0, m1 = before["bn1"]["mean"], after_train["bn1"]["mean"]
   assert not np.allclose(m0, m1)
   # torch momentum 0.1: running <- 0.9 running + 0.1 batch_mean (zeros start).
   xc = model.conv1(x)
-  np.testing.assert_allclose(m1, 0.1 * np.asarray(xc.mean(axis=(0, 1, 2))),
-                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(m1, 0.1 * np.asarray(xc.mean(axis=(0, 1, 2))), rtol=1e-4, atol=1e-6)
   # Train mode normalises with batch statistics: outputs differ from eval.
   assert not np.allclose(y_train, y_eval, atol=1e-3)
 
 
 def test_eval_view_and_train_eval_reach_heads():
-  model = models.KeypointModel('resnet_tiny', rngs=nnx.Rngs(0))
+  model = models.KeypointModel("resnet_tiny", rngs=nnx.Rngs(0))
   bns = [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)]
   assert all(not bn.use_running_average for bn in bns)
   view = nnx.view(model, use_running_average=True)
@@ -523,6 +541,7 @@ def test_eval_view_and_train_eval_reach_heads():
 # --------------------------------------------------------------------------
 # Heads
 # --------------------------------------------------------------------------
+
 
 def test_projection_head():
   head = heads_lib.ProjectionHead(64, rngs=nnx.Rngs(0))
@@ -567,22 +586,26 @@ def torch_zroot_reference(sd, kp3d_unnorm, zrel, train):
   xm, ym, xn, yn = r[:, 3:4, 0:1], r[:, 3:4, 1:2], r[:, 8:9, 0:1], r[:, 8:9, 1:2]
   zm, zn = zr[:, 3:4], zr[:, 8:9]
   a = (xn - xm) ** 2 + (yn - ym) ** 2
-  b = 2 * (zn * (xn ** 2 + yn ** 2 - xn * xm - yn * ym)
-           + zm * (xm ** 2 + ym ** 2 - xn * xm - yn * ym))
+  b = 2 * (zn * (xn**2 + yn**2 - xn * xm - yn * ym) + zm * (xm**2 + ym**2 - xn * xm - yn * ym))
   c = (xn * zn - xm * zm) ** 2 + (yn * zn - ym * zm) ** 2 + (zn - zm) ** 2 - 1
-  d = b ** 2 - 4 * a * c
+  d = b**2 - 4 * a * c
   eps = torch.tensor(1e-8)
   a, d = torch.maximum(eps, a), torch.maximum(eps, d)
   z = torch.clamp(((-b + torch.sqrt(d)) / (2 * a)).detach(), 4.0, 50.0)
-  h = torch.cat([zr.reshape(-1, 21), r[..., :2].reshape(-1, 42),
-                 z.reshape(-1, 1)], dim=1)
+  h = torch.cat([zr.reshape(-1, 21), r[..., :2].reshape(-1, 42), z.reshape(-1, 1)], dim=1)
   for i in (1, 2):
-    h = h @ t(sd[f'linear{i}.weight']).T + t(sd[f'linear{i}.bias'])
-    h = F.batch_norm(h, t(sd[f'bn{i}.running_mean']),
-                     t(sd[f'bn{i}.running_var']), t(sd[f'bn{i}.weight']),
-                     t(sd[f'bn{i}.bias']), training=train, eps=1e-5)
+    h = h @ t(sd[f"linear{i}.weight"]).T + t(sd[f"linear{i}.bias"])
+    h = F.batch_norm(
+      h,
+      t(sd[f"bn{i}.running_mean"]),
+      t(sd[f"bn{i}.running_var"]),
+      t(sd[f"bn{i}.weight"]),
+      t(sd[f"bn{i}.bias"]),
+      training=train,
+      eps=1e-5,
+    )
     h = F.leaky_relu(h)
-  h = h @ t(sd['linear3.weight']).T + t(sd['linear3.bias'])
+  h = h @ t(sd["linear3.weight"]).T + t(sd["linear3.bias"])
   return (z + h.reshape(z.shape)).reshape(-1).numpy()
 
 
@@ -598,13 +621,11 @@ def _hand(n, seed, depth=0.4, size=128.0):
   K = np.array(models.default_intrinsics(int(size)))
   K = np.broadcast_to(K, (n, 3, 3)).copy()
   K[:, 0, 0] *= rng.uniform(0.9, 1.1, n)
-  uv, zrel, bone = geometry.xyz_to_uvd(jnp.asarray(xyz, jnp.float32),
-                                       jnp.asarray(K, jnp.float32))
-  return (xyz, np.array(uv), np.array(zrel), np.array(bone),
-          K.astype(np.float32))
+  uv, zrel, bone = geometry.xyz_to_uvd(jnp.asarray(xyz, jnp.float32), jnp.asarray(K, jnp.float32))
+  return (xyz, np.array(uv), np.array(zrel), np.array(bone), K.astype(np.float32))
 
 
-@pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_zroot_refiner_matches_public_code_order(train):
   refiner = heads_lib.ZRootRefiner(rngs=nnx.Rngs(0))
   _randomise_bn_stats(refiner, seed=1)
@@ -622,8 +643,7 @@ def test_zroot_refiner_matches_public_code_order(train):
   else:
     refiner.eval()
   ours = np.asarray(refiner(jnp.asarray(uv), jnp.asarray(zrel), jnp.asarray(K)))
-  rays = np.asarray(geometry.unproject(jnp.asarray(uv), jnp.ones((6, 21)),
-                                       jnp.asarray(K)))
+  rays = np.asarray(geometry.unproject(jnp.asarray(uv), jnp.ones((6, 21)), jnp.asarray(K)))
   sd = to_torch_state_dict(refiner)
   ref = torch_zroot_reference(sd, rays, zrel, train)
   np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
@@ -633,8 +653,7 @@ def test_zroot_closed_form_stops_gradient():
   refiner = heads_lib.ZRootRefiner(rngs=nnx.Rngs(0))
   _, uv, zrel, _, K = _hand(3, seed=1)
   uv, zrel, K = map(jnp.asarray, (uv, zrel, K))
-  g_uv, g_z = jax.grad(lambda u, z: refiner.initial_zroot(u, z, K).sum(),
-                       argnums=(0, 1))(uv, zrel)
+  g_uv, g_z = jax.grad(lambda u, z: refiner.initial_zroot(u, z, K).sum(), argnums=(0, 1))(uv, zrel)
   assert float(jnp.abs(g_uv).max()) == 0.0
   assert float(jnp.abs(g_z).max()) == 0.0
   # Without the stop the same expression has a gradient (the check can fail).
@@ -646,8 +665,9 @@ def test_zroot_closed_form_stops_gradient():
 # Full models
 # --------------------------------------------------------------------------
 
+
 def test_peclr_model():
-  model = models.PeCLRModel('resnet_tiny', rngs=nnx.Rngs(0))
+  model = models.PeCLRModel("resnet_tiny", rngs=nnx.Rngs(0))
   assert model.projection.linear1.kernel.get_value().shape == (64, 512)
   y = model(jnp.ones((4, 32, 32, 3)))
   assert y.shape == (4, 128) and y.dtype == jnp.float32
@@ -656,7 +676,8 @@ def test_peclr_model():
 def _fix_head(model, raw):
   """Makes the keypoint head output `raw` [21, 3] for any image."""
   model.keypoint_head.linear.kernel.set_value(
-      jnp.zeros_like(model.keypoint_head.linear.kernel.get_value()))
+    jnp.zeros_like(model.keypoint_head.linear.kernel.get_value())
+  )
   model.keypoint_head.linear.bias.set_value(jnp.asarray(raw, jnp.float32).reshape(63))
 
 
@@ -666,64 +687,57 @@ def _zero_refiner_output(model):
   lin.bias.set_value(jnp.zeros_like(lin.bias.get_value()))
 
 
-@pytest.mark.parametrize('uv_units', ['pixels', 'normalized'])
+@pytest.mark.parametrize("uv_units", ["pixels", "normalized"])
 def test_keypoint_model_recovers_known_hand(uv_units):
   size = 32
-  model = models.KeypointModel('resnet_tiny', rngs=nnx.Rngs(0),
-                               uv_units=uv_units)
+  model = models.KeypointModel("resnet_tiny", rngs=nnx.Rngs(0), uv_units=uv_units)
   _zero_refiner_output(model)
   xyz, uv, zrel, bone, K = _hand(1, seed=3, size=size)
-  raw_uv = uv[0] if uv_units == 'pixels' else uv[0] / (size / 2) - 1
+  raw_uv = uv[0] if uv_units == "pixels" else uv[0] / (size / 2) - 1
   raw_z = zrel[0].copy()
   raw_z[0] = 0.7  # must be overridden: the root's z_rel is 0 by definition
   _fix_head(model, np.concatenate([raw_uv, raw_z[:, None]], -1))
   images = jax.random.normal(jax.random.key(0), (2, size, size, 3))
   K2 = jnp.asarray(np.repeat(K, 2, 0))
   out = model(images, K2)
-  assert set(out) == {'kp2d', 'zrel', 'zroot', 'kp3d'}
-  for k, shape in [('kp2d', (2, 21, 2)), ('zrel', (2, 21)), ('zroot', (2,)),
-                   ('kp3d', (2, 21, 3))]:
+  assert set(out) == {"kp2d", "zrel", "zroot", "kp3d"}
+  for k, shape in [("kp2d", (2, 21, 2)), ("zrel", (2, 21)), ("zroot", (2,)), ("kp3d", (2, 21, 3))]:
     assert out[k].shape == shape and out[k].dtype == jnp.float32
-  np.testing.assert_allclose(out['kp2d'][0], uv[0], rtol=1e-5, atol=1e-3)
-  assert float(out['zrel'][0, 0]) == 0.0
+  np.testing.assert_allclose(out["kp2d"][0], uv[0], rtol=1e-5, atol=1e-3)
+  assert float(out["zrel"][0, 0]) == 0.0
   # Known answer: metric hand / bone length, and z_root = depth / bone.
-  np.testing.assert_allclose(out['zroot'][0], xyz[0, 0, 2] / bone[0], rtol=1e-3)
-  np.testing.assert_allclose(out['kp3d'][0], xyz[0] / bone[0], rtol=1e-3,
-                             atol=1e-3)
-  np.testing.assert_allclose(
-      np.linalg.norm(out['kp3d'][0, 8] - out['kp3d'][0, 3]), 1.0, rtol=1e-3)
+  np.testing.assert_allclose(out["zroot"][0], xyz[0, 0, 2] / bone[0], rtol=1e-3)
+  np.testing.assert_allclose(out["kp3d"][0], xyz[0] / bone[0], rtol=1e-3, atol=1e-3)
+  np.testing.assert_allclose(np.linalg.norm(out["kp3d"][0, 8] - out["kp3d"][0, 3]), 1.0, rtol=1e-3)
   # kp3d is rays * (z_rel + z_root) with the returned quantities.
-  rays = geometry.unproject(out['kp2d'], jnp.ones((2, 21)), K2)
+  rays = geometry.unproject(out["kp2d"], jnp.ones((2, 21)), K2)
   np.testing.assert_allclose(
-      out['kp3d'], rays * (out['zrel'] + out['zroot'][:, None])[..., None],
-      rtol=1e-5, atol=1e-5)
+    out["kp3d"], rays * (out["zrel"] + out["zroot"][:, None])[..., None], rtol=1e-5, atol=1e-5
+  )
 
 
 def test_keypoint_model_default_K_and_clamp():
   size = 32
-  model = models.KeypointModel('resnet_tiny', rngs=nnx.Rngs(0),
-                               uv_units='pixels')
+  model = models.KeypointModel("resnet_tiny", rngs=nnx.Rngs(0), uv_units="pixels")
   _zero_refiner_output(model)
   K224 = np.asarray(models.default_intrinsics(224))
-  np.testing.assert_allclose(K224, [[388.9018, 0, 112], [0, 388.7123, 112],
-                                    [0, 0, 1]], rtol=1e-6)
-  scaled = np.array([[K224[0, 0] * size / 224, 0, size / 2],
-                     [0, K224[1, 1] * size / 224, size / 2], [0, 0, 1]])
+  np.testing.assert_allclose(K224, [[388.9018, 0, 112], [0, 388.7123, 112], [0, 0, 1]], rtol=1e-6)
+  scaled = np.array(
+    [[K224[0, 0] * size / 224, 0, size / 2], [0, K224[1, 1] * size / 224, size / 2], [0, 0, 1]]
+  )
   np.testing.assert_allclose(models.default_intrinsics(size), scaled, rtol=1e-6)
   # A hand 10 m away (z_root far above 50 bone lengths) clamps to 50.
   xyz, uv, zrel, _, K = _hand(1, seed=4, depth=10.0, size=size)
   _fix_head(model, np.concatenate([uv[0], zrel[0][:, None]], -1))
   images = jnp.zeros((2, size, size, 3))
   out_default = model(images)
-  out_explicit = model(images, jnp.broadcast_to(models.default_intrinsics(size),
-                                                (2, 3, 3)))
-  np.testing.assert_allclose(out_default['kp3d'], out_explicit['kp3d'])
-  np.testing.assert_allclose(out_default['zroot'], 50.0)
+  out_explicit = model(images, jnp.broadcast_to(models.default_intrinsics(size), (2, 3, 3)))
+  np.testing.assert_allclose(out_default["kp3d"], out_explicit["kp3d"])
+  np.testing.assert_allclose(out_default["zroot"], 50.0)
 
 
 def test_keypoint_model_gradients():
-  model = models.KeypointModel('resnet_tiny', rngs=nnx.Rngs(0),
-                               uv_units='pixels')
+  model = models.KeypointModel("resnet_tiny", rngs=nnx.Rngs(0), uv_units="pixels")
   _zero_refiner_output(model)
   _, uv, zrel, _, K = _hand(1, seed=5, size=32)
   _fix_head(model, np.concatenate([uv[0], zrel[0][:, None]], -1))
@@ -731,33 +745,36 @@ def test_keypoint_model_gradients():
   K2 = jnp.asarray(np.repeat(K, 2, 0))
 
   def zroot_sum(m):
-    return m(images, K2)['zroot'].sum()
+    return m(images, K2)["zroot"].sum()
 
-  heads_only = nnx.DiffState(0, nnx.All(nnx.Param, nnx.Any(
-      nnx.PathContains('keypoint_head'), nnx.PathContains('zroot_refiner'))))
+  heads_only = nnx.DiffState(
+    0,
+    nnx.All(
+      nnx.Param, nnx.Any(nnx.PathContains("keypoint_head"), nnx.PathContains("zroot_refiner"))
+    ),
+  )
   grads = nnx.grad(zroot_sum, argnums=heads_only)(model)
-  assert 'backbone' not in grads
+  assert "backbone" not in grads
   # The closed form is gradient-stopped and linear3 is zero, so nothing
   # reaches the keypoint head through z_root; only linear3 gets a gradient.
-  head_g = grads['keypoint_head']
+  head_g = grads["keypoint_head"]
   assert _count(head_g) > 0
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(head_g)) == 0.0
-  np.testing.assert_allclose(grads['zroot_refiner']['linear3']['bias'][...],
-                             [2.0])
+  np.testing.assert_allclose(grads["zroot_refiner"]["linear3"]["bias"][...], [2.0])
   # kp3d still back-propagates into the head (through uv and z_rel).
-  g3 = nnx.grad(lambda m: m(images, K2)['kp3d'].sum(), argnums=heads_only)(
-      model)
-  assert float(jnp.abs(g3['keypoint_head']['linear']['bias'][...]).max()) > 0
+  g3 = nnx.grad(lambda m: m(images, K2)["kp3d"].sum(), argnums=heads_only)(model)
+  assert float(jnp.abs(g3["keypoint_head"]["linear"]["bias"][...]).max()) > 0
 
 
 # --------------------------------------------------------------------------
 # Mixed precision
 # --------------------------------------------------------------------------
 
+
 def test_bfloat16_compute_float32_params_and_outputs():
   x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
-  m32 = models.PeCLRModel('resnet_tiny', rngs=nnx.Rngs(0))
-  m16 = models.PeCLRModel('resnet_tiny', rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+  m32 = models.PeCLRModel("resnet_tiny", rngs=nnx.Rngs(0))
+  m16 = models.PeCLRModel("resnet_tiny", rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
   for leaf in jax.tree.leaves(nnx.state(m16)):
     assert leaf.dtype == jnp.float32
   y32, y16 = m32(x), m16(x)
@@ -768,7 +785,7 @@ def test_bfloat16_compute_float32_params_and_outputs():
   for leaf in jax.tree.leaves(nnx.state(m16, nnx.BatchStat)):
     assert leaf.dtype == jnp.float32
 
-  k16 = models.KeypointModel('resnet_tiny', rngs=nnx.Rngs(0), dtype='bfloat16')
+  k16 = models.KeypointModel("resnet_tiny", rngs=nnx.Rngs(0), dtype="bfloat16")
   out = k16(x)
   for v in out.values():
     assert v.dtype == jnp.float32
@@ -780,8 +797,9 @@ def test_bfloat16_compute_float32_params_and_outputs():
 def test_identical_models_share_graphdef():
   # Equal graphdefs: a jitted step compiled for one instance is reused for
   # another (and split/merge across instances works).
-  make = lambda seed: nnx.eval_shape(lambda: models.KeypointModel(
-      'resnet_tiny', rngs=nnx.Rngs(seed), dtype='bfloat16'))
+  make = lambda seed: nnx.eval_shape(
+    lambda: models.KeypointModel("resnet_tiny", rngs=nnx.Rngs(seed), dtype="bfloat16")
+  )
   assert nnx.graphdef(make(0)) == nnx.graphdef(make(1))
 
 
@@ -800,33 +818,31 @@ def test_integral_2p5d_known_answers():
   # Cell (i, c) covers pixels [c s, c s + s): centre c s + (s - 1) / 2.
   np.testing.assert_allclose(out[0, :, 0], cols * s + (s - 1) / 2)
   np.testing.assert_allclose(out[0, :, 1], rows * s + (s - 1) / 2)
-  np.testing.assert_allclose(out[..., 2], depth[:, rows, cols, np.arange(j)],
-                             rtol=1e-6)
+  np.testing.assert_allclose(out[..., 2], depth[:, rows, cols, np.arange(j)], rtol=1e-6)
   # Uniform heatmaps: the image centre (S - 1) / 2 and the mean depth.
   flat = heads_lib.integral_2p5d(jnp.zeros((n, h, w, j)), depth, s)
   np.testing.assert_allclose(flat[..., :2], (h * s - 1) / 2, rtol=1e-6)
-  np.testing.assert_allclose(flat[..., 2], depth.mean(axis=(1, 2)), rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(flat[..., 2], depth.mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
 
 
 def test_heatmap_keypoint_model_outputs_and_gradients():
   size = 64
-  model = models.KeypointModel('resnet_tiny', rngs=nnx.Rngs(0), head='heatmap')
-  assert model.uv_units == 'pixels'
+  model = models.KeypointModel("resnet_tiny", rngs=nnx.Rngs(0), head="heatmap")
+  assert model.uv_units == "pixels"
   assert model.keypoint_head.stride == 4
   images = jax.random.normal(jax.random.key(0), (3, size, size, 3))
   K = jnp.broadcast_to(models.default_intrinsics(size), (3, 3, 3))
   out = model(images, K)
-  assert out['kp2d'].shape == (3, 21, 2) and out['kp3d'].shape == (3, 21, 3)
+  assert out["kp2d"].shape == (3, 21, 2) and out["kp3d"].shape == (3, 21, 3)
   # Soft-argmax stays inside the outermost cell centres.
-  assert float(out['kp2d'].min()) >= 1.5 and float(out['kp2d'].max()) <= 62.5
-  assert float(jnp.abs(out['zrel'][:, 0]).max()) == 0.0
-  rays = geometry.unproject(out['kp2d'], jnp.ones((3, 21)), K)
+  assert float(out["kp2d"].min()) >= 1.5 and float(out["kp2d"].max()) <= 62.5
+  assert float(jnp.abs(out["zrel"][:, 0]).max()) == 0.0
+  rays = geometry.unproject(out["kp2d"], jnp.ones((3, 21)), K)
   np.testing.assert_allclose(
-      out['kp3d'], rays * (out['zrel'] + out['zroot'][:, None])[..., None],
-      rtol=1e-5, atol=1e-5)
-  grads = nnx.grad(lambda m: jnp.sum(m(images, K)['kp2d']))(model)
-  stem = grads['backbone']['conv1']['kernel'].get_value()
+    out["kp3d"], rays * (out["zrel"] + out["zroot"][:, None])[..., None], rtol=1e-5, atol=1e-5
+  )
+  grads = nnx.grad(lambda m: jnp.sum(m(images, K)["kp2d"]))(model)
+  stem = grads["backbone"]["conv1"]["kernel"].get_value()
   assert float(jnp.abs(stem).max()) > 0  # the 2D loss reaches the backbone
-  with pytest.raises(ValueError, match='head'):
-    models.KeypointModel('resnet_tiny', rngs=nnx.Rngs(0), head='deconv')
+  with pytest.raises(ValueError, match="head"):
+    models.KeypointModel("resnet_tiny", rngs=nnx.Rngs(0), head="deconv")

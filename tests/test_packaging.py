@@ -20,15 +20,15 @@ import zipfile
 import numpy as np
 import pytest
 
-from peclr_jax import checkpoints
-from peclr_jax import config_files
-from peclr_jax import data
-from peclr_jax import defaults
+from peclr_jax import checkpoints, config_files, data, defaults
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Source folder -> where its files go in the wheel.
-PACKAGED = {"peclr_jax": "peclr_jax", "tfds_builders": "tfds_builders",
-            "configs": "peclr_jax/configs"}
+PACKAGED = {
+  "peclr_jax": "peclr_jax",
+  "tfds_builders": "tfds_builders",
+  "configs": "peclr_jax/configs",
+}
 SCRIPTS = ("peclr-train", "peclr-predict", "peclr-data", "peclr-convert")
 # The installed package only: a PYTHONPATH could point at the repository.
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -47,8 +47,9 @@ def _source_files():
 
 
 def _run(args, cwd, **kwargs):
-  return subprocess.run(args, cwd=cwd, env=ENV, capture_output=True,
-                        text=True, timeout=120, check=False, **kwargs)
+  return subprocess.run(
+    args, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=120, check=False, **kwargs
+  )
 
 
 @pytest.fixture(scope="module")
@@ -60,21 +61,31 @@ def installed(tmp_path_factory):
   for name in ("pyproject.toml", "README.md", "LICENSE", *PACKAGED):
     path = os.path.join(REPO, name)
     if os.path.isdir(path):
-      shutil.copytree(path, src / name,
-                      ignore=shutil.ignore_patterns("__pycache__"))
+      shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     else:
       shutil.copy(path, src / name)
-  build = _run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps",
-                "--no-build-isolation", "--no-index", str(src),
-                "-w", str(tmp / "wheel")], cwd=tmp)
+  build = _run(
+    [
+      sys.executable,
+      "-m",
+      "pip",
+      "wheel",
+      "-v",
+      "--no-deps",
+      "--no-build-isolation",
+      "--no-index",
+      str(src),
+      "-w",
+      str(tmp / "wheel"),
+    ],
+    cwd=tmp,
+  )
   assert build.returncode == 0, build.stdout + build.stderr
   [wheel] = (tmp / "wheel").glob("peclr_jax-*.whl")
 
   venv = tmp / "venv"
-  subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)],
-                 check=True)
-  purelib = sysconfig.get_path("purelib", vars={"base": str(venv),
-                                                "platbase": str(venv)})
+  subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+  purelib = sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)})
   # The dependencies are this environment's (its site-packages added as a
   # plain path: its .pth files, among them the editable install of the
   # repository, are not run).
@@ -83,9 +94,21 @@ def installed(tmp_path_factory):
   bin_dir = venv / "bin"
   # --ignore-installed: the repository's own install, seen through the .pth
   # file, is not to be replaced.
-  install = _run([sys.executable, "-m", "pip", "--python",
-                  str(bin_dir / "python"), "install", "--no-deps",
-                  "--no-index", "--ignore-installed", str(wheel)], cwd=tmp)
+  install = _run(
+    [
+      sys.executable,
+      "-m",
+      "pip",
+      "--python",
+      str(bin_dir / "python"),
+      "install",
+      "--no-deps",
+      "--no-index",
+      "--ignore-installed",
+      str(wheel),
+    ],
+    cwd=tmp,
+  )
   assert install.returncode == 0, install.stdout + install.stderr
   return bin_dir, wheel, build.stdout + build.stderr
 
@@ -94,8 +117,7 @@ def test_wheel_holds_every_source_file_and_builds_quietly(installed):
   _, wheel, build_log = installed
   with zipfile.ZipFile(wheel) as z:
     names = set(z.namelist())
-    entry_points = "".join(z.read(n).decode() for n in names
-                           if n.endswith("entry_points.txt"))
+    entry_points = "".join(z.read(n).decode() for n in names if n.endswith("entry_points.txt"))
   missing = sorted(set(_source_files()) - names)
   assert not missing, f"not in the wheel (pyproject's packages): {missing}"
   assert not any(n.startswith(("tests/", "configs/")) for n in names)
@@ -103,15 +125,23 @@ def test_wheel_holds_every_source_file_and_builds_quietly(installed):
     assert f"{script} = peclr_jax." in entry_points, entry_points
   # setuptools' deprecations (the license as a table, ...) are errors later.
   assert "deprecat" not in build_log.lower(), [
-      line for line in build_log.splitlines() if "deprecat" in line.lower()]
+    line for line in build_log.splitlines() if "deprecat" in line.lower()
+  ]
 
 
 def test_installed_configs_are_found_from_any_directory(installed, tmp_path):
   bin_dir, _, _ = installed
   python = str(bin_dir / "python")
-  where = _run([python, "-c", "from peclr_jax import config_files; "
-                "print(config_files.find('peclr.py')); "
-                "print(config_files.find('configs/demo.py'))"], cwd=tmp_path)
+  where = _run(
+    [
+      python,
+      "-c",
+      "from peclr_jax import config_files; "
+      "print(config_files.find('peclr.py')); "
+      "print(config_files.find('configs/demo.py'))",
+    ],
+    cwd=tmp_path,
+  )
   assert where.returncode == 0, where.stderr
   site_dir = os.path.join(str(bin_dir.parent), "lib")
   for line, name in zip(where.stdout.splitlines(), ("peclr.py", "demo.py")):
@@ -122,20 +152,28 @@ def test_installed_configs_are_found_from_any_directory(installed, tmp_path):
   # error, before any data or workdir is touched.
   common = [f"--workdir={tmp_path / 'w'}"]
   procs = {
-      "argument": subprocess.Popen(
-          [python, "-m", "peclr_jax.main", "--config=peclr.py:runlcoal",
-           *common], cwd=tmp_path, stdout=subprocess.PIPE,
-          stderr=subprocess.PIPE, text=True, env=ENV),
-      "missing": subprocess.Popen(
-          [python, "-m", "peclr_jax.main", "--config=configs/nope.py",
-           *common], cwd=tmp_path, stdout=subprocess.PIPE,
-          stderr=subprocess.PIPE, text=True, env=ENV),
+    "argument": subprocess.Popen(
+      [python, "-m", "peclr_jax.main", "--config=peclr.py:runlcoal", *common],
+      cwd=tmp_path,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env=ENV,
+    ),
+    "missing": subprocess.Popen(
+      [python, "-m", "peclr_jax.main", "--config=configs/nope.py", *common],
+      cwd=tmp_path,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env=ENV,
+    ),
   }
   expected = {
-      "argument": "error: unknown config argument 'runlcoal'; accepted: "
-                  "['backbone', 'invert', 'paper_code', 'runlocal']",
-      "missing": "error: No such file or directory: 'configs/nope.py', nor "
-                 "an installed config of that name (installed: demo.py, ",
+    "argument": "error: unknown config argument 'runlcoal'; accepted: "
+    "['backbone', 'invert', 'paper_code', 'runlocal']",
+    "missing": "error: No such file or directory: 'configs/nope.py', nor "
+    "an installed config of that name (installed: demo.py, ",
   }
   for name, proc in procs.items():
     _, err = proc.communicate(timeout=120)
@@ -158,32 +196,36 @@ def test_notebooks_load_the_config_file_by_name(tmp_path, monkeypatch):
 
 def test_console_scripts_run(installed, tmp_path):
   bin_dir, _, _ = installed
-  procs = {script: subprocess.Popen(
-      [str(bin_dir / script), "--help"], cwd=tmp_path,
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-           for script in SCRIPTS}
+  procs = {
+    script: subprocess.Popen(
+      [str(bin_dir / script), "--help"],
+      cwd=tmp_path,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env=ENV,
+    )
+    for script in SCRIPTS
+  }
   for script, proc in procs.items():
     out, err = proc.communicate(timeout=120)
     # absl's --help exits 1 (after printing the flags); argparse's 0.
-    assert proc.returncode == (1 if script == "peclr-train" else 0), (
-        script, err[-2000:])
-    assert ("--config: Config file" if script == "peclr-train"
-            else "usage: ") in out, (script, out)
+    assert proc.returncode == (1 if script == "peclr-train" else 0), (script, err[-2000:])
+    assert ("--config: Config file" if script == "peclr-train" else "usage: ") in out, (script, out)
     assert "Traceback" not in out + err, (script, err)
 
 
 # ------------------------------------------------------- what a user sees --
 
-def test_dataset_build_prints_one_line_and_no_cursor_codes(tmp_path, capfd,
-                                                           caplog):
+
+def test_dataset_build_prints_one_line_and_no_cursor_codes(tmp_path, capfd, caplog):
   """TFDS said "Downloading and preparing dataset Unknown size" for data
   generated here, warned that the folder it was about to make "has no
   dataset_info.json", and its nested bars wrote cursor-up codes into logs."""
   caplog.set_level(logging.WARNING, logger="absl")
   data.build_dataset("synthetic_hands", tmp_path, config="small")
   out, err = capfd.readouterr()
-  assert out == (f"Building dataset "
-                 f"{tmp_path / 'synthetic_hands' / 'small' / '1.0.0'} ...\n")
+  assert out == (f"Building dataset {tmp_path / 'synthetic_hands' / 'small' / '1.0.0'} ...\n")
   assert "\x1b[" not in err and "Generating" not in err, err
   assert [r.getMessage() for r in caplog.records] == []
   # Built: asked again, nothing is printed.
@@ -202,6 +244,7 @@ def test_restoring_a_checkpoint_logs_nothing(tmp_path, caplog):
   caplog.clear()
   assert checkpoints.read_meta(str(tmp_path)) == meta
   restored = checkpoints.restore_subtree(
-      str(tmp_path), ("model",), {"w": np.zeros((2, 3), np.float32)})
+    str(tmp_path), ("model",), {"w": np.zeros((2, 3), np.float32)}
+  )
   np.testing.assert_array_equal(restored["w"], weights)
   assert [r.getMessage() for r in caplog.records] == []

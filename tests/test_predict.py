@@ -20,10 +20,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from peclr_jax import checkpoints
-from peclr_jax import evaluate
-from peclr_jax import models
-from peclr_jax import predict
+from peclr_jax import checkpoints, evaluate, models, predict
 from peclr_jax.models import restore
 
 S = 64
@@ -69,8 +66,11 @@ def _make_model(seed=0):
 
 def _save(workdir, pure, kind="finetune"):
   mgr = checkpoints.CheckpointManager(str(workdir))
-  mgr.save(0, {"model": pure}, meta={"kind": kind, "backbone": "resnet_tiny",
-                                       "uv_units": "normalized", "input_size": S})
+  mgr.save(
+    0,
+    {"model": pure},
+    meta={"kind": kind, "backbone": "resnet_tiny", "uv_units": "normalized", "input_size": S},
+  )
   mgr.close()
 
 
@@ -102,8 +102,10 @@ def reference(model):
     m.eval()
     return m(x, K)
 
-  return lambda x, K: {k: np.asarray(v, np.float64) for k, v in
-                       call(jnp.asarray(x, jnp.float32), jnp.asarray(K, jnp.float32)).items()}
+  return lambda x, K: {
+    k: np.asarray(v, np.float64)
+    for k, v in call(jnp.asarray(x, jnp.float32), jnp.asarray(K, jnp.float32)).items()
+  }
 
 
 def _images(seed, shapes):
@@ -133,9 +135,9 @@ def _affine(box, size=S, fill=0.7):
   box's longer side to fill * size."""
   x0, y0, x1, y1 = box
   a = fill * size / max(x1 - x0, y1 - y0)
-  return np.array([[a, 0, size / 2 - a * (x0 + x1) / 2],
-                   [0, a, size / 2 - a * (y0 + y1) / 2],
-                   [0, 0, 1.0]])
+  return np.array(
+    [[a, 0, size / 2 - a * (x0 + x1) / 2], [0, a, size / 2 - a * (y0 + y1) / 2], [0, 0, 1.0]]
+  )
 
 
 def _ref_two_pass(reference, image, K, first_box):
@@ -173,8 +175,12 @@ def test_from_checkpoint_restores_saved_weights(model, predictor, reference):
   # batch 4: two chunks, the second padded) and the reference call.
   rng = np.random.default_rng(1)
   crops = rng.normal(size=(5, S, S, 3)).astype(np.float32)
-  K = np.stack([np.diag([80.0 + i, 82.0, 1.0]) + np.array([[0, 0, 32], [0, 0, 31], [0, 0, 0]])
-                for i in range(5)])
+  K = np.stack(
+    [
+      np.diag([80.0 + i, 82.0, 1.0]) + np.array([[0, 0, 32], [0, 0, 31], [0, 0, 0]])
+      for i in range(5)
+    ]
+  )
   got = predictor.predict_crops(crops, K)
   ref = reference(crops, K)
   np.testing.assert_allclose(got["kp2d"], ref["kp2d"], atol=1e-4)
@@ -193,8 +199,9 @@ def test_from_checkpoint_prefers_best_and_checks_kind(model, tmp_path):
   assert (restored.path, restored.input_size, restored.meta) == (loaded.path, S, loaded.meta)
   assert restored.model.backbone.bn1.use_running_average  # eval mode
   have = nnx.to_pure_dict(nnx.state(loaded.model))
-  np.testing.assert_array_equal(np.asarray(have["keypoint_head"]["linear"]["kernel"]),
-                                best["keypoint_head"]["linear"]["kernel"])
+  np.testing.assert_array_equal(
+    np.asarray(have["keypoint_head"]["linear"]["kernel"]), best["keypoint_head"]["linear"]["kernel"]
+  )
   _save(tmp_path / "pre", {"x": np.zeros(2, np.float32)}, kind="pretrain")
   with pytest.raises(checkpoints.CheckpointError, match="pretrain"):
     predict.Predictor.from_checkpoint(str(tmp_path / "pre"))
@@ -206,8 +213,9 @@ def test_in_memory_model(model, predictor):
   assert model.backbone.bn1.use_running_average is False
   p = predict.Predictor(model, S, batch_size=BATCH)
   (image,) = _images(6, [(40, 50, 3)])
-  np.testing.assert_allclose(p.predict([image])["kp2d"], predictor.predict([image])["kp2d"],
-                             atol=1e-3)
+  np.testing.assert_allclose(
+    p.predict([image])["kp2d"], predictor.predict([image])["kp2d"], atol=1e-3
+  )
   assert model.backbone.bn1.use_running_average is False
   with pytest.raises(ValueError, match="KeypointModel"):
     predict.Predictor(object(), S)
@@ -219,13 +227,16 @@ def test_in_memory_model(model, predictor):
 
 
 def test_image_intrinsics():
-  np.testing.assert_allclose(predict.image_intrinsics(224, 224),
-                             np.asarray(models.default_intrinsics(224, 224)), rtol=1e-6)
-  np.testing.assert_allclose(predict.image_intrinsics(300, 300),
-                             np.asarray(models.default_intrinsics(300, 300)), rtol=1e-6)
+  np.testing.assert_allclose(
+    predict.image_intrinsics(224, 224), np.asarray(models.default_intrinsics(224, 224)), rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    predict.image_intrinsics(300, 300), np.asarray(models.default_intrinsics(300, 300)), rtol=1e-6
+  )
   K = predict.image_intrinsics(480, 640)  # isotropic, longer side
-  np.testing.assert_allclose(K, [[FX224 * 640 / 224, 0, 320], [0, FY224 * 640 / 224, 240],
-                                 [0, 0, 1]], rtol=1e-6)
+  np.testing.assert_allclose(
+    K, [[FX224 * 640 / 224, 0, 320], [0, FY224 * 640 / 224, 240], [0, 0, 1]], rtol=1e-6
+  )
 
 
 @pytest.mark.parametrize("use_boxes", [False, True])
@@ -280,8 +291,9 @@ def test_predictor_canvas_agrees_with_evaluate_modes_batch(predictor):
   # (a same-size batch, as evaluate_mode.run calls it).
   small, big = _images(4, [(48, 48, 3), (100, 80, 3)])
   K = np.array([[120.0, 0, 24.0], [0, 120.0, 24.0], [0, 0, 1]])
-  out = predictor.predict([small, big], K=np.stack([K, K * [[1.5], [1.5], [1]]]),
-                          scale=np.array([0.03, 0.05]))
+  out = predictor.predict(
+    [small, big], K=np.stack([K, K * [[1.5], [1.5], [1]]]), scale=np.array([0.03, 0.05])
+  )
   ref = evaluate.two_pass_predict(predictor.predict_crops, small[None], K, [0.03], S)
   np.testing.assert_allclose(out["kp2d"][0], ref["kp2d"][0], atol=1e-3)
   np.testing.assert_allclose(out["kp3d"][0], ref["kp3d_metres"][0], rtol=1e-4, atol=1e-6)
@@ -296,14 +308,19 @@ def test_empty_input(predictor):
   assert out["kp3d"].shape == (0, 21, 3) and out["kp2d"].shape == (0, 21, 2)
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     (dict(images=[np.zeros((8, 8, 3), np.float32)]), r"images\[0\] must be uint8.*float32"),
     (dict(images=[np.zeros((8, 8, 5), np.uint8)]), r"images\[0\].*shape \(8, 8, 5\)"),
     (dict(images=[np.zeros((2, 8, 8, 3), np.uint8)]), r"images\[0\].*\(2, 8, 8, 3\)"),
     (dict(images=np.zeros((8, 8, 3), np.uint8)), r"\[image\]"),
     (dict(images=np.zeros((1, 8, 8, 2), np.uint8)), r"images\[0\].*\(8, 8, 2\)"),
     (dict(images="x.png"), r"images must be a list"),
-    (dict(K=np.eye(3)[None].repeat(3, 0)), r"K must be \[3, 3\] or \[N, 3, 3\] with N=2.*\(3, 3, 3\)"),
+    (
+      dict(K=np.eye(3)[None].repeat(3, 0)),
+      r"K must be \[3, 3\] or \[N, 3, 3\] with N=2.*\(3, 3, 3\)",
+    ),
     (dict(K=np.eye(2)), r"K must be .*\(2, 2\)"),
     (dict(boxes=np.zeros((2, 3))), r"boxes must be \[N, 4\] with N=2.*\(2, 3\)"),
     (dict(boxes=np.zeros(4)), r"boxes must be \[N, 4\]"),
@@ -311,7 +328,8 @@ def test_empty_input(predictor):
     (dict(scale=np.ones(3)), r"scale must be a scalar or \[N\] with N=2"),
     (dict(scale=-1.0), r"scale must be positive"),
     (dict(K=np.full((3, 3), np.nan)), r"K contains non-finite"),
-])
+  ],
+)
 def test_wrong_inputs_raise_clear_errors(predictor, kwargs, match):
   args = dict(images=[np.zeros((8, 8, 3), np.uint8), np.zeros((9, 7), np.uint8)])
   args.update(kwargs)
@@ -348,8 +366,7 @@ def _write_inputs(folder):
   Image.fromarray(b[..., 0]).save(folder / "b.jpg", quality=95)  # grayscale JPEG
   # 16-bit grayscale (PIL mode I;16): c * 257 is c at 8 bits. Its name is
   # not UTF-8 (Latin-1 e-acute), which Python holds as a lone surrogate.
-  Image.fromarray(c.astype(np.uint16) * 257).save(
-      os.path.join(os.fsencode(folder), b"caf\xe9.png"))
+  Image.fromarray(c.astype(np.uint16) * 257).save(os.path.join(os.fsencode(folder), b"caf\xe9.png"))
   # 169 Mpx (under PIL's bomb limit), 0.2 MB as PNG, 0.5 GB as RGB: the CLI
   # kept several full-size copies (3.2 GB peak) and died writing nothing.
   Image.new("L", (13000, 13000), 90).save(folder / "huge.png", compress_level=1)
@@ -366,9 +383,29 @@ def test_cli(workdir, predictor, tmp_path):
   out, viz = tmp_path / "preds.json", tmp_path / "viz"
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   proc = subprocess.run(
-      [sys.executable, "-c", _LIMITED_CLI, str(HEADROOM), "--checkpoint", str(workdir),
-       "--images", str(images), "--out", str(out), "--viz", str(viz), "--batch-size", "4",
-       "--no-progress"], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    [
+      sys.executable,
+      "-c",
+      _LIMITED_CLI,
+      str(HEADROOM),
+      "--checkpoint",
+      str(workdir),
+      "--images",
+      str(images),
+      "--out",
+      str(out),
+      "--viz",
+      str(viz),
+      "--batch-size",
+      "4",
+      "--no-progress",
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=REPO,
+    timeout=600,
+  )
   assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
   # Valid UTF-8 JSON without lone surrogates (strict parsers reject them).
   report = json.loads(out.read_bytes().decode("utf-8"))
@@ -381,7 +418,11 @@ def test_cli(workdir, predictor, tmp_path):
     assert np.asarray(p["kp2d"]).shape == (21, 2)
     assert np.all(np.isfinite(p["kp3d"])) and np.all(np.isfinite(p["kp2d"]))
   assert [(p["height"], p["width"], p["reduction"]) for p in preds] == [
-      (48, 64, 1), (70, 52, 1), (40, 36, 1), (13000, 13000, 4)]
+    (48, 64, 1),
+    (70, 52, 1),
+    (40, 36, 1),
+    (13000, 13000, 4),
+  ]
   skipped = {os.path.basename(s["file"]): s["error"] for s in report["skipped"]}
   assert sorted(skipped) == ["empty.png", "link.png", "notes.jpg"]
   assert "broken symbolic link" in skipped["link.png"]
@@ -401,8 +442,18 @@ def test_cli(workdir, predictor, tmp_path):
 def test_cli_nothing_readable_exits_1(workdir, tmp_path, capsys):
   (tmp_path / "x.png").write_bytes(b"\x89PNG\r\n\x1a\ncorrupt")
   out = tmp_path / "p.json"
-  rc = predict.main(["--checkpoint", str(workdir), "--images", str(tmp_path / "x.png"),
-                     str(tmp_path / "missing.jpg"), "--out", str(out), "--no-progress"])
+  rc = predict.main(
+    [
+      "--checkpoint",
+      str(workdir),
+      "--images",
+      str(tmp_path / "x.png"),
+      str(tmp_path / "missing.jpg"),
+      "--out",
+      str(out),
+      "--no-progress",
+    ]
+  )
   assert rc == 1
   report = json.loads(out.read_text())
   assert report["predictions"] == []
@@ -428,7 +479,6 @@ def test_damaged_metadata_is_one_line_naming_the_file(tmp_path, model, damage):
     predict.Predictor.from_checkpoint(str(workdir))
   message = str(info.value)
   assert str(meta_dir) in message and "\n" not in message
-
 
 
 # --------------------------------------------------------------------------
@@ -471,15 +521,28 @@ def test_decode_image_reduces_large_images(tmp_path):
   np.testing.assert_allclose(image[:, 7, 0], want, atol=4)
 
 
-def test_cli_reduced_image_is_predicted_in_full_size_pixels(workdir, predictor, tmp_path,
-                                                            monkeypatch):
+def test_cli_reduced_image_is_predicted_in_full_size_pixels(
+  workdir, predictor, tmp_path, monkeypatch
+):
   # The same mapping as a 13000 px image, at a size the test can afford.
   (big,) = _images(9, [(96, 120, 3)])
   Image.fromarray(big).save(tmp_path / "big.png")
   monkeypatch.setattr(predict, "MAX_DECODE_PIXELS", 40 * 32)
   out = tmp_path / "p.json"
-  assert predict.main(["--checkpoint", str(workdir), "--images", str(tmp_path / "big.png"),
-                       "--out", str(out), "--no-progress"]) == 0
+  assert (
+    predict.main(
+      [
+        "--checkpoint",
+        str(workdir),
+        "--images",
+        str(tmp_path / "big.png"),
+        "--out",
+        str(out),
+        "--no-progress",
+      ]
+    )
+    == 0
+  )
   (pred,) = json.loads(out.read_text())["predictions"]
   assert (pred["height"], pred["width"], pred["reduction"]) == (96, 120, 3)
   # Written out: decoded pixel x sits at 3 x + 1 of the full image, so the
@@ -508,8 +571,18 @@ def test_cli_checks_outputs_before_any_work(tmp_path, capsys, bad):
   else:
     viz = tmp_path / "file"
   # The checkpoint does not exist: the outputs must be refused first.
-  rc = predict.main(["--checkpoint", str(tmp_path / "none"), "--images", str(tmp_path),
-                     "--out", str(out), "--no-progress"] + (["--viz", str(viz)] if viz else []))
+  rc = predict.main(
+    [
+      "--checkpoint",
+      str(tmp_path / "none"),
+      "--images",
+      str(tmp_path),
+      "--out",
+      str(out),
+      "--no-progress",
+    ]
+    + (["--viz", str(viz)] if viz else [])
+  )
   err = capsys.readouterr().err.strip()
   assert rc == 2 and "\n" not in err, err
   flag = "--viz" if viz else "--out"
@@ -531,12 +604,17 @@ def test_cli_failed_batch_is_retried_and_recorded(workdir, tmp_path, monkeypatch
 
   monkeypatch.setattr(predict.Predictor, "predict", failing)
   out = tmp_path / "out" / "p.json"
-  assert predict.main(["--checkpoint", str(workdir), "--images", str(tmp_path), "--out",
-                       str(out), "--no-progress"]) == 0
+  assert (
+    predict.main(
+      ["--checkpoint", str(workdir), "--images", str(tmp_path), "--out", str(out), "--no-progress"]
+    )
+    == 0
+  )
   report = json.loads(out.read_text())
   assert [os.path.basename(p["file"]) for p in report["predictions"]] == ["a.png", "b.png"]
-  assert report["skipped"] == [{"file": str(tmp_path / "p.png"),
-                                "error": "prediction failed: MemoryError"}]
+  assert report["skipped"] == [
+    {"file": str(tmp_path / "p.png"), "error": "prediction failed: MemoryError"}
+  ]
   assert os.listdir(out.parent) == ["p.json"]  # the temporary file was renamed
 
 
@@ -549,8 +627,9 @@ def test_chunks_stay_within_pixel_budget(model, predictor, monkeypatch):
   p = predict.Predictor(model, S, batch_size=4, pixel_budget=2 * 112 * 112)
   calls = []
   two_pass = p._two_pass
-  monkeypatch.setattr(p, "_two_pass", lambda ims, *a: calls.append(
-      [im.shape[:2] for im in ims]) or two_pass(ims, *a))
+  monkeypatch.setattr(
+    p, "_two_pass", lambda ims, *a: calls.append([im.shape[:2] for im in ims]) or two_pass(ims, *a)
+  )
   out = p.predict(images)
   assert calls == [[(30, 30), (40, 40), (40, 40)], [(100, 90), (100, 100)]]
   ref = predictor.predict(images)

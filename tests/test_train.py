@@ -11,20 +11,22 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from iterator_hooks import HookedIterator
 from ml_collections import config_flags
 
-from peclr_jax import augment
-from peclr_jax import checkpoints
-from peclr_jax import finetune
-from peclr_jax import input_pipeline
-from peclr_jax import losses
+from peclr_jax import (
+  augment,
+  checkpoints,
+  finetune,
+  input_pipeline,
+  losses,
+  metrics_log,
+  models,
+  pretrain,
+  sharding,
+  training,
+)
 from peclr_jax import main as main_lib
-from peclr_jax import metrics_log
-from peclr_jax import models
-from peclr_jax import pretrain
-from peclr_jax import sharding
-from peclr_jax import training
-from iterator_hooks import HookedIterator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,8 +69,11 @@ def test_resume_continues_exactly(synthetic_data_dir, tmp_path, monkeypatch):
   interrupted = str(tmp_path / "interrupted")
   real = input_pipeline.make_pretrain_iterator
   with monkeypatch.context() as m:
-    m.setattr(input_pipeline, "make_pretrain_iterator",
-              lambda *a, **k: HookedIterator(real(*a, **k), crash_after(2)))
+    m.setattr(
+      input_pipeline,
+      "make_pretrain_iterator",
+      lambda *a, **k: HookedIterator(real(*a, **k), crash_after(2)),
+    )
     with pytest.raises(RuntimeError, match="simulated crash"):
       pretrain.train_and_evaluate(config, interrupted)
   manager = checkpoints.CheckpointManager(interrupted, read_only=True)
@@ -81,18 +86,14 @@ def test_resume_continues_exactly(synthetic_data_dir, tmp_path, monkeypatch):
 
   straight = str(tmp_path / "straight")
   model_b, _ = pretrain.train_and_evaluate(config, straight)
-  np.testing.assert_allclose(losses_of(interrupted), losses_of(straight),
-                             rtol=1e-6)
-  for a, b in zip(jax.tree.leaves(nnx.state(model_a)),
-                  jax.tree.leaves(nnx.state(model_b))):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6,
-                               atol=1e-7)
+  np.testing.assert_allclose(losses_of(interrupted), losses_of(straight), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(nnx.state(model_a)), jax.tree.leaves(nnx.state(model_b))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
 def test_finetune_starts_from_pretrained_backbone(synthetic_data_dir, tmp_path):
   pre_dir = str(tmp_path / "pre")
-  pre_model, _ = pretrain.train_and_evaluate(
-      tiny_pretrain_config(synthetic_data_dir, 2), pre_dir)
+  pre_model, _ = pretrain.train_and_evaluate(tiny_pretrain_config(synthetic_data_dir, 2), pre_dir)
 
   config = load_config("finetune_freihand.py", f"runlocal,init={pre_dir}")
   config.data.data_dir = synthetic_data_dir
@@ -107,11 +108,9 @@ def test_finetune_starts_from_pretrained_backbone(synthetic_data_dir, tmp_path):
   assert any(not np.array_equal(b, a) for b, a in zip(before, after))
 
 
-def test_finetune_rejects_backbone_of_other_architecture(synthetic_data_dir,
-                                                         tmp_path):
+def test_finetune_rejects_backbone_of_other_architecture(synthetic_data_dir, tmp_path):
   pre_dir = str(tmp_path / "pre")
-  pretrain.train_and_evaluate(tiny_pretrain_config(synthetic_data_dir, 1),
-                              pre_dir)
+  pretrain.train_and_evaluate(tiny_pretrain_config(synthetic_data_dir, 1), pre_dir)
   config = load_config("finetune_freihand.py", "runlocal")
   config.model.backbone = "resnet18"
   model = finetune.make_model(config, nnx.Rngs(0))
@@ -147,13 +146,23 @@ def test_data_parallel_step_equals_single_device(synthetic_data_dir):
   if jax.device_count() < 4:
     pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=4")
   config = tiny_pretrain_config(synthetic_data_dir, 1)
-  sources = [("synthetic_hands", input_pipeline.open_source(
-      "synthetic_hands/small", "train", synthetic_data_dir))]
-  batch = next(input_pipeline.make_pretrain_iterator(
-      sources, global_batch=8, source_size=config.data.source_size, seed=0))
+  sources = [
+    (
+      "synthetic_hands",
+      input_pipeline.open_source("synthetic_hands/small", "train", synthetic_data_dir),
+    )
+  ]
+  batch = next(
+    input_pipeline.make_pretrain_iterator(
+      sources, global_batch=8, source_size=config.data.source_size, seed=0
+    )
+  )
   (v1, v2), (t1, t2), _ = jax.jit(augment.augment_pair, static_argnums=3)(
-      jax.random.key(0), batch["image"], batch["keypoints_2d"],
-      augment.AugmentConfig.from_config(config.augment))
+    jax.random.key(0),
+    batch["image"],
+    batch["keypoints_2d"],
+    augment.AugmentConfig.from_config(config.augment),
+  )
   views = {"view1": np.float64(v1), "view2": np.float64(v2)}
   for i, t in ((1, t1), (2, t2)):
     views.update({f"t{i}_{k}": np.asarray(t[k]) for k in VIEW_PARAMS})
@@ -164,9 +173,15 @@ def test_data_parallel_step_equals_single_device(synthetic_data_dir):
     z = model(jnp.concatenate([views["view1"], views["view2"]], axis=0))
     z1, z2 = jnp.split(z, 2, axis=0)
     t1, t2 = ({k: views[f"t{i}_{k}"] for k in VIEW_PARAMS} for i in (1, 2))
-    loss = losses.peclr_loss(z1, z2, t1, t2, temperature=loss_cfg.temperature,
-                             invert=loss_cfg.invert,
-                             translation_mode=loss_cfg.translation_mode)
+    loss = losses.peclr_loss(
+      z1,
+      z2,
+      t1,
+      t2,
+      temperature=loss_cfg.temperature,
+      invert=loss_cfg.invert,
+      translation_mode=loss_cfg.translation_mode,
+    )
     return loss, {"train_loss": loss}
 
   # Plain SGD with lr 1: the parameter change is the gradient itself (Adam's
@@ -176,21 +191,28 @@ def test_data_parallel_step_equals_single_device(synthetic_data_dir):
   def one_step(devices):
     mesh = sharding.make_mesh(devices)
     model = models.PeCLRModel(
-        config.model.backbone, rngs=nnx.Rngs(0), dtype=jnp.float64,
-        proj_hidden=config.model.proj_hidden, proj_dim=config.model.proj_dim)
+      config.model.backbone,
+      rngs=nnx.Rngs(0),
+      dtype=jnp.float64,
+      proj_hidden=config.model.proj_hidden,
+      proj_dim=config.model.proj_dim,
+    )
     graphdef, state = nnx.split(model)
     state = jax.tree.map(
-        lambda x: x.astype(jnp.float64)
-        if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+      lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, state
+    )
     model = nnx.merge(graphdef, state)
     before = jax.device_get(nnx.state(model))
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     graphdef, state = nnx.split((model, optimizer))
     step = training.make_train_step(graphdef, loss_fn)
     with jax.set_mesh(mesh):
-      state, metrics = step(sharding.replicate(state, mesh),
-                            sharding.shard_batch(views, mesh),
-                            jax.random.key(0), jnp.int32(1))
+      state, metrics = step(
+        sharding.replicate(state, mesh),
+        sharding.shard_batch(views, mesh),
+        jax.random.key(0),
+        jnp.int32(1),
+      )
     model, _ = nnx.merge(graphdef, state)
     after = jax.device_get(nnx.state(model))
     return before, after, float(metrics["train_loss"])
@@ -215,11 +237,12 @@ def test_data_parallel_step_equals_single_device(synthetic_data_dir):
   # BatchNorm or a lost shard moves the loss by ~1e-2, the updates by ~1e-1.
   d = config.model.proj_dim
   rho = 8 * d * F32_EPS
-  np.testing.assert_allclose(loss4, loss1, rtol=0,
-                             atol=rho / loss_cfg.temperature)
-  leaves = lambda tree: {jax.tree_util.keystr(p): np.asarray(x) for p, x
-                         in jax.tree_util.tree_leaves_with_path(tree)
-                         if jnp.issubdtype(x.dtype, jnp.floating)}
+  np.testing.assert_allclose(loss4, loss1, rtol=0, atol=rho / loss_cfg.temperature)
+  leaves = lambda tree: {
+    jax.tree_util.keystr(p): np.asarray(x)
+    for p, x in jax.tree_util.tree_leaves_with_path(tree)
+    if jnp.issubdtype(x.dtype, jnp.floating)
+  }
   before, after1, after4 = leaves(before), leaves(after1), leaves(after4)
   assert after1 and after4.keys() == after1.keys()
   assert all(x.dtype == np.float64 for x in after1.values())
@@ -228,8 +251,7 @@ def test_data_parallel_step_equals_single_device(synthetic_data_dir):
   n_terms = 2 * views["view1"].shape[0] * views["view1"].shape[1] ** 2
   for k in after1:
     tol = rho * change[k] + n_terms * F64_EPS * largest
-    np.testing.assert_allclose(after4[k], after1[k], rtol=0, atol=tol,
-                               err_msg=k)
+    np.testing.assert_allclose(after4[k], after1[k], rtol=0, atol=tol, err_msg=k)
 
 
 def test_config_argument_typo_names_the_key():
@@ -239,18 +261,30 @@ def test_config_argument_typo_names_the_key():
 
 def run_cli(*args, cwd=REPO):
   env = dict(os.environ, PYTHONUNBUFFERED="1")
-  return subprocess.run([sys.executable, "-m", "peclr_jax.main", *args],
-                        cwd=cwd, env=env, capture_output=True, text=True,
-                        timeout=600)
+  return subprocess.run(
+    [sys.executable, "-m", "peclr_jax.main", *args],
+    cwd=cwd,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--config=configs/peclr.py:runlocal", "--config.optim.bsae_lr=1"),
-     'unknown config key \'bsae_lr\' Did you mean "base_lr"'),
-    (("--config=configs/peclr.py:runlcoal",),
-     "unknown config argument 'runlcoal'; accepted: ['backbone', "),
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (
+      ("--config=configs/peclr.py:runlocal", "--config.optim.bsae_lr=1"),
+      "unknown config key 'bsae_lr' Did you mean \"base_lr\"",
+    ),
+    (
+      ("--config=configs/peclr.py:runlcoal",),
+      "unknown config argument 'runlcoal'; accepted: ['backbone', ",
+    ),
     (("--config=BAD_CONFIG",), "invalid syntax (bad.py, line 1)"),
-])
+  ],
+)
 def test_cli_bad_config_is_one_line(tmp_path, args, message):
   bad = tmp_path / "bad.py"
   bad.write_text("def get_config(:\n")
@@ -259,7 +293,7 @@ def test_cli_bad_config_is_one_line(tmp_path, args, message):
   result = run_cli(*args, f"--workdir={workdir}")
   assert result.returncode == 1
   lines = result.stderr.strip().splitlines()
-  errors = [l for l in lines if l.startswith("error: ")]
+  errors = [line for line in lines if line.startswith("error: ")]
   assert len(errors) == 1 and message in errors[0], result.stderr
   assert "Traceback" not in result.stderr
   assert not workdir.exists()
@@ -267,10 +301,12 @@ def test_cli_bad_config_is_one_line(tmp_path, args, message):
 
 def test_cli_pretrains_end_to_end(synthetic_data_dir, tmp_path):
   workdir = str(tmp_path / "cli")
-  result = run_cli("--config=configs/peclr.py:runlocal",
-                   f"--workdir={workdir}",
-                   f"--config.data.data_dir={synthetic_data_dir}",
-                   "--config.num_train_steps=2")
+  result = run_cli(
+    "--config=configs/peclr.py:runlocal",
+    f"--workdir={workdir}",
+    f"--config.data.data_dir={synthetic_data_dir}",
+    "--config.num_train_steps=2",
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   rows = metrics_log.read_metrics(workdir)
   assert [r["step"] for r in rows if "train_loss" in r] == [1, 2]
@@ -280,20 +316,24 @@ def test_cli_pretrains_end_to_end(synthetic_data_dir, tmp_path):
 
 
 def test_cli_config_typo_fails_naming_the_key(tmp_path):
-  result = run_cli("--config=configs/peclr.py:runlocal",
-                   f"--workdir={tmp_path}", "--config.optim.bsae_lr=1.0")
+  result = run_cli(
+    "--config=configs/peclr.py:runlocal", f"--workdir={tmp_path}", "--config.optim.bsae_lr=1.0"
+  )
   assert result.returncode != 0
   assert "bsae_lr" in result.stderr
 
 
 def test_cli_refuses_workdir_of_another_model(synthetic_data_dir, tmp_path):
   workdir = str(tmp_path / "w")
-  common = [f"--workdir={workdir}",
-            f"--config.data.data_dir={synthetic_data_dir}",
-            "--config.num_train_steps=1"]
+  common = [
+    f"--workdir={workdir}",
+    f"--config.data.data_dir={synthetic_data_dir}",
+    "--config.num_train_steps=1",
+  ]
   assert run_cli("--config=configs/peclr.py:runlocal", *common).returncode == 0
-  result = run_cli("--config=configs/peclr.py:runlocal", *common,
-                   "--config.model.backbone=resnet18")
+  result = run_cli(
+    "--config=configs/peclr.py:runlocal", *common, "--config.model.backbone=resnet18"
+  )
   assert result.returncode == 1
   assert "backbone='resnet_tiny'" in result.stderr, result.stderr[-2000:]
   # Nothing already written is lost.
@@ -319,15 +359,21 @@ def test_cpu_malloc_hint():
   # benchmarks must set them before jax is imported, so cannot import main).
   with open(os.path.join(REPO, "Makefile")) as f:
     assert f"GLIBC_TUNABLES={tunables}\n" in f.read()
+  import ast  # pylint: disable=g-import-not-at-top
+
   with open(os.path.join(REPO, "benchmarks", "common.py")) as f:
-    common = f.read().replace('"\n                  "', "")
-  assert f'GLIBC_TUNABLES = ("{tunables}")' in common
+    assigned = {
+      node.targets[0].id: node.value
+      for node in ast.parse(f.read()).body
+      if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+    }
+  assert ast.literal_eval(assigned["GLIBC_TUNABLES"]) == tunables
 
 
-def test_finetune_validates_on_evaluate_modes_ground_truth_crop(
-    synthetic_data_dir, tmp_path):
+def test_finetune_validates_on_evaluate_modes_ground_truth_crop(synthetic_data_dir, tmp_path):
   """The best checkpoint is chosen on the crop evaluate mode reports on."""
   from peclr_jax import evaluate_mode  # pylint: disable=g-import-not-at-top
+
   config = load_config("finetune_freihand.py", "runlocal")
   config.data.data_dir = synthetic_data_dir
   config.num_train_steps = 2
@@ -337,8 +383,7 @@ def test_finetune_validates_on_evaluate_modes_ground_truth_crop(
   finetune.train_and_evaluate(config, workdir)
   [row] = [r for r in metrics_log.read_metrics(workdir) if "eval_pa_epe_cm" in r]
 
-  ev = load_config("eval_freihand.py",
-                   f"checkpoint={workdir},crop=ground_truth")
+  ev = load_config("eval_freihand.py", f"checkpoint={workdir},crop=ground_truth")
   ev.model.backbone = config.model.backbone
   ev.data = config.data
   ev.batch_size = 4
@@ -352,7 +397,9 @@ def test_finetune_validates_on_evaluate_modes_ground_truth_crop(
 
 def test_every_mode_names_a_function_main_can_run():
   import importlib  # pylint: disable=g-import-not-at-top
+
   from peclr_jax import defaults  # pylint: disable=g-import-not-at-top
+
   for mode, target in defaults.MODES.items():
     module, function = target.split(":")
     assert callable(getattr(importlib.import_module(module), function)), mode

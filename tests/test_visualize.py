@@ -40,8 +40,9 @@ def test_skeleton_has_20_edges_one_chain_per_finger():
 def test_keypoint_overlay(tmp_path):
   rng = np.random.default_rng(0)
   image = np.full((64, 64, 3), 200, np.uint8)
-  path = visualize.plot_keypoints_2d(image, _hand_2d(rng, 64), str(tmp_path / "a" / "kp.png"),
-                                     gt=_hand_2d(rng, 64), title="sample 0")
+  path = visualize.plot_keypoints_2d(
+    image, _hand_2d(rng, 64), str(tmp_path / "a" / "kp.png"), gt=_hand_2d(rng, 64), title="sample 0"
+  )
   assert path == str(tmp_path / "a" / "kp.png")
   _assert_png(path)
 
@@ -49,9 +50,16 @@ def test_keypoint_overlay(tmp_path):
 def test_keypoint_overlay_normalised_freihand_order(tmp_path):
   rng = np.random.default_rng(1)
   view = rng.normal(size=(32, 32, 3)).astype(np.float32)
-  _assert_png(visualize.plot_keypoints_2d(
-      view, _hand_2d(rng, 32), str(tmp_path / "kp.png"), order="freihand",
-      mean=visualize.IMAGENET_MEAN, std=visualize.IMAGENET_STD))
+  _assert_png(
+    visualize.plot_keypoints_2d(
+      view,
+      _hand_2d(rng, 32),
+      str(tmp_path / "kp.png"),
+      order="freihand",
+      mean=visualize.IMAGENET_MEAN,
+      std=visualize.IMAGENET_STD,
+    )
+  )
 
 
 def test_to_display_image_undoes_normalisation():
@@ -67,19 +75,29 @@ def test_skeleton_3d(tmp_path, layout):
   rng = np.random.default_rng(3)
   gt = rng.normal(scale=0.04, size=(21, 3)) + [0, 0, 0.5]
   pred = gt + rng.normal(scale=0.005, size=(21, 3))
-  _assert_png(visualize.plot_skeleton_3d(pred, str(tmp_path / f"{layout}.png"), gt=gt,
-                                         order="freihand", layout=layout, title="3D"))
+  _assert_png(
+    visualize.plot_skeleton_3d(
+      pred, str(tmp_path / f"{layout}.png"), gt=gt, order="freihand", layout=layout, title="3D"
+    )
+  )
 
 
 def test_view_pair(tmp_path):
   rng = np.random.default_rng(4)
   v1, v2 = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)
-  p1 = {"rotation": np.array([30.0]), "scale": np.array([0.8]), "translation": np.array([[0.05, -0.02]])}
+  p1 = {
+    "rotation": np.array([30.0]),
+    "scale": np.array([0.8]),
+    "translation": np.array([[0.05, -0.02]]),
+  }
   p2 = {"rotation": -12.0, "scale": 1.1, "translation": np.array([0.0, 0.1])}
   assert "rot +30 deg" in visualize.format_view_params(p1)
   assert "scale 1.100" in visualize.format_view_params(p2)
-  _assert_png(visualize.plot_view_pair(v1, v2, p1, p2, str(tmp_path / "views.png"),
-                                       keypoints1=_hand_2d(rng, 32)))
+  _assert_png(
+    visualize.plot_view_pair(
+      v1, v2, p1, p2, str(tmp_path / "views.png"), keypoints1=_hand_2d(rng, 32)
+    )
+  )
 
 
 def test_latent_pair(tmp_path):
@@ -89,7 +107,7 @@ def test_latent_pair(tmp_path):
   p2 = {"rotation": -10.0, "scale": 0.9, "translation": np.array([0.0, -0.05])}
   before = visualize.latent_points(z1)
   assert before.shape == (64, 2)
-  assert np.sum(before ** 2) == pytest.approx(1.0, rel=1e-5)
+  assert np.sum(before**2) == pytest.approx(1.0, rel=1e-5)
   after = visualize.latent_points(z1, p1, invert=("rotate",))
   # Rotation-only inversion keeps the centroid and turns the offsets by -40 deg.
   c = before.mean(0)
@@ -128,18 +146,20 @@ def test_plot_training_curves(tmp_path):
       f.write(json.dumps({"step": step, "train_loss": 5.0 / step}) + "\n")
     f.write(json.dumps({"step": 4, "eval_pa_epe_cm": 2.0}) + "\n")
   path = visualize.plot_training_curves(
-      {"a": str(workdir)}, str(tmp_path / "fig" / "c.png"),
-      keys=("train_loss", "eval_pa_epe_cm"))
+    {"a": str(workdir)}, str(tmp_path / "fig" / "c.png"), keys=("train_loss", "eval_pa_epe_cm")
+  )
   with open(path, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_plot_label_efficiency(tmp_path):
-  rows = [{"method": m, "labels": l, "two_pass_pa_epe_cm": (v, 0.1)}
-          for m, base in (("scratch", 3.0), ("PeCLR", 2.5))
-          for l, v in ((0.01, base), (0.1, base - 0.5), (1.0, base - 1.0))]
+  rows = [
+    {"method": m, "labels": f, "two_pass_pa_epe_cm": (v, 0.1)}
+    for m, base in (("scratch", 3.0), ("PeCLR", 2.5))
+    for f, v in ((0.01, base), (0.1, base - 0.5), (1.0, base - 1.0))
+  ]
   path = visualize.plot_label_efficiency(
-      rows, {"mean pose": 3.2, "canonical hand": 1.5},
-      str(tmp_path / "le.png"))
+    rows, {"mean pose": 3.2, "canonical hand": 1.5}, str(tmp_path / "le.png")
+  )
   with open(path, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"

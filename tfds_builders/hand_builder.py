@@ -34,6 +34,7 @@ class CropBuilderConfig(tfds.core.BuilderConfig):
     margin: largest crop margin the augmentation will sample; the stored crop
       has half-side h0 * margin * sqrt(2).
   """
+
   crop_size: int = DEFAULT_CROP_SIZE
   margin: float = crops.DEFAULT_MARGIN
 
@@ -47,14 +48,18 @@ class HandCrop:
     matrix: [3, 3] float64 source pixels -> crop pixels.
     keypoints_2d: [J, 2] float64 keypoints in crop pixels.
   """
+
   jpeg: bytes
   matrix: np.ndarray
   keypoints_2d: np.ndarray
 
 
-def make_hand_crop(image: Image.Image, keypoints_2d: np.ndarray,
-                   out_size: int = DEFAULT_CROP_SIZE,
-                   margin: float = crops.DEFAULT_MARGIN) -> HandCrop:
+def make_hand_crop(
+  image: Image.Image,
+  keypoints_2d: np.ndarray,
+  out_size: int = DEFAULT_CROP_SIZE,
+  margin: float = crops.DEFAULT_MARGIN,
+) -> HandCrop:
   """Crops, warps, JPEG-encodes and maps keypoints for one hand.
 
   Args:
@@ -69,8 +74,7 @@ def make_hand_crop(image: Image.Image, keypoints_2d: np.ndarray,
   centre, half = crops.square_from_keypoints(keypoints_2d, margin)
   matrix = crops.crop_matrix(centre, half, out_size)
   crop = Image.fromarray(crops.warp_crop(image, matrix, out_size))
-  return HandCrop(image_files.encode_jpeg(crop), matrix,
-                  crops.apply_affine(matrix, keypoints_2d))
+  return HandCrop(image_files.encode_jpeg(crop), matrix, crops.apply_affine(matrix, keypoints_2d))
 
 
 def hand_features() -> tfds.features.FeaturesDict:
@@ -79,17 +83,18 @@ def hand_features() -> tfds.features.FeaturesDict:
   docs/datasets.md#stored-features lists them with shapes and units.
   """
   f32 = np.float32
-  return tfds.features.FeaturesDict({
-      'image': tfds.features.Image(shape=(None, None, 3),
-                                   encoding_format='jpeg'),
-      'K': tfds.features.Tensor(shape=(3, 3), dtype=f32),
-      'keypoints_3d': tfds.features.Tensor(shape=(21, 3), dtype=f32),
-      'keypoints_2d': tfds.features.Tensor(shape=(21, 2), dtype=f32),
-      'scale': tfds.features.Tensor(shape=(), dtype=f32),
-      'valid': tfds.features.Tensor(shape=(21,), dtype=np.bool_),
-      'sample_id': tfds.features.Tensor(shape=(), dtype=np.int64),
-      'version': tfds.features.Tensor(shape=(), dtype=np.int32),
-  })
+  return tfds.features.FeaturesDict(
+    {
+      "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+      "K": tfds.features.Tensor(shape=(3, 3), dtype=f32),
+      "keypoints_3d": tfds.features.Tensor(shape=(21, 3), dtype=f32),
+      "keypoints_2d": tfds.features.Tensor(shape=(21, 2), dtype=f32),
+      "scale": tfds.features.Tensor(shape=(), dtype=f32),
+      "valid": tfds.features.Tensor(shape=(21,), dtype=np.bool_),
+      "sample_id": tfds.features.Tensor(shape=(), dtype=np.int64),
+      "version": tfds.features.Tensor(shape=(), dtype=np.int32),
+    }
+  )
 
 
 class SkipLog:
@@ -118,9 +123,8 @@ class SkipLog:
 
   def as_metadata(self) -> dict[str, Any]:
     return {
-        'skipped': {s: dict(c) for s, c in self._counts.items()},
-        'skipped_examples': {s: {r: list(n) for r, n in d.items()}
-                             for s, d in self._names.items()},
+      "skipped": {s: dict(c) for s, c in self._counts.items()},
+      "skipped_examples": {s: {r: list(n) for r, n in d.items()} for s, d in self._names.items()},
     }
 
 
@@ -153,11 +157,11 @@ class CropBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """
 
   def __init__(self, *, num_workers: int | None = None, **kwargs: Any):
-    kwargs['file_format'] = kwargs.get('file_format') or 'array_record'
+    kwargs["file_format"] = kwargs.get("file_format") or "array_record"
     super().__init__(**kwargs)
     self._num_workers = num_workers or parallel.default_num_workers()
     self._skips = SkipLog()
-    self._remember(num_workers=num_workers, file_format=kwargs['file_format'])
+    self._remember(num_workers=num_workers, file_format=kwargs["file_format"])
 
   def _remember(self, **constructor_kwargs: Any) -> None:
     # Pickling (TFDS's Beam and multiprocessing paths) re-runs __init__ with
@@ -166,4 +170,4 @@ class CropBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def skipped_summary(self) -> dict[str, dict[str, int]]:
     """{split: {reason: count}} skipped in the last build."""
-    return dict(self.info.metadata.get('skipped', {}))
+    return dict(self.info.metadata.get("skipped", {}))

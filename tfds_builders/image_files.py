@@ -11,13 +11,12 @@ from PIL import Image, ImageOps
 JPEG_QUALITY = 95
 
 # Errors PIL raises for unreadable, truncated or absurd files.
-UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError,
-                           Image.DecompressionBombError)
+UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
 def encode_jpeg(image: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
   buf = io.BytesIO()
-  image.save(buf, format='JPEG', quality=quality)
+  image.save(buf, format="JPEG", quality=quality)
   return buf.getvalue()
 
 
@@ -39,4 +38,4 @@ def load_rgb(path: os.PathLike | str, exif_transpose: bool = False) -> Image.Ima
     im.load()
     if exif_transpose:
       im = ImageOps.exif_transpose(im)
-    return im.convert('RGB')
+    return im.convert("RGB")

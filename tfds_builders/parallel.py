@@ -9,13 +9,13 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
-_T = TypeVar('_T')
-_R = TypeVar('_R')
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
-def imap_bounded(fn: Callable[[_T], _R], items: Iterable[_T],
-                 num_workers: int, max_in_flight: int | None = None
-                 ) -> Iterator[_R]:
+def imap_bounded(
+  fn: Callable[[_T], _R], items: Iterable[_T], num_workers: int, max_in_flight: int | None = None
+) -> Iterator[_R]:
   """Ordered `map(fn, items)` on a thread pool with bounded look-ahead.
 
   Unlike `Executor.map`, at most `max_in_flight` results wait in memory, so a

@@ -19,16 +19,24 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peclr_jax import geometry
-from peclr_jax.models.heads import (HeatmapHead, KeypointHead,
-                                    ProjectionHead, ZRootRefiner)
-from peclr_jax.models.resnet import (BACKBONES, BasicBlock, Bottleneck, ResNet,
-                                     get_backbone)
+from peclr_jax.models.heads import HeatmapHead, KeypointHead, ProjectionHead, ZRootRefiner
+from peclr_jax.models.resnet import BACKBONES, BasicBlock, Bottleneck, ResNet, get_backbone
 
 __all__ = [
-    'BACKBONES', 'BasicBlock', 'Bottleneck', 'ResNet', 'get_backbone',
-    'ProjectionHead', 'KeypointHead', 'HeatmapHead', 'ZRootRefiner',
-    'PeCLRModel', 'KEYPOINT_HEADS',
-    'KeypointModel', 'default_intrinsics', 'compute_dtype',
+  "BACKBONES",
+  "BasicBlock",
+  "Bottleneck",
+  "ResNet",
+  "get_backbone",
+  "ProjectionHead",
+  "KeypointHead",
+  "HeatmapHead",
+  "ZRootRefiner",
+  "PeCLRModel",
+  "KEYPOINT_HEADS",
+  "KeypointModel",
+  "default_intrinsics",
+  "compute_dtype",
 ]
 
 # Default camera of the public fine-tuned model, for a 224 x 224 crop.
@@ -51,27 +59,34 @@ def default_intrinsics(height: int, width: int | None = None) -> jax.Array:
   width = height if width is None else width
   sx, sy = width / _DEFAULT_SIZE, height / _DEFAULT_SIZE
   half = _DEFAULT_SIZE / 2
-  return jnp.array([[_DEFAULT_FX * sx, 0.0, half * sx],
-                    [0.0, _DEFAULT_FY * sy, half * sy],
-                    [0.0, 0.0, 1.0]], jnp.float32)
+  return jnp.array(
+    [[_DEFAULT_FX * sx, 0.0, half * sx], [0.0, _DEFAULT_FY * sy, half * sy], [0.0, 0.0, 1.0]],
+    jnp.float32,
+  )
 
 
 def compute_dtype(name: str):
   """The jnp compute dtype named by config.model.dtype."""
   try:
-    return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
-            'float16': jnp.float16}[name]
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
   except KeyError:
     raise ValueError(
-        f'config.model.dtype={name!r}; expected float32, bfloat16 or float16'
+      f"config.model.dtype={name!r}; expected float32, bfloat16 or float16"
     ) from None
 
 
 class PeCLRModel(nnx.Module):
   """Backbone + projection head for contrastive pre-training."""
 
-  def __init__(self, backbone_name: str, *, rngs: nnx.Rngs,
-               dtype=jnp.float32, proj_hidden: int = 512, proj_dim: int = 128):
+  def __init__(
+    self,
+    backbone_name: str,
+    *,
+    rngs: nnx.Rngs,
+    dtype=jnp.float32,
+    proj_hidden: int = 512,
+    proj_dim: int = 128,
+  ):
     """Builds the model.
 
     Args:
@@ -83,8 +98,9 @@ class PeCLRModel(nnx.Module):
     """
     dtype = jnp.dtype(dtype)
     self.backbone = get_backbone(backbone_name, rngs=rngs, dtype=dtype)
-    self.projection = ProjectionHead(self.backbone.num_features, proj_hidden,
-                                     proj_dim, rngs=rngs, dtype=dtype)
+    self.projection = ProjectionHead(
+      self.backbone.num_features, proj_hidden, proj_dim, rngs=rngs, dtype=dtype
+    )
 
   def __call__(self, images: jax.Array) -> jax.Array:
     """[N, H, W, 3] normalised images -> [N, proj_dim] float32 projections."""
@@ -93,7 +109,7 @@ class PeCLRModel(nnx.Module):
 
 #: 'linear': the paper's Linear on pooled features; 'heatmap': integral
 #: regression over 2.5D heatmaps (``HeatmapHead``).
-KEYPOINT_HEADS = ('linear', 'heatmap')
+KEYPOINT_HEADS = ("linear", "heatmap")
 
 
 class KeypointModel(nnx.Module):
@@ -103,9 +119,15 @@ class KeypointModel(nnx.Module):
   (AIT 3 -> 8) as the unit of depth and of ``kp3d``.
   """
 
-  def __init__(self, backbone_name: str, *, rngs: nnx.Rngs,
-               dtype=jnp.float32, uv_units: str = 'normalized',
-               head: str = 'linear'):
+  def __init__(
+    self,
+    backbone_name: str,
+    *,
+    rngs: nnx.Rngs,
+    dtype=jnp.float32,
+    uv_units: str = "normalized",
+    head: str = "linear",
+  ):
     """Builds the model.
 
     Args:
@@ -118,23 +140,22 @@ class KeypointModel(nnx.Module):
         The heatmap head always gives pixels.
       head: one of ``KEYPOINT_HEADS``.
     """
-    if uv_units not in ('normalized', 'pixels'):
-      raise ValueError(f'uv_units={uv_units!r}')
+    if uv_units not in ("normalized", "pixels"):
+      raise ValueError(f"uv_units={uv_units!r}")
     if head not in KEYPOINT_HEADS:
-      raise ValueError(f'head={head!r}; expected one of {KEYPOINT_HEADS}')
-    self.uv_units = 'pixels' if head == 'heatmap' else uv_units
+      raise ValueError(f"head={head!r}; expected one of {KEYPOINT_HEADS}")
+    self.uv_units = "pixels" if head == "heatmap" else uv_units
     self.head = head
-    self.backbone = get_backbone(backbone_name, rngs=rngs,
-                                 dtype=jnp.dtype(dtype))
-    if head == 'heatmap':
-      self.keypoint_head = HeatmapHead(self.backbone.num_features, rngs=rngs,
-                                       dtype=jnp.dtype(dtype))
+    self.backbone = get_backbone(backbone_name, rngs=rngs, dtype=jnp.dtype(dtype))
+    if head == "heatmap":
+      self.keypoint_head = HeatmapHead(
+        self.backbone.num_features, rngs=rngs, dtype=jnp.dtype(dtype)
+      )
     else:
       self.keypoint_head = KeypointHead(self.backbone.num_features, rngs=rngs)
     self.zroot_refiner = ZRootRefiner(rngs=rngs)
 
-  def __call__(self, images: jax.Array,
-               K: jax.Array | None = None) -> dict[str, jax.Array]:
+  def __call__(self, images: jax.Array, K: jax.Array | None = None) -> dict[str, jax.Array]:
     """Predicts 2.5D and 3D keypoints.
 
     Args:
@@ -153,16 +174,15 @@ class KeypointModel(nnx.Module):
     if K is None:
       K = jnp.broadcast_to(default_intrinsics(h, w), (n, 3, 3))
     K = jnp.asarray(K, jnp.float32)
-    if self.head == 'heatmap':
+    if self.head == "heatmap":
       raw = self.keypoint_head(self.backbone.feature_map(images))
     else:
       raw = self.keypoint_head(self.backbone(images))  # [N, 21, 3]
     uv = raw[..., :2]
-    if self.uv_units == 'normalized':
+    if self.uv_units == "normalized":
       uv = (uv + 1.0) * jnp.array([w, h], jnp.float32) / 2.0
     zrel = raw[..., 2].at[:, 0].set(0.0)
     zroot = self.zroot_refiner(uv, zrel, K)
     rays = geometry.unproject(uv, jnp.ones_like(zrel), K)
     kp3d = rays * (zrel + zroot[:, None])[..., None]
-    return {'kp2d': uv, 'zrel': zrel, 'zroot': zroot, 'kp3d': kp3d}
-
+    return {"kp2d": uv, "zrel": zrel, "zroot": zroot, "kp3d": kp3d}

@@ -21,8 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from peclr_jax import geometry
-from peclr_jax import joints
+from peclr_jax import geometry, joints
 from peclr_jax.models import resnet
 from peclr_jax.models.resnet import conv_init
 
@@ -31,8 +30,7 @@ ZROOT_MIN, ZROOT_MAX = 4.0, 50.0
 
 # torch nn.Linear: weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 # variance_scaling(1/3, fan_in, uniform) has bound sqrt(3 * (1/3) / fan_in).
-_torch_linear_kernel_init = nnx.initializers.variance_scaling(
-    1.0 / 3.0, 'fan_in', 'uniform')
+_torch_linear_kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,25 +38,34 @@ class _UniformInit:
   """U(-bound, bound) initialiser; a value-comparable object (not a closure)
   so that two identically built models have equal graphdefs (jit cache hits).
   """
+
   bound: float
 
   def __call__(self, key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -self.bound, self.bound)
 
 
-def _linear(in_features: int, out_features: int, *, use_bias: bool = True,
-            rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.Linear:
-  return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype,
-                    param_dtype=jnp.float32,
-                    kernel_init=_torch_linear_kernel_init,
-                    bias_init=_UniformInit(1.0 / in_features**0.5), rngs=rngs)
+def _linear(
+  in_features: int, out_features: int, *, use_bias: bool = True, rngs: nnx.Rngs, dtype=jnp.float32
+) -> nnx.Linear:
+  return nnx.Linear(
+    in_features,
+    out_features,
+    use_bias=use_bias,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=_torch_linear_kernel_init,
+    bias_init=_UniformInit(1.0 / in_features**0.5),
+    rngs=rngs,
+  )
 
 
 class ProjectionHead(nnx.Module):
   """Linear(in->hidden, bias) -> BatchNorm -> ReLU -> Linear(hidden->out, no bias)."""
 
-  def __init__(self, in_features: int, hidden: int = 512, out: int = 128, *,
-               rngs: nnx.Rngs, dtype=jnp.float32):
+  def __init__(
+    self, in_features: int, hidden: int = 512, out: int = 128, *, rngs: nnx.Rngs, dtype=jnp.float32
+  ):
     """Builds the head.
 
     Args:
@@ -115,8 +122,15 @@ class HeatmapHead(nnx.Module):
   the image, so a small network learns positions from few examples.
   """
 
-  def __init__(self, in_features: int, *, width: int = 64,
-               num_upsample: int = 3, rngs: nnx.Rngs, dtype=jnp.float32):
+  def __init__(
+    self,
+    in_features: int,
+    *,
+    width: int = 64,
+    num_upsample: int = 3,
+    rngs: nnx.Rngs,
+    dtype=jnp.float32,
+  ):
     """Builds the head.
 
     Args:
@@ -130,15 +144,21 @@ class HeatmapHead(nnx.Module):
     convs, bns = [], []
     for i in range(num_upsample):
       # The backbone's conv (its CPU-friendly hook) and BatchNorm.
-      convs.append(resnet.conv_layer(in_features if i == 0 else width, width,
-                                     3, 1, 1, rngs=rngs, dtype=dtype))
+      convs.append(
+        resnet.conv_layer(in_features if i == 0 else width, width, 3, 1, 1, rngs=rngs, dtype=dtype)
+      )
       bns.append(resnet.batch_norm(width, rngs=rngs, dtype=dtype))
     self.up_convs = nnx.List(convs)
     self.up_bns = nnx.List(bns)
-    self.out = nnx.Conv(width if num_upsample else in_features,
-                        2 * joints.NUM_JOINTS, (1, 1), dtype=jnp.float32,
-                        param_dtype=jnp.float32, kernel_init=conv_init,
-                        rngs=rngs)
+    self.out = nnx.Conv(
+      width if num_upsample else in_features,
+      2 * joints.NUM_JOINTS,
+      (1, 1),
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+      kernel_init=conv_init,
+      rngs=rngs,
+    )
 
   def maps(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """[N, h, w, C] -> (heatmap logits, depth maps), each [N, H, W, 21]
@@ -147,7 +167,7 @@ class HeatmapHead(nnx.Module):
       x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
       x = jax.nn.relu(bn(conv(x)))
     y = self.out(x.astype(jnp.float32))  # [N, H, W, 42]
-    return y[..., :joints.NUM_JOINTS], y[..., joints.NUM_JOINTS:]
+    return y[..., : joints.NUM_JOINTS], y[..., joints.NUM_JOINTS :]
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """[N, h, w, C] -> [N, 21, 3] float32, last axis (u, v, z_rel), (u, v)
@@ -155,8 +175,7 @@ class HeatmapHead(nnx.Module):
     return integral_2p5d(*self.maps(x), self.stride)
 
 
-def integral_2p5d(logits: jax.Array, depth: jax.Array,
-                  stride: int) -> jax.Array:
+def integral_2p5d(logits: jax.Array, depth: jax.Array, stride: int) -> jax.Array:
   """Soft-argmax (u, v) and heatmap-weighted z_rel.
 
   Args:
@@ -172,13 +191,11 @@ def integral_2p5d(logits: jax.Array, depth: jax.Array,
   """
   n, h, w, j = logits.shape
   prob = jax.nn.softmax(logits.reshape(n, h * w, j).astype(jnp.float32), 1)
-  centre = lambda k: (jnp.arange(k, dtype=jnp.float32) * stride
-                      + (stride - 1) / 2)
-  cy, cx = jnp.meshgrid(centre(h), centre(w), indexing='ij')
+  centre = lambda k: jnp.arange(k, dtype=jnp.float32) * stride + (stride - 1) / 2
+  cy, cx = jnp.meshgrid(centre(h), centre(w), indexing="ij")
   grid = jnp.stack([cx.ravel(), cy.ravel()], -1)  # [H*W, 2] (x, y)
-  uv = jnp.einsum('npj,pc->njc', prob, grid)
-  zrel = jnp.einsum('npj,npj->nj', prob,
-                    depth.reshape(n, h * w, j).astype(jnp.float32))
+  uv = jnp.einsum("npj,pc->njc", prob, grid)
+  zrel = jnp.einsum("npj,npj->nj", prob, depth.reshape(n, h * w, j).astype(jnp.float32))
   return jnp.concatenate([uv, zrel[..., None]], axis=-1)
 
 
@@ -205,8 +222,7 @@ class ZRootRefiner(nnx.Module):
     self.bn2 = resnet.batch_norm(128, rngs=rngs, dtype=jnp.float32)
     self.linear3 = _linear(128, 1, rngs=rngs)
 
-  def initial_zroot(self, uv: jax.Array, zrel: jax.Array,
-                    K: jax.Array) -> jax.Array:
+  def initial_zroot(self, uv: jax.Array, zrel: jax.Array, K: jax.Array) -> jax.Array:
     """Closed-form root depth, gradient stopped and clamped to [4, 50].
 
     Args:
@@ -221,8 +237,7 @@ class ZRootRefiner(nnx.Module):
     z = jax.lax.stop_gradient(z)
     return jnp.clip(z, ZROOT_MIN, ZROOT_MAX)
 
-  def __call__(self, uv: jax.Array, zrel: jax.Array,
-               K: jax.Array) -> jax.Array:
+  def __call__(self, uv: jax.Array, zrel: jax.Array, K: jax.Array) -> jax.Array:
     """Refined root depth: ``initial_zroot + MLP(...)``.
 
     Args:
@@ -240,8 +255,13 @@ class ZRootRefiner(nnx.Module):
     rays = geometry.unproject(uv, jnp.ones_like(zrel), K)
     n = zrel.shape[0]
     h = jnp.concatenate(
-        [zrel.reshape(n, joints.NUM_JOINTS), rays[..., :2].reshape(n, 2 * joints.NUM_JOINTS),
-         zroot.reshape(n, 1)], axis=-1)
+      [
+        zrel.reshape(n, joints.NUM_JOINTS),
+        rays[..., :2].reshape(n, 2 * joints.NUM_JOINTS),
+        zroot.reshape(n, 1),
+      ],
+      axis=-1,
+    )
     # jax.nn.leaky_relu's default slope 0.01 equals torch's nn.LeakyReLU.
     h = jax.nn.leaky_relu(self.bn1(self.linear1(h)))
     h = jax.nn.leaky_relu(self.bn2(self.linear2(h)))

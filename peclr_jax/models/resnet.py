@@ -24,7 +24,7 @@ use_running_average=True)`` gives an eval-mode view without mutating ``model``.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +35,7 @@ from peclr_jax.cpu_fusion import materialise
 
 # torchvision: kaiming_normal_(mode='fan_out', nonlinearity='relu'), i.e. an
 # untruncated normal with variance 2 / (out_channels * kh * kw).
-conv_init = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 # torch BatchNorm momentum 0.1 updates running = 0.9 * running + 0.1 * batch;
 # flax's momentum weights the old value, hence 0.9.
@@ -43,24 +43,27 @@ BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
 
-_NHWC_HWIO = ('NHWC', 'HWIO', 'NHWC')
+_NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
 
 
-def _is_plain_nhwc(lhs, rhs, padding, lhs_dilation, rhs_dilation,
-                   dimension_numbers, feature_group_count, kwargs) -> bool:
+def _is_plain_nhwc(
+  lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count, kwargs
+) -> bool:
   """NHWC/HWIO, explicit padding, undilated, ungrouped, unsharded."""
   if lhs.ndim != 4 or isinstance(padding, str):
     return False
   nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC_HWIO)
-  if lax.conv_dimension_numbers(lhs.shape, rhs.shape,
-                                dimension_numbers) != nhwc:
+  if lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != nhwc:
     return False
   unit = lambda d: d is None or all(v == 1 for v in d)
   # flax always passes out_sharding (None unless explicit sharding is used).
-  return (unit(lhs_dilation) and unit(rhs_dilation)
-          and feature_group_count == 1
-          and kwargs.get('batch_group_count', 1) == 1
-          and kwargs.get('out_sharding') is None)
+  return (
+    unit(lhs_dilation)
+    and unit(rhs_dilation)
+    and feature_group_count == 1
+    and kwargs.get("batch_group_count", 1) == 1
+    and kwargs.get("out_sharding") is None
+  )
 
 
 # Output maps of at most this many pixels go through im2col on CPU.
@@ -76,18 +79,35 @@ def _im2col_conv(x, rhs, strides, padding, precision, preferred_element_type):
   wo = (x.shape[2] - kw) // sw + 1
   # Tap order (row, column, channel) is the HWIO kernel's reshape order.
   cols = jnp.concatenate(
-      [x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :]
-       for i in range(kh) for j in range(kw)], axis=-1)
-  y = lax.dot(cols.reshape(-1, kh * kw * cin), rhs.reshape(-1, cout),
-              precision=precision,
-              preferred_element_type=preferred_element_type)
+    [
+      x[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw, :]
+      for i in range(kh)
+      for j in range(kw)
+    ],
+    axis=-1,
+  )
+  y = lax.dot(
+    cols.reshape(-1, kh * kw * cin),
+    rhs.reshape(-1, cout),
+    precision=precision,
+    preferred_element_type=preferred_element_type,
+  )
   return y.reshape(x.shape[0], ho, wo, cout)
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                         rhs_dilation=None, dimension_numbers=None,
-                         feature_group_count=1, precision=None,
-                         preferred_element_type=None, **kwargs):
+def conv_general_dilated(
+  lhs,
+  rhs,
+  window_strides,
+  padding,
+  lhs_dilation=None,
+  rhs_dilation=None,
+  dimension_numbers=None,
+  feature_group_count=1,
+  precision=None,
+  preferred_element_type=None,
+  **kwargs,
+):
   """`lax.conv_general_dilated`, with two CPU-friendly rewrites as matmuls.
 
   The hook `nnx.Conv(conv_general_dilated=...)` calls, with the same
@@ -108,38 +128,58 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     dominated the step.
   Everything else goes to `lax.conv_general_dilated` unchanged.
   """
-  plain = _is_plain_nhwc(lhs, rhs, padding, lhs_dilation, rhs_dilation,
-                         dimension_numbers, feature_group_count, kwargs)
+  plain = _is_plain_nhwc(
+    lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count, kwargs
+  )
   sh, sw = window_strides
-  if plain and rhs.shape[:2] == (1, 1) and all(
-      tuple(p) == (0, 0) for p in padding):
+  if plain and rhs.shape[:2] == (1, 1) and all(tuple(p) == (0, 0) for p in padding):
     x = lhs if sh == sw == 1 else lhs[:, ::sh, ::sw, :]
     cin, cout = rhs.shape[2:]
-    y = lax.dot(x.reshape(-1, cin), rhs.reshape(cin, cout),
-                precision=precision,
-                preferred_element_type=preferred_element_type)
+    y = lax.dot(
+      x.reshape(-1, cin),
+      rhs.reshape(cin, cout),
+      precision=precision,
+      preferred_element_type=preferred_element_type,
+    )
     return y.reshape(x.shape[:3] + (cout,))
-  if plain and jax.default_backend() == 'cpu':
-    out_hw = [(lhs.shape[1 + a] + sum(padding[a]) - rhs.shape[a])
-              // window_strides[a] + 1 for a in (0, 1)]
+  if plain and jax.default_backend() == "cpu":
+    out_hw = [
+      (lhs.shape[1 + a] + sum(padding[a]) - rhs.shape[a]) // window_strides[a] + 1 for a in (0, 1)
+    ]
     if out_hw[0] * out_hw[1] <= _IM2COL_MAX_OUTPUT_PIXELS:
-      return _im2col_conv(lhs, rhs, window_strides, padding, precision,
-                          preferred_element_type)
+      return _im2col_conv(lhs, rhs, window_strides, padding, precision, preferred_element_type)
   return lax.conv_general_dilated(
-      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-      rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-      feature_group_count=feature_group_count, precision=precision,
-      preferred_element_type=preferred_element_type, **kwargs)
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=lhs_dilation,
+    rhs_dilation=rhs_dilation,
+    dimension_numbers=dimension_numbers,
+    feature_group_count=feature_group_count,
+    precision=precision,
+    preferred_element_type=preferred_element_type,
+    **kwargs,
+  )
 
 
-def conv_layer(in_ch: int, out_ch: int, kernel: int, stride: int, pad: int,
-               *, rngs: nnx.Rngs, dtype) -> nnx.Conv:
+def conv_layer(
+  in_ch: int, out_ch: int, kernel: int, stride: int, pad: int, *, rngs: nnx.Rngs, dtype
+) -> nnx.Conv:
   """Bias-free conv with torch-style explicit symmetric padding."""
   return nnx.Conv(
-      in_ch, out_ch, kernel_size=(kernel, kernel), strides=(stride, stride),
-      padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
-      param_dtype=jnp.float32, kernel_init=conv_init, rngs=rngs,
-      conv_general_dilated=conv_general_dilated)
+    in_ch,
+    out_ch,
+    kernel_size=(kernel, kernel),
+    strides=(stride, stride),
+    padding=((pad, pad), (pad, pad)),
+    use_bias=False,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=conv_init,
+    rngs=rngs,
+    conv_general_dilated=conv_general_dilated,
+  )
 
 
 def batch_norm(num_features: int, *, rngs: nnx.Rngs, dtype) -> nnx.BatchNorm:
@@ -147,18 +187,27 @@ def batch_norm(num_features: int, *, rngs: nnx.Rngs, dtype) -> nnx.BatchNorm:
   # use_fast_variance=False: E[(x - mean)^2] rather than E[x^2] - mean^2,
   # closer to torch for large activations (statistics are float32 anyway).
   return nnx.BatchNorm(
-      num_features, use_running_average=False, momentum=BN_MOMENTUM,
-      epsilon=BN_EPSILON, dtype=dtype, param_dtype=jnp.float32,
-      use_fast_variance=False, rngs=rngs)
+    num_features,
+    use_running_average=False,
+    momentum=BN_MOMENTUM,
+    epsilon=BN_EPSILON,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    use_fast_variance=False,
+    rngs=rngs,
+  )
 
 
 def _downsample(in_ch: int, out_ch: int, stride: int, *, rngs, dtype):
   """torchvision's ``downsample = Sequential(conv1x1, bn)`` or None."""
   if stride == 1 and in_ch == out_ch:
     return None
-  return nnx.List([
+  return nnx.List(
+    [
       conv_layer(in_ch, out_ch, 1, stride, 0, rngs=rngs, dtype=dtype),
-      batch_norm(out_ch, rngs=rngs, dtype=dtype)])
+      batch_norm(out_ch, rngs=rngs, dtype=dtype),
+    ]
+  )
 
 
 def _shortcut(downsample, x: jax.Array) -> jax.Array:
@@ -174,7 +223,7 @@ def _pool_windows(x: jax.Array, out_hw: tuple[int, int]):
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
   for i in range(3):
     for j in range(3):
-      yield i, j, xp[:, i:i + 2 * ho - 1:2, j:j + 2 * wo - 1:2, :]
+      yield i, j, xp[:, i : i + 2 * ho - 1 : 2, j : j + 2 * wo - 1 : 2, :]
 
 
 def _pool_out_hw(x: jax.Array) -> tuple[int, int]:
@@ -216,12 +265,13 @@ def _max_pool_bwd(res, g):
     contrib = jnp.where(s == out, g, zero)
     # Back onto the padded grid: rows i, i + 2, ..., i.e. low padding i,
     # one interior zero between neighbours, the rest high padding.
-    back = lax.pad(contrib, zero, ((0, 0, 0),
-                                   (i, h + 1 - i - 2 * (ho - 1), 1),
-                                   (j, w + 1 - j - 2 * (wo - 1), 1),
-                                   (0, 0, 0)))
+    back = lax.pad(
+      contrib,
+      zero,
+      ((0, 0, 0), (i, h + 1 - i - 2 * (ho - 1), 1), (j, w + 1 - j - 2 * (wo - 1), 1), (0, 0, 0)),
+    )
     dxp = back if dxp is None else dxp + back
-  return (dxp[:, 1:h + 1, 1:w + 1, :],)
+  return (dxp[:, 1 : h + 1, 1 : w + 1, :],)
 
 
 max_pool_3x3_s2.defvjp(_max_pool_fwd, _max_pool_bwd)
@@ -232,8 +282,7 @@ class BasicBlock(nnx.Module):
 
   expansion = 1
 
-  def __init__(self, in_ch: int, width: int, stride: int = 1, *,
-               rngs: nnx.Rngs, dtype=jnp.float32):
+  def __init__(self, in_ch: int, width: int, stride: int = 1, *, rngs: nnx.Rngs, dtype=jnp.float32):
     """Initialises the block.
 
     Args:
@@ -249,8 +298,7 @@ class BasicBlock(nnx.Module):
     self.conv2 = conv_layer(width, out_ch, 3, 1, 1, rngs=rngs, dtype=dtype)
     self.bn2 = batch_norm(out_ch, rngs=rngs, dtype=dtype)
     # nnx.data: the attribute is a module on some paths and None on others.
-    self.downsample = nnx.data(
-        _downsample(in_ch, out_ch, stride, rngs=rngs, dtype=dtype))
+    self.downsample = nnx.data(_downsample(in_ch, out_ch, stride, rngs=rngs, dtype=dtype))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """[N, H, W, in_ch] -> [N, H/stride, W/stride, out_ch]."""
@@ -268,8 +316,7 @@ class Bottleneck(nnx.Module):
 
   expansion = 4
 
-  def __init__(self, in_ch: int, width: int, stride: int = 1, *,
-               rngs: nnx.Rngs, dtype=jnp.float32):
+  def __init__(self, in_ch: int, width: int, stride: int = 1, *, rngs: nnx.Rngs, dtype=jnp.float32):
     """Initialises the block.
 
     Args:
@@ -286,8 +333,7 @@ class Bottleneck(nnx.Module):
     self.bn2 = batch_norm(width, rngs=rngs, dtype=dtype)
     self.conv3 = conv_layer(width, out_ch, 1, 1, 0, rngs=rngs, dtype=dtype)
     self.bn3 = batch_norm(out_ch, rngs=rngs, dtype=dtype)
-    self.downsample = nnx.data(
-        _downsample(in_ch, out_ch, stride, rngs=rngs, dtype=dtype))
+    self.downsample = nnx.data(_downsample(in_ch, out_ch, stride, rngs=rngs, dtype=dtype))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """[N, H, W, in_ch] -> [N, H/stride, W/stride, 4 * width]."""
@@ -305,9 +351,15 @@ class ResNet(nnx.Module):
     num_features: channels of the pooled output (``fc.in_features``).
   """
 
-  def __init__(self, block: type[BasicBlock] | type[Bottleneck],
-               layers: Sequence[int], *, width: int = 64, rngs: nnx.Rngs,
-               dtype=jnp.float32):
+  def __init__(
+    self,
+    block: type[BasicBlock] | type[Bottleneck],
+    layers: Sequence[int],
+    *,
+    width: int = 64,
+    rngs: nnx.Rngs,
+    dtype=jnp.float32,
+  ):
     """Builds the network.
 
     Args:
@@ -327,10 +379,9 @@ class ResNet(nnx.Module):
       stride = 1 if stage == 0 else 2
       blocks = []
       for i in range(n_blocks):
-        blocks.append(block(in_ch, stage_width, stride if i == 0 else 1,
-                            rngs=rngs, dtype=dtype))
+        blocks.append(block(in_ch, stage_width, stride if i == 0 else 1, rngs=rngs, dtype=dtype))
         in_ch = stage_width * block.expansion
-      setattr(self, f'layer{stage + 1}', nnx.List(blocks))
+      setattr(self, f"layer{stage + 1}", nnx.List(blocks))
     self.num_features = in_ch
 
   def feature_map(self, x: jax.Array) -> jax.Array:
@@ -353,28 +404,35 @@ class ResNet(nnx.Module):
 
 
 _SPECS: dict[str, tuple[type, tuple[int, ...], int]] = {
-    'resnet18': (BasicBlock, (2, 2, 2, 2), 64),
-    'resnet34': (BasicBlock, (3, 4, 6, 3), 64),
-    'resnet50': (Bottleneck, (3, 4, 6, 3), 64),
-    'resnet101': (Bottleneck, (3, 4, 23, 3), 64),
-    'resnet152': (Bottleneck, (3, 8, 36, 3), 64),
-    # For tests: one BasicBlock per stage, width 8 (num_features 64).
-    'resnet_tiny': (BasicBlock, (1, 1, 1, 1), 8),
+  "resnet18": (BasicBlock, (2, 2, 2, 2), 64),
+  "resnet34": (BasicBlock, (3, 4, 6, 3), 64),
+  "resnet50": (Bottleneck, (3, 4, 6, 3), 64),
+  "resnet101": (Bottleneck, (3, 4, 23, 3), 64),
+  "resnet152": (Bottleneck, (3, 8, 36, 3), 64),
+  # For tests: one BasicBlock per stage, width 8 (num_features 64).
+  "resnet_tiny": (BasicBlock, (1, 1, 1, 1), 8),
 }
 
 BACKBONES: tuple[str, ...] = tuple(_SPECS)
 
 # Short aliases used in configs of the public code ("rn50", "rn152").
-_ALIASES = {'rn18': 'resnet18', 'rn34': 'resnet34', 'rn50': 'resnet50',
-            'rn101': 'resnet101', 'rn152': 'resnet152', 'tiny': 'resnet_tiny'}
+_ALIASES = {
+  "rn18": "resnet18",
+  "rn34": "resnet34",
+  "rn50": "resnet50",
+  "rn101": "resnet101",
+  "rn152": "resnet152",
+  "tiny": "resnet_tiny",
+}
 
 
 def canonical_name(name: str) -> str:
   """'rn50' -> 'resnet50'; a full name is returned as is; else ValueError."""
   name = _ALIASES.get(name, name)
   if name not in _SPECS:
-    raise ValueError(f'Unknown backbone {name!r}; choose from {BACKBONES} '
-                     f'or the aliases {tuple(_ALIASES)}.')
+    raise ValueError(
+      f"Unknown backbone {name!r}; choose from {BACKBONES} or the aliases {tuple(_ALIASES)}."
+    )
   return name
 
 
@@ -395,10 +453,9 @@ def get_backbone(name: str, *, rngs: nnx.Rngs, dtype=jnp.float32) -> ResNet:
   return ResNet(block, layers, width=width, rngs=rngs, dtype=dtype)
 
 
-resnet18: Callable[..., ResNet] = functools.partial(get_backbone, 'resnet18')
-resnet34: Callable[..., ResNet] = functools.partial(get_backbone, 'resnet34')
-resnet50: Callable[..., ResNet] = functools.partial(get_backbone, 'resnet50')
-resnet101: Callable[..., ResNet] = functools.partial(get_backbone, 'resnet101')
-resnet152: Callable[..., ResNet] = functools.partial(get_backbone, 'resnet152')
-resnet_tiny: Callable[..., ResNet] = functools.partial(get_backbone,
-                                                       'resnet_tiny')
+resnet18: Callable[..., ResNet] = functools.partial(get_backbone, "resnet18")
+resnet34: Callable[..., ResNet] = functools.partial(get_backbone, "resnet34")
+resnet50: Callable[..., ResNet] = functools.partial(get_backbone, "resnet50")
+resnet101: Callable[..., ResNet] = functools.partial(get_backbone, "resnet101")
+resnet152: Callable[..., ResNet] = functools.partial(get_backbone, "resnet152")
+resnet_tiny: Callable[..., ResNet] = functools.partial(get_backbone, "resnet_tiny")

@@ -19,8 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from peclr_jax import checkpoints
-from peclr_jax import models
+from peclr_jax import checkpoints, models
 
 KEYPOINT_KINDS = ("finetune", "keypoint")
 # Crop side of keypoint checkpoints whose meta has no 'input_size' (written
@@ -37,6 +36,7 @@ class RestoredKeypointModel(NamedTuple):
       meta: the checkpoint's metadata, as stored.
       path: absolute path of the directory actually read.
   """
+
   model: models.KeypointModel
   input_size: int
   meta: dict[str, Any]
@@ -75,18 +75,26 @@ def keypoint_model(path: str, *, dtype=jnp.float32) -> RestoredKeypointModel:
   meta = checkpoints.read_meta(path)
   if meta.get("kind") not in KEYPOINT_KINDS:
     raise checkpoints.CheckpointError(
-        f"{path} holds a {meta.get('kind')!r} checkpoint; a keypoint model "
-        f"(kind in {KEYPOINT_KINDS}) is needed: fine-tune one first")
+      f"{path} holds a {meta.get('kind')!r} checkpoint; a keypoint model "
+      f"(kind in {KEYPOINT_KINDS}) is needed: fine-tune one first"
+    )
   # Meta without the field: converted weights are the released models (pixels).
   uv_units = meta.get("uv_units") or ("pixels" if meta["kind"] == "keypoint" else "normalized")
   # Abstract build (no random init of a ResNet-152), then real arrays.
-  model = nnx.eval_shape(lambda: models.KeypointModel(
-      meta["backbone"], rngs=nnx.Rngs(0), dtype=dtype, uv_units=uv_units,
-      head=meta.get("head", "linear")))
+  model = nnx.eval_shape(
+    lambda: models.KeypointModel(
+      meta["backbone"],
+      rngs=nnx.Rngs(0),
+      dtype=dtype,
+      uv_units=uv_units,
+      head=meta.get("head", "linear"),
+    )
+  )
   checkpoints.restore_module(path, model)
   # restore_module leaves host NumPy arrays; put them on the device once
   # rather than transferring the weights at every model call.
   nnx.update(model, jax.tree.map(jnp.asarray, nnx.state(model)))
   model.eval()
-  return RestoredKeypointModel(model, int(meta.get("input_size") or LEGACY_INPUT_SIZE),
-                               dict(meta), os.path.abspath(path))
+  return RestoredKeypointModel(
+    model, int(meta.get("input_size") or LEGACY_INPUT_SIZE), dict(meta), os.path.abspath(path)
+  )

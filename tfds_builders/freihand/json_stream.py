@@ -12,13 +12,13 @@ import re
 from collections.abc import Iterator
 from typing import Any, TextIO
 
-_WHITESPACE = re.compile(r'[ \t\n\r]*')
-_DELIMITERS = frozenset(' \t\n\r,]}')
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_DELIMITERS = frozenset(" \t\n\r,]}")
 
 
-def iter_json_list(fobj: TextIO, *, chunk_size: int = 1 << 20,
-                   max_element_chars: int = 1 << 24,
-                   name: str = '<json>') -> Iterator[Any]:
+def iter_json_list(
+  fobj: TextIO, *, chunk_size: int = 1 << 20, max_element_chars: int = 1 << 24, name: str = "<json>"
+) -> Iterator[Any]:
   """Yields the elements of a top-level JSON array one at a time.
 
   Reads `fobj` in chunks of `chunk_size` characters and decodes each element
@@ -41,7 +41,7 @@ def iter_json_list(fobj: TextIO, *, chunk_size: int = 1 << 20,
     ValueError: the document is not an array, is malformed or is truncated.
   """
   decoder = json.JSONDecoder()
-  buf = ''
+  buf = ""
   pos = 0
   consumed = 0  # characters dropped from the front of `buf` so far
   eof = False
@@ -67,17 +67,16 @@ def iter_json_list(fobj: TextIO, *, chunk_size: int = 1 << 20,
       fill()
 
   def fail(message: str) -> ValueError:
-    return ValueError(f'{name}: {message} (at character {consumed + pos})')
+    return ValueError(f"{name}: {message} (at character {consumed + pos})")
 
   skip_whitespace()
   if pos >= len(buf):
-    raise fail('empty file, expected a JSON array')
-  if buf[pos] != '[':
-    raise fail(f'top-level JSON value is not an array (starts with '
-               f'{buf[pos:pos + 20]!r})')
+    raise fail("empty file, expected a JSON array")
+  if buf[pos] != "[":
+    raise fail(f"top-level JSON value is not an array (starts with {buf[pos : pos + 20]!r})")
   pos += 1
   skip_whitespace()
-  if pos < len(buf) and buf[pos] == ']':
+  if pos < len(buf) and buf[pos] == "]":
     pos += 1
   else:
     index = 0
@@ -90,15 +89,18 @@ def iter_json_list(fobj: TextIO, *, chunk_size: int = 1 << 20,
           value, end = decoder.raw_decode(buf, pos)
         except json.JSONDecodeError as e:
           if eof:
-            raise fail(f'invalid or truncated JSON in element {index}: '
-                       f'{e.msg}') from None
+            raise fail(f"invalid or truncated JSON in element {index}: {e.msg}") from None
           if len(buf) - pos > max_element_chars:
-            raise fail(f'element {index} is malformed or longer than '
-                       f'{max_element_chars} characters') from None
+            raise fail(
+              f"element {index} is malformed or longer than {max_element_chars} characters"
+            ) from None
           fill()
           continue
-        if (not eof and (end == len(buf) or buf[end] not in _DELIMITERS)
-            and len(buf) - pos <= max_element_chars):
+        if (
+          not eof
+          and (end == len(buf) or buf[end] not in _DELIMITERS)
+          and len(buf) - pos <= max_element_chars
+        ):
           # A number cut by the chunk boundary ("-0" of "-0.5") decodes
           # "successfully": accept a value only once the character after it
           # is seen to end it.
@@ -110,18 +112,16 @@ def iter_json_list(fobj: TextIO, *, chunk_size: int = 1 << 20,
       index += 1
       skip_whitespace()
       if pos >= len(buf):
-        raise fail(f'truncated: the array is not closed after element '
-                   f'{index - 1}')
-      if buf[pos] == ']':
+        raise fail(f"truncated: the array is not closed after element {index - 1}")
+      if buf[pos] == "]":
         pos += 1
         break
-      if buf[pos] != ',':
-        raise fail(f"expected ',' or ']' after element {index - 1}, found "
-                   f'{buf[pos:pos + 20]!r}')
+      if buf[pos] != ",":
+        raise fail(f"expected ',' or ']' after element {index - 1}, found {buf[pos : pos + 20]!r}")
       pos += 1
       skip_whitespace()
-      if pos < len(buf) and buf[pos] == ']':
-        raise fail('trailing comma before the closing bracket')
+      if pos < len(buf) and buf[pos] == "]":
+        raise fail("trailing comma before the closing bracket")
   skip_whitespace()
   if pos < len(buf):
-    raise fail(f'unexpected data after the array: {buf[pos:pos + 20]!r}')
+    raise fail(f"unexpected data after the array: {buf[pos : pos + 20]!r}")

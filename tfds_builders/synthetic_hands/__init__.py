@@ -7,4 +7,4 @@ using the renderer does not import tensorflow_datasets).
 
 from tfds_builders.synthetic_hands.render import render_sample
 
-__all__ = ['render_sample']
+__all__ = ["render_sample"]

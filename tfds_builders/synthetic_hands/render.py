@@ -29,10 +29,16 @@ from tfds_builders.synthetic_hands import hand_model as hm
 
 # Per-finger tints (thumb..pinky), mixed into the skin tone so fingers are
 # distinguishable, as in coloured-glove data, while the hand stays hand-like.
-FINGER_TINTS = np.array([
-    [230, 60, 60], [60, 200, 70], [70, 110, 235], [235, 210, 50],
+FINGER_TINTS = np.array(
+  [
+    [230, 60, 60],
+    [60, 200, 70],
+    [70, 110, 235],
+    [235, 210, 50],
     [200, 70, 220],
-], np.float64)
+  ],
+  np.float64,
+)
 
 
 class _Canvas:
@@ -42,8 +48,7 @@ class _Canvas:
   pixels [ox, ox + w) x [oy, oy + h) of the full (size * ss) grid.
   """
 
-  def __init__(self, K: np.ndarray, ss: int, origin: tuple[int, int],
-               shape: tuple[int, int]):
+  def __init__(self, K: np.ndarray, ss: int, origin: tuple[int, int], shape: tuple[int, int]):
     self.K, self.ss = K, ss
     self.ox, self.oy = origin
     self.h, self.w = shape
@@ -67,11 +72,12 @@ class _Canvas:
 
 def _shade(normal_x, normal_y, normal_z, colour, light):
   """Lambert + ambient + a weak Blinn highlight (viewer along -z)."""
-  l, h = light['dir'], light['half']
-  lam = np.maximum(normal_x * l[0] + normal_y * l[1] + normal_z * l[2], 0)
+  d, h = light["dir"], light["half"]
+  lam = np.maximum(normal_x * d[0] + normal_y * d[1] + normal_z * d[2], 0)
   spec = np.maximum(normal_x * h[0] + normal_y * h[1] + normal_z * h[2], 0) ** 20
-  return ((light['ambient'] + light['diffuse'] * lam)[..., None] * colour
-          + (light['specular'] * 255 * spec)[..., None])
+  return (light["ambient"] + light["diffuse"] * lam)[..., None] * colour + (
+    light["specular"] * 255 * spec
+  )[..., None]
 
 
 def _draw_capsules(cv: _Canvas, P0, P1, R0, R1, colours, light):
@@ -93,8 +99,7 @@ def _draw_capsules(cv: _Canvas, P0, P1, R0, R1, colours, light):
   f = cv.ss * cv.K[0, 0]
   r0, r1 = f * R0 / P0[:, 2], f * R1 / P1[:, 2]
   lo = np.maximum(np.floor(np.minimum(p0 - r0[:, None], p1 - r1[:, None])), 0)
-  hi = np.minimum(np.ceil(np.maximum(p0 + r0[:, None], p1 + r1[:, None])),
-                  [cv.w - 1, cv.h - 1])
+  hi = np.minimum(np.ceil(np.maximum(p0 + r0[:, None], p1 + r1[:, None])), [cv.w - 1, cv.h - 1])
   seg = p1 - p0
   l2 = np.maximum((seg * seg).sum(1), 1e-9)
   for c in range(len(P0)):
@@ -115,14 +120,14 @@ def _draw_capsules(cv: _Canvas, P0, P1, R0, R1, colours, light):
     # From here on only the covered pixels are processed.
     t, dx, dy, r, rho2 = t[iy, ix], dx[iy, ix], dy[iy, ix], r[iy, ix], rho2[iy, ix]
     nz = np.sqrt(1 - rho2)
-    depth = (P0[c, 2] + t * (P1[c, 2] - P0[c, 2])
-             - (R0[c] + t * (R1[c] - R0[c])) * nz)
-    zwin = cv.z[y0:y1 + 1, x0:x1 + 1]
+    depth = P0[c, 2] + t * (P1[c, 2] - P0[c, 2]) - (R0[c] + t * (R1[c] - R0[c])) * nz
+    zwin = cv.z[y0 : y1 + 1, x0 : x1 + 1]
     upd = depth < zwin[iy, ix]
     iy, ix = iy[upd], ix[upd]
     zwin[iy, ix] = depth[upd]
-    cv.rgb[y0:y1 + 1, x0:x1 + 1][iy, ix] = _shade(
-        dx[upd] / r[upd], dy[upd] / r[upd], -nz[upd], colours[c], light)
+    cv.rgb[y0 : y1 + 1, x0 : x1 + 1][iy, ix] = _shade(
+      dx[upd] / r[upd], dy[upd] / r[upd], -nz[upd], colours[c], light
+    )
 
 
 def _draw_polygon(cv: _Canvas, V, colour, light, dome: float = 0.0):
@@ -156,27 +161,26 @@ def _draw_polygon(cv: _Canvas, V, colour, light, dome: float = 0.0):
   v = (ys + cv.oy + 0.5) / cv.ss - 0.5
   denom = n[0] * (u - K[0, 2]) / K[0, 0] + n[1] * (v - K[1, 2]) / K[1, 1] + n[2]
   depth = (n @ V[0]) / np.where(np.abs(denom) < 1e-9, 1e-9, denom)
-  zwin = cv.z[y0:y1 + 1, x0:x1 + 1]
+  zwin = cv.z[y0 : y1 + 1, x0 : x1 + 1]
   upd = inside & (depth > 0) & (depth < zwin)
   if not upd.any():
     return
   zwin[upd] = depth[upd]
   iy, ix = np.nonzero(upd)
   z = depth[iy, ix]
-  X = np.stack([(u[0, ix] - K[0, 2]) / K[0, 0] * z,
-                (v[iy, 0] - K[1, 2]) / K[1, 1] * z, z], -1)
+  X = np.stack([(u[0, ix] - K[0, 2]) / K[0, 0] * z, (v[iy, 0] - K[1, 2]) / K[1, 1] * z, z], -1)
   d = X - V.mean(0)
   d -= (d @ n)[:, None] * n  # in-plane offset from the centre
   nrm = n + dome * d
   nrm /= np.linalg.norm(nrm, axis=1, keepdims=True)
-  cv.rgb[y0:y1 + 1, x0:x1 + 1][iy, ix] = _shade(
-      nrm[:, 0], nrm[:, 1], nrm[:, 2], colour, light)
+  cv.rgb[y0 : y1 + 1, x0 : x1 + 1][iy, ix] = _shade(nrm[:, 0], nrm[:, 1], nrm[:, 2], colour, light)
 
 
 def _sample_look(rng: np.random.Generator) -> dict:
   """Colours and lighting of one sample."""
-  skin = np.clip(backgrounds.SKIN_TONES[rng.integers(7)] * rng.uniform(0.85, 1.1)
-                 + rng.normal(0, 8, 3), 0, 255)
+  skin = np.clip(
+    backgrounds.SKIN_TONES[rng.integers(7)] * rng.uniform(0.85, 1.1) + rng.normal(0, 8, 3), 0, 255
+  )
   tint = rng.uniform(0.25, 0.55)
   fingers = (1 - tint) * skin + tint * FINGER_TINTS
   palm = np.clip(skin * rng.uniform(0.92, 1.05, 3), 0, 255)
@@ -185,54 +189,82 @@ def _sample_look(rng: np.random.Generator) -> dict:
   d = d / np.linalg.norm(d)
   half = d + np.array([0.0, 0.0, -1.0])  # Blinn half-vector, viewer along -z
   return dict(
-      fingers=fingers, palm=palm, sleeve=sleeve,
-      forearm=rng.uniform() < 0.75, forearm_len=rng.uniform(0.08, 0.2),
-      light=dict(dir=d, half=half / np.linalg.norm(half),
-                 ambient=rng.uniform(0.3, 0.5), diffuse=rng.uniform(0.45, 0.75),
-                 specular=rng.uniform(0.0, 0.15)))
+    fingers=fingers,
+    palm=palm,
+    sleeve=sleeve,
+    forearm=rng.uniform() < 0.75,
+    forearm_len=rng.uniform(0.08, 0.2),
+    light=dict(
+      dir=d,
+      half=half / np.linalg.norm(half),
+      ambient=rng.uniform(0.3, 0.5),
+      diffuse=rng.uniform(0.45, 0.75),
+      specular=rng.uniform(0.0, 0.15),
+    ),
+  )
 
 
 def _primitives(hand: dict, kp: np.ndarray, look: dict):
   """Hand-frame primitives: capsules (P0, P1, R0, R1, colour, is_forearm)
   and polygons (V, colour)."""
-  s = hand['size']
+  s = hand["size"]
   caps, polys = [], []
   for f in range(5):
     chain = hm.ait_chain(f)
-    radii = hand['radii'][f]
+    radii = hand["radii"][f]
     for k in range(3):
       a, b = kp[chain[k]], kp[chain[k + 1]]
       if k == 2:  # the tip keypoint is on the surface: end the axis inside
         d = b - a
         b = b - radii[3] * d / np.linalg.norm(d)
-      caps.append((a, b, radii[k], radii[k + 1], look['fingers'][f], False))
-  palm = look['palm']
+      caps.append((a, b, radii[k], radii[k + 1], look["fingers"][f], False))
+  palm = look["palm"]
   # The palm is a slab: two copies of its outline (front and back faces),
   # tangent to metacarpal capsules that round its sides when seen edge-on.
   h = 0.0105 * s
   for f in range(1, 5):
-    base = np.array([hand['mcp'][f][0] * 0.5, 0.012 * s, 0.0])
+    base = np.array([hand["mcp"][f][0] * 0.5, 0.012 * s, 0.0])
     caps.append((base, kp[1 + f], h, h, palm, False))
   thenar_end = 0.5 * (kp[1] + kp[6])
-  caps.append((np.array([0.008, 0.012, 0.002]) * s, thenar_end, 0.013 * s,
-               hand['radii'][0][0], palm, False))
-  caps.append((np.array([-0.022, 0.014, 0.0]) * s,
-               np.array([-0.031, 0.058, 0.0]) * s, h, h, palm, False))
-  outline = np.array([
-      [-0.024, 0.0], [0.020, 0.0], [0.026, 0.030], [0.028, 0.068],
-      [0.022, 0.0845], [0.0, 0.087], [-0.019, 0.082], [-0.0365, 0.0735],
-      [-0.040, 0.060], [-0.034, 0.025],
-  ]) * s
-  outline[4:8] = hand['mcp'][1:5, :2]  # snap to the actual (jittered) MCPs
+  caps.append(
+    (np.array([0.008, 0.012, 0.002]) * s, thenar_end, 0.013 * s, hand["radii"][0][0], palm, False)
+  )
+  caps.append(
+    (np.array([-0.022, 0.014, 0.0]) * s, np.array([-0.031, 0.058, 0.0]) * s, h, h, palm, False)
+  )
+  outline = (
+    np.array(
+      [
+        [-0.024, 0.0],
+        [0.020, 0.0],
+        [0.026, 0.030],
+        [0.028, 0.068],
+        [0.022, 0.0845],
+        [0.0, 0.087],
+        [-0.019, 0.082],
+        [-0.0365, 0.0735],
+        [-0.040, 0.060],
+        [-0.034, 0.025],
+      ]
+    )
+    * s
+  )
+  outline[4:8] = hand["mcp"][1:5, :2]  # snap to the actual (jittered) MCPs
   for z in (h * 1.01, -h * 1.01):
-    polys.append((np.concatenate([outline, np.full((len(outline), 1), z)], 1),
-                  palm))
-  if look['forearm']:
+    polys.append((np.concatenate([outline, np.full((len(outline), 1), z)], 1), palm))
+  if look["forearm"]:
     # Forearm along -y; shortened when it points at the camera so that it
     # cannot swallow the image.
-    caps.append((np.array([0.0, 0.004, 0.0]) * s,
-                 np.array([0.0, -look['forearm_len'], 0.0]),
-                 0.020 * s, 0.024 * s, look['sleeve'], True))
+    caps.append(
+      (
+        np.array([0.0, 0.004, 0.0]) * s,
+        np.array([0.0, -look["forearm_len"], 0.0]),
+        0.020 * s,
+        0.024 * s,
+        look["sleeve"],
+        True,
+      )
+    )
   return caps, polys
 
 
@@ -247,14 +279,20 @@ def _box_down(a: np.ndarray, ss: int) -> np.ndarray:
 
 
 def _joint_radii(hand: dict) -> np.ndarray:
-  r = np.full(21, 0.02 * hand['size'])
+  r = np.full(21, 0.02 * hand["size"])
   for f in range(5):
-    r[hm.ait_chain(f)] = hand['radii'][f]
+    r[hm.ait_chain(f)] = hand["radii"][f]
   return r
 
 
-def render_sample(seed_or_rng, image_size: int, *, draw_hand: bool = True,
-                  supersample: int = 2, max_roll_deg: float = 180.0) -> dict:
+def render_sample(
+  seed_or_rng,
+  image_size: int,
+  *,
+  draw_hand: bool = True,
+  supersample: int = 2,
+  max_roll_deg: float = 180.0,
+) -> dict:
   """Renders one synthetic hand image with its labels.
 
   Args:
@@ -283,8 +321,7 @@ def render_sample(seed_or_rng, image_size: int, *, draw_hand: bool = True,
   hand = hm.sample_hand(pose_rng)
   kp_hand = hm.forward_kinematics(hand)
   K = hm.random_intrinsics(pose_rng, image_size)
-  R, t = hm.place_in_camera(pose_rng, kp_hand, K, image_size,
-                            max_roll_deg=max_roll_deg)
+  R, t = hm.place_in_camera(pose_rng, kp_hand, K, image_size, max_roll_deg=max_roll_deg)
   kp3d = kp_hand @ R.T + t
   look = _sample_look(look_rng)
   bg = backgrounds.random_background(bg_rng, image_size)
@@ -310,13 +347,12 @@ def render_sample(seed_or_rng, image_size: int, *, draw_hand: bool = True,
     rad = K[0, 0] * np.concatenate([R0, R1]).max() / pts[:, 2].min()
     x0, y0 = np.clip(np.floor(uv.min(0) - rad - 1).astype(int), 0, n - 1)
     x1, y1 = np.clip(np.ceil(uv.max(0) + rad + 1).astype(int), 0, n - 1)
-    cv = _Canvas(K, ss, (x0 * ss, y0 * ss),
-                 ((y1 - y0 + 1) * ss, (x1 - x0 + 1) * ss))
+    cv = _Canvas(K, ss, (x0 * ss, y0 * ss), ((y1 - y0 + 1) * ss, (x1 - x0 + 1) * ss))
     # Polygons first: the z-test is strict, so they win ties with the
     # capsules they are tangent to.
     for V, colour in polys:
-      _draw_polygon(cv, V, colour, look['light'], dome=14 / hand['size'])
-    _draw_capsules(cv, P0, P1, R0, R1, colours, look['light'])
+      _draw_polygon(cv, V, colour, look["light"], dome=14 / hand["size"])
+    _draw_capsules(cv, P0, P1, R0, R1, colours, look["light"])
 
     # Visibility: the nearest surface at the joint's pixel is its own.
     q = np.round(cv.to_px(kp3d)).astype(int)
@@ -325,10 +361,10 @@ def render_sample(seed_or_rng, image_size: int, *, draw_hand: bool = True,
 
     cover = _box_down(np.isfinite(cv.z).astype(np.float32), ss)
     colour = _box_down(cv.rgb.astype(np.float32), ss)  # premultiplied
-    win = img[y0:y1 + 1, x0:x1 + 1]
+    win = img[y0 : y1 + 1, x0 : x1 + 1]
     win *= 1 - cover[..., None]
     win += colour
-    mask[y0:y1 + 1, x0:x1 + 1] = cover > 0.5
+    mask[y0 : y1 + 1, x0 : x1 + 1] = cover > 0.5
 
   sigma = noise_rng.uniform(0, 5)
   img += noise_rng.standard_normal(img.shape, dtype=np.float32) * sigma
@@ -336,16 +372,17 @@ def render_sample(seed_or_rng, image_size: int, *, draw_hand: bool = True,
   np.clip(img, 0, 255, out=img)
   img = (img + 0.5).astype(np.uint8)  # round half up (img >= 0)
   if blur > 0:
-    img = np.asarray(PIL.Image.fromarray(img).filter(
-        PIL.ImageFilter.GaussianBlur(blur * image_size / 128)))
+    img = np.asarray(
+      PIL.Image.fromarray(img).filter(PIL.ImageFilter.GaussianBlur(blur * image_size / 128))
+    )
 
   kp2d = hm.project(kp3d, K)
   return dict(
-      image=img,
-      K=K.astype(np.float32),
-      keypoints_3d=kp3d.astype(np.float32),
-      keypoints_2d=kp2d.astype(np.float32),
-      scale=np.float32(np.linalg.norm(kp3d[3] - kp3d[8])),
-      mask=mask,
-      visible=visible,
+    image=img,
+    K=K.astype(np.float32),
+    keypoints_3d=kp3d.astype(np.float32),
+    keypoints_2d=kp2d.astype(np.float32),
+    scale=np.float32(np.linalg.norm(kp3d[3] - kp3d[8])),
+    mask=mask,
+    visible=visible,
   )

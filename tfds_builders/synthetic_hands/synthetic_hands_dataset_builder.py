@@ -43,20 +43,22 @@ from peclr_jax import joints
 from tfds_builders import hand_builder
 from tfds_builders.synthetic_hands import render
 
-SPLIT_IDS = {'train': 0, 'validation': 1, 'evaluation': 2}
+SPLIT_IDS = {"train": 0, "validation": 1, "evaluation": 2}
 # Splits at least this large are rendered by a process pool (only `full`'s
 # train split by default: smaller ones build fast enough serially).
 PARALLEL_MIN_EXAMPLES = 10000
 
 _DESCRIPTION = (
-    'Procedurally rendered right hands (kinematic 21-joint model with joint '
-    'limits, shaded capsules, random textured backgrounds, FreiHAND-like '
-    'camera) with exact 3D keypoints in AIT order. Deterministic per example.')
+  "Procedurally rendered right hands (kinematic 21-joint model with joint "
+  "limits, shaded capsules, random textured backgrounds, FreiHAND-like "
+  "camera) with exact 3D keypoints in AIT order. Deterministic per example."
+)
 
 
 @dataclasses.dataclass(eq=False)
 class SyntheticHandsConfig(tfds.core.BuilderConfig):
   """Image size, split sizes and seed of a synthetic-hands dataset."""
+
   image_size: int = 128
   num_train: int = 4000
   num_validation: int = 500
@@ -70,8 +72,7 @@ class SyntheticHandsConfig(tfds.core.BuilderConfig):
   @property
   def render_values(self) -> tuple:
     """What `make_example` needs (a picklable tuple for the process pool)."""
-    return (self.seed, self.image_size, self.jpeg_quality, self.supersample,
-            self.max_roll_deg)
+    return (self.seed, self.image_size, self.jpeg_quality, self.supersample, self.max_roll_deg)
 
 
 def example_seed(seed: int, split: str, index: int) -> np.random.SeedSequence:
@@ -88,42 +89,46 @@ def make_example(config_values: tuple, split: str, index: int) -> dict:
     index: example index within the split.
   """
   seed, image_size, quality, supersample, max_roll_deg = config_values
-  s = render.render_sample(example_seed(seed, split, index), image_size,
-                           supersample=supersample, max_roll_deg=max_roll_deg)
+  s = render.render_sample(
+    example_seed(seed, split, index), image_size, supersample=supersample, max_roll_deg=max_roll_deg
+  )
   buf = io.BytesIO()
   # 4:4:4 (no chroma subsampling): per-finger colours and colour noise on
   # small images survive; halves the error of PIL's default 4:2:0 here.
-  PIL.Image.fromarray(s['image']).save(buf, format='JPEG', quality=quality,
-                                       subsampling=0)
+  PIL.Image.fromarray(s["image"]).save(buf, format="JPEG", quality=quality, subsampling=0)
   return {
-      'image': buf.getvalue(),
-      'K': s['K'],
-      'keypoints_3d': s['keypoints_3d'],
-      'keypoints_2d': s['keypoints_2d'],
-      'scale': s['scale'],
-      'valid': np.ones(joints.NUM_JOINTS, np.bool_),
-      'sample_id': np.int64(index),
-      'version': np.int32(0),
+    "image": buf.getvalue(),
+    "K": s["K"],
+    "keypoints_3d": s["keypoints_3d"],
+    "keypoints_2d": s["keypoints_2d"],
+    "scale": s["scale"],
+    "valid": np.ones(joints.NUM_JOINTS, np.bool_),
+    "sample_id": np.int64(index),
+    "version": np.int32(0),
   }
 
 
-def _make_chunk(config_values: tuple, split: str, start: int,
-                stop: int) -> list[tuple[int, dict]]:
+def _make_chunk(config_values: tuple, split: str, start: int, stop: int) -> list[tuple[int, dict]]:
   return [(i, make_example(config_values, split, i)) for i in range(start, stop)]
 
 
 def num_workers() -> int:
   """Worker processes for large splits (env SYNTHETIC_HANDS_WORKERS)."""
-  env = os.environ.get('SYNTHETIC_HANDS_WORKERS')
+  env = os.environ.get("SYNTHETIC_HANDS_WORKERS")
   if env:
     return max(1, int(env))
   return max(1, min(os.cpu_count() or 1, 8))
 
 
-def generate(config_values: tuple, split: str, num: int, *,
-             workers: int | None = None,
-             min_parallel: int = PARALLEL_MIN_EXAMPLES,
-             chunk: int = 64) -> Iterator[tuple[int, dict]]:
+def generate(
+  config_values: tuple,
+  split: str,
+  num: int,
+  *,
+  workers: int | None = None,
+  min_parallel: int = PARALLEL_MIN_EXAMPLES,
+  chunk: int = 64,
+) -> Iterator[tuple[int, dict]]:
   """Yields `(i, make_example(config_values, split, i))` for i < num, in order.
 
   Splits of at least `min_parallel` examples are rendered by a process pool
@@ -139,11 +144,12 @@ def generate(config_values: tuple, split: str, num: int, *,
     for i in range(num):
       yield i, make_example(config_values, split, i)
     return
-  ctx = multiprocessing.get_context('spawn')
+  ctx = multiprocessing.get_context("spawn")
   starts = iter(range(0, num, chunk))
   with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-    submit = lambda start: pool.submit(_make_chunk, config_values, split,
-                                       start, min(start + chunk, num))
+    submit = lambda start: pool.submit(
+      _make_chunk, config_values, split, start, min(start + chunk, num)
+    )
     # Bounded look-ahead (memory): 4 chunks per worker in flight.
     pending = [submit(start) for _, start in zip(range(4 * workers), starts)]
     while pending:
@@ -156,37 +162,60 @@ def generate(config_values: tuple, split: str, num: int, *,
 class Builder(tfds.core.GeneratorBasedBuilder):
   """Procedural synthetic hands (no download)."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = [
-      SyntheticHandsConfig(
-          name='small', image_size=64, num_train=32, num_validation=8,
-          num_evaluation=8, description='Tiny, for tests: 64 px, 32/8/8.'),
-      SyntheticHandsConfig(
-          name='demo', image_size=128, num_train=4000, num_validation=500,
-          num_evaluation=500,
-          description='CPU demo: 128 px, 4000/500/500.'),
-      SyntheticHandsConfig(
-          name='full', image_size=224, num_train=50000, num_validation=2000,
-          num_evaluation=4000,
-          description='FreiHAND-sized images: 224 px, 50000/2000/4000.'),
-      # Hands within 60 degrees of upright, as in real hand datasets. With any
-      # roll (and palm/back flips) the mean pose is a point, and a small
-      # model trained on few images learns little more than that mean.
-      SyntheticHandsConfig(
-          name='demo_upright', image_size=128, num_train=4000,
-          num_validation=500, num_evaluation=500, max_roll_deg=60.0,
-          description='As demo, hands within 60 degrees of upright.'),
-      SyntheticHandsConfig(
-          name='full_upright', image_size=224, num_train=50000,
-          num_validation=2000, num_evaluation=4000, max_roll_deg=60.0,
-          description='As full, hands within 60 degrees of upright.'),
+    SyntheticHandsConfig(
+      name="small",
+      image_size=64,
+      num_train=32,
+      num_validation=8,
+      num_evaluation=8,
+      description="Tiny, for tests: 64 px, 32/8/8.",
+    ),
+    SyntheticHandsConfig(
+      name="demo",
+      image_size=128,
+      num_train=4000,
+      num_validation=500,
+      num_evaluation=500,
+      description="CPU demo: 128 px, 4000/500/500.",
+    ),
+    SyntheticHandsConfig(
+      name="full",
+      image_size=224,
+      num_train=50000,
+      num_validation=2000,
+      num_evaluation=4000,
+      description="FreiHAND-sized images: 224 px, 50000/2000/4000.",
+    ),
+    # Hands within 60 degrees of upright, as in real hand datasets. With any
+    # roll (and palm/back flips) the mean pose is a point, and a small
+    # model trained on few images learns little more than that mean.
+    SyntheticHandsConfig(
+      name="demo_upright",
+      image_size=128,
+      num_train=4000,
+      num_validation=500,
+      num_evaluation=500,
+      max_roll_deg=60.0,
+      description="As demo, hands within 60 degrees of upright.",
+    ),
+    SyntheticHandsConfig(
+      name="full_upright",
+      image_size=224,
+      num_train=50000,
+      num_validation=2000,
+      num_evaluation=4000,
+      max_roll_deg=60.0,
+      description="As full, hands within 60 degrees of upright.",
+    ),
   ]
-  DEFAULT_CONFIG_NAME = 'demo'
+  DEFAULT_CONFIG_NAME = "demo"
 
   def __init__(self, *, file_format: str | None = None, **kwargs):
     # TFDS defaults to tfrecord, which needs TensorFlow to write and read.
-    super().__init__(file_format=file_format or 'array_record', **kwargs)
+    super().__init__(file_format=file_format or "array_record", **kwargs)
 
   @py_utils.classproperty
   @classmethod
@@ -201,24 +230,29 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     # DatasetInfo directly (not dataset_info_from_configs, which looks for
     # package resources), as the freihand builder does.
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=_DESCRIPTION,
-        features=hand_builder.hand_features(),
-        metadata=tfds.core.MetadataDict(),
+      builder=self,
+      description=_DESCRIPTION,
+      features=hand_builder.hand_features(),
+      metadata=tfds.core.MetadataDict(),
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     del dl_manager  # nothing to download
     cfg = self.builder_config
     values = cfg.render_values
-    sizes = {'train': cfg.num_train, 'validation': cfg.num_validation,
-             'evaluation': cfg.num_evaluation}
+    sizes = {
+      "train": cfg.num_train,
+      "validation": cfg.num_validation,
+      "evaluation": cfg.num_evaluation,
+    }
     # Nothing is ever skipped (protocol of peclr_jax/data.py).
-    self.info.metadata['skipped'] = {s: {} for s in sizes if sizes[s] > 0}
+    self.info.metadata["skipped"] = {s: {} for s in sizes if sizes[s] > 0}
     return {
-        split: hand_builder.SizedExamples(
-            lambda split=split, num=num: generate(values, split, num), num)
-        for split, num in sizes.items() if num > 0
+      split: hand_builder.SizedExamples(
+        lambda split=split, num=num: generate(values, split, num), num
+      )
+      for split, num in sizes.items()
+      if num > 0
     }
 
   def _generate_examples(self, split: str, num: int):
