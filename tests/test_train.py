@@ -299,20 +299,28 @@ def test_cli_bad_config_is_one_line(tmp_path, args, message):
   assert not workdir.exists()
 
 
-def test_cli_pretrains_end_to_end(synthetic_data_dir, tmp_path):
+def test_cli_pretrains_end_to_end_and_refuses_another_model(synthetic_data_dir, tmp_path):
   workdir = str(tmp_path / "cli")
-  result = run_cli(
+  common = [
     "--config=configs/peclr.py:runlocal",
     f"--workdir={workdir}",
     f"--config.data.data_dir={synthetic_data_dir}",
     "--config.num_train_steps=2",
-  )
+  ]
+  result = run_cli(*common)
   assert result.returncode == 0, result.stderr[-3000:]
   rows = metrics_log.read_metrics(workdir)
   assert [r["step"] for r in rows if "train_loss" in r] == [1, 2]
   assert all(np.isfinite(r["train_loss"]) for r in rows if "train_loss" in r)
   assert checkpoints.read_meta(workdir)["backbone"] == "resnet_tiny"
   assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.*"))
+
+  # The same workdir with another model is refused by the stored metadata,
+  # and nothing already written is lost.
+  result = run_cli(*common, "--config.model.backbone=resnet18")
+  assert result.returncode == 1
+  assert "backbone='resnet_tiny'" in result.stderr, result.stderr[-2000:]
+  assert checkpoints.read_meta(workdir)["backbone"] == "resnet_tiny"
 
 
 def test_cli_config_typo_fails_naming_the_key(tmp_path):
@@ -321,23 +329,6 @@ def test_cli_config_typo_fails_naming_the_key(tmp_path):
   )
   assert result.returncode != 0
   assert "bsae_lr" in result.stderr
-
-
-def test_cli_refuses_workdir_of_another_model(synthetic_data_dir, tmp_path):
-  workdir = str(tmp_path / "w")
-  common = [
-    f"--workdir={workdir}",
-    f"--config.data.data_dir={synthetic_data_dir}",
-    "--config.num_train_steps=1",
-  ]
-  assert run_cli("--config=configs/peclr.py:runlocal", *common).returncode == 0
-  result = run_cli(
-    "--config=configs/peclr.py:runlocal", *common, "--config.model.backbone=resnet18"
-  )
-  assert result.returncode == 1
-  assert "backbone='resnet_tiny'" in result.stderr, result.stderr[-2000:]
-  # Nothing already written is lost.
-  assert checkpoints.read_meta(workdir)["backbone"] == "resnet_tiny"
 
 
 def test_non_finite_loss_stops_with_a_message(synthetic_data_dir, tmp_path):
