@@ -33,6 +33,7 @@ from peclr_jax import (
   evaluate_mode,
   finetune,
   input_pipeline,
+  metrics_log,
   pretrain,
   visualize,
 )
@@ -145,7 +146,7 @@ def format_table(rows: list[dict], constant: dict[str, dict]) -> str:
 
 def _plots(config, workdir, runs, rows, constant):
   first = {
-    r["method"]: r["finetune_dir"]
+    r["method"]: metrics_log.read_metrics(r["finetune_dir"])
     for r in runs
     if r["labels"] == config.label_fractions[0] and r["seed"] == config.seeds[0]
   }

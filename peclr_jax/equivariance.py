@@ -15,10 +15,12 @@ similarity of the two views' projections as they are ("before") and after
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from peclr_jax import augment, losses
@@ -105,3 +107,42 @@ def format_table(rows: dict[str, dict[str, dict[str, float]]]) -> str:
       f"{name:<10}" + "".join(f" {m[t]['before']:>16.3f} {m[t]['after']:>6.3f}" for t in TRANSFORMS)
     )
   return "\n".join(lines)
+
+
+def latent_points(z, params: Mapping[str, Any] | None = None, **undo_kwargs) -> np.ndarray:
+  """A projection as D/2 points in 2-D, optionally after undoing its view.
+
+  Args:
+      z: [D] (or [1, D]) projection.
+      params: the view's parameters; None gives the L2-normalised points
+          before inversion.
+      **undo_kwargs: ``invert`` / ``translation_mode`` for
+          :func:`peclr_jax.losses.undo_transforms`.
+
+  Returns:
+      [D/2, 2] float64 points.
+  """
+  z = np.asarray(z, np.float32).reshape(1, -1)
+  if params is None:
+    out = losses.l2_normalize(z)
+  else:
+    out = losses.undo_transforms(
+      z,
+      np.asarray(params["rotation"], np.float32).reshape(1),
+      np.asarray(params["scale"], np.float32).reshape(1),
+      np.asarray(params["translation"], np.float32).reshape(1, 2),
+      **undo_kwargs,
+    )
+  return np.asarray(out, np.float64).reshape(-1, 2)
+
+
+def latent_pair(z1, z2, params1, params2, **undo_kwargs) -> dict:
+  """Two views' latent points before and after undoing their transforms,
+  for `visualize.plot_latent_pair`: {'before': (p1, p2), 'after': (p1, p2)}."""
+  return {
+    "before": (latent_points(z1), latent_points(z2)),
+    "after": (
+      latent_points(z1, params1, **undo_kwargs),
+      latent_points(z2, params2, **undo_kwargs),
+    ),
+  }

@@ -5,8 +5,11 @@ predictions.png (predictions against ground truth) and, when asked, the
 leaderboard's pred.zip; prints a table.
 """
 
+import csv
 import json
 import os
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -18,6 +21,7 @@ from peclr_jax import (
   evaluate,
   geometry,
   input_pipeline,
+  joints,
   models,
   predict,
   visualize,
@@ -104,7 +108,7 @@ def _write_metrics(metrics, workdir, meta, path):
   as_json["checkpoint_meta"] = meta
   with open(os.path.join(workdir, "metrics.json"), "w") as f:
     json.dump(as_json, f, indent=1)
-  visualize.write_metrics_csv(metrics, os.path.join(workdir, "per_keypoint.csv"))
+  write_metrics_csv(metrics, os.path.join(workdir, "per_keypoint.csv"))
   visualize.plot_pck_curve(metrics, os.path.join(workdir, "pck.png"))
 
 
@@ -112,3 +116,42 @@ def format_metrics(metrics) -> str:
   head = " ".join(f"{k:>10}" for k in evaluate.SUMMARY_KEYS)
   row = " ".join(f"{float(metrics[k]):>10.3f}" for k in evaluate.SUMMARY_KEYS)
   return f"{head}\n{row}   ({int(metrics['num_samples'])} samples)"
+
+
+def write_metrics_csv(
+  metrics: Mapping[str, Any], path: str, joint_names: Sequence[str] | None = None
+) -> str:
+  """Per-keypoint metrics as CSV, one row per joint plus a final 'mean' row.
+
+  Columns: index, joint, epe_cm, pa_epe_cm, auc, pa_auc (AUC columns only
+  when the metrics hold per-keypoint AUCs).
+
+  Args:
+      metrics: a dict from :func:`peclr_jax.evaluate.keypoint_metrics`.
+      path: output CSV.
+      joint_names: names in the metrics' joint order; default FreiHAND
+          order (the evaluation's order) for 21 joints, else ``joint_<i>``.
+
+  Returns:
+      ``path``.
+  """
+  epe = np.asarray(metrics["per_keypoint_epe_cm"], np.float64)
+  pa_epe = np.asarray(metrics["per_keypoint_pa_epe_cm"], np.float64)
+  if joint_names is None:
+    joint_names = (
+      joints.FREIHAND_NAMES if len(epe) == 21 else [f"joint_{i}" for i in range(len(epe))]
+    )
+  if len(joint_names) != len(epe):
+    raise ValueError(f"{len(joint_names)} joint names for {len(epe)} keypoints")
+  columns = [("epe_cm", epe), ("pa_epe_cm", pa_epe)]
+  for key, name in (("per_keypoint_auc", "auc"), ("per_keypoint_pa_auc", "pa_auc")):
+    if key in metrics:
+      columns.append((name, np.asarray(metrics[key], np.float64)))
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["index", "joint"] + [name for name, _ in columns])
+    for i, joint in enumerate(joint_names):
+      writer.writerow([i, joint] + [f"{values[i]:.6f}" for _, values in columns])
+    writer.writerow(["", "mean"] + [f"{values.mean():.6f}" for _, values in columns])
+  return path

@@ -11,7 +11,6 @@ drawing so one skeleton definition serves both.
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -21,7 +20,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from peclr_jax import geometry, joints
+from peclr_jax import geometry
 from peclr_jax.crops import IMAGENET_MEAN, IMAGENET_STD
 
 #: One colour per finger (thumb..pinky); the wrist is drawn in black.
@@ -380,65 +379,32 @@ def plot_view_pair(
   return _save(fig, path)
 
 
-def latent_points(z, params: Mapping[str, Any] | None = None, **undo_kwargs) -> np.ndarray:
-  """A projection as D/2 points in 2-D, optionally after undoing its view.
-
-  Args:
-      z: [D] (or [1, D]) projection.
-      params: the view's parameters; None gives the L2-normalised points
-          before inversion.
-      **undo_kwargs: ``invert`` / ``translation_mode`` for
-          :func:`peclr_jax.losses.undo_transforms`.
-
-  Returns:
-      [D/2, 2] float64 points.
-  """
-  from peclr_jax import losses  # pylint: disable=g-import-not-at-top
-
-  z = np.asarray(z, np.float32).reshape(1, -1)
-  if params is None:
-    out = losses.l2_normalize(z)
-  else:
-    out = losses.undo_transforms(
-      z,
-      np.asarray(params["rotation"], np.float32).reshape(1),
-      np.asarray(params["scale"], np.float32).reshape(1),
-      np.asarray(params["translation"], np.float32).reshape(1, 2),
-      **undo_kwargs,
-    )
-  return np.asarray(out, np.float64).reshape(-1, 2)
-
-
 def plot_latent_pair(
-  z1,
-  z2,
+  points: Mapping[str, Any],
   params1: Mapping[str, Any],
   params2: Mapping[str, Any],
   path: str,
   *,
   title: str | None = None,
-  **undo_kwargs,
 ) -> str:
   """The latent points of two views before and after ``undo_transforms``.
 
   Left: the L2-normalised projections as D/2 (64 for D = 128) 2-D points;
   right: after each view's transform is undone. Grey lines join
   corresponding points of the two views; the titles give the cosine
-  similarity of the two 128-d vectors.
+  similarity of the two D-dimensional vectors.
 
   Args:
-      z1, z2: [D] projections of the two views.
-      params1, params2: their transform parameters (see :func:`plot_view_pair`).
+      points: ``equivariance.latent_pair(...)``: {'before': (p1, p2),
+          'after': (p1, p2)}, each [D/2, 2].
+      params1, params2: the views' transform parameters, for the legend.
       path: output PNG.
       title: optional figure title.
-      **undo_kwargs: ``invert`` / ``translation_mode`` forwarded to
-          :func:`peclr_jax.losses.undo_transforms`.
 
   Returns:
       ``path``.
   """
-  before = (latent_points(z1), latent_points(z2))
-  after = (latent_points(z1, params1, **undo_kwargs), latent_points(z2, params2, **undo_kwargs))
+  before, after = points["before"], points["after"]
   fig = _new_figure(9, 4.5)
   for i, (name, (p1, p2)) in enumerate(
     (("before inversion", before), ("after undo_transforms", after))
@@ -508,61 +474,22 @@ def plot_pck_curve(metrics: Mapping[str, Any], path: str, *, title: str | None =
   return _save(fig, path)
 
 
-def write_metrics_csv(
-  metrics: Mapping[str, Any], path: str, joint_names: Sequence[str] | None = None
-) -> str:
-  """Per-keypoint metrics as CSV, one row per joint plus a final 'mean' row.
-
-  Columns: index, joint, epe_cm, pa_epe_cm, auc, pa_auc (AUC columns only
-  when the metrics hold per-keypoint AUCs).
-
-  Args:
-      metrics: a dict from :func:`peclr_jax.evaluate.keypoint_metrics`.
-      path: output CSV.
-      joint_names: names in the metrics' joint order; default FreiHAND
-          order (the evaluation's order) for 21 joints, else ``joint_<i>``.
-
-  Returns:
-      ``path``.
-  """
-  epe = np.asarray(metrics["per_keypoint_epe_cm"], np.float64)
-  pa_epe = np.asarray(metrics["per_keypoint_pa_epe_cm"], np.float64)
-  if joint_names is None:
-    joint_names = (
-      joints.FREIHAND_NAMES if len(epe) == 21 else [f"joint_{i}" for i in range(len(epe))]
-    )
-  if len(joint_names) != len(epe):
-    raise ValueError(f"{len(joint_names)} joint names for {len(epe)} keypoints")
-  columns = [("epe_cm", epe), ("pa_epe_cm", pa_epe)]
-  for key, name in (("per_keypoint_auc", "auc"), ("per_keypoint_pa_auc", "pa_auc")):
-    if key in metrics:
-      columns.append((name, np.asarray(metrics[key], np.float64)))
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(["index", "joint"] + [name for name, _ in columns])
-    for i, joint in enumerate(joint_names):
-      writer.writerow([i, joint] + [f"{values[i]:.6f}" for _, values in columns])
-    writer.writerow(["", "mean"] + [f"{values.mean():.6f}" for _, values in columns])
-  return path
-
-
 def plot_training_curves(
-  workdirs: Mapping[str, str], path: str, keys: Sequence[str] = ("train_loss",)
+  runs: Mapping[str, Sequence[Mapping[str, Any]]],
+  path: str,
+  keys: Sequence[str] = ("train_loss",),
 ) -> str:
-  """One panel per metric, one line per run, from the runs' metrics.jsonl.
+  """One panel per metric, one line per run.
 
   Args:
-    workdirs: {label: workdir} of runs written by `training.fit`.
+    runs: {label: rows}, rows as `metrics_log.read_metrics(workdir)` returns.
     path: output PNG.
     keys: metric names; rows without a key are skipped for that panel.
 
   Returns:
     ``path``.
   """
-  from peclr_jax import metrics_log  # pylint: disable=g-import-not-at-top
-
-  rows = {label: metrics_log.read_metrics(w) for label, w in workdirs.items()}
+  rows = runs
   fig = _new_figure(4.2 * len(keys), 3.2)
   for i, key in enumerate(keys):
     ax = fig.add_subplot(1, len(keys), i + 1)

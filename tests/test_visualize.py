@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from peclr_jax import evaluate, joints, visualize
+from peclr_jax import equivariance, evaluate, evaluate_mode, joints, metrics_log, visualize
 
 
 def _assert_png(path):
@@ -105,17 +105,19 @@ def test_latent_pair(tmp_path):
   z1, z2 = rng.normal(size=(2, 128)).astype(np.float32)
   p1 = {"rotation": 40.0, "scale": 1.2, "translation": np.array([0.1, 0.0])}
   p2 = {"rotation": -10.0, "scale": 0.9, "translation": np.array([0.0, -0.05])}
-  before = visualize.latent_points(z1)
+  before = equivariance.latent_points(z1)
   assert before.shape == (64, 2)
   assert np.sum(before**2) == pytest.approx(1.0, rel=1e-5)
-  after = visualize.latent_points(z1, p1, invert=("rotate",))
+  after = equivariance.latent_points(z1, p1, invert=("rotate",))
   # Rotation-only inversion keeps the centroid and turns the offsets by -40 deg.
   c = before.mean(0)
   phi = np.deg2rad(-40.0)
   rot = np.array([[np.cos(phi), np.sin(phi)], [-np.sin(phi), np.cos(phi)]])
   expected = c + (before - c) @ rot.T
   np.testing.assert_allclose(after, expected / np.linalg.norm(expected), atol=1e-5)
-  _assert_png(visualize.plot_latent_pair(z1, z2, p1, p2, str(tmp_path / "latent.png")))
+  points = equivariance.latent_pair(z1, z2, p1, p2)
+  assert np.array_equal(points["before"][0], before)
+  _assert_png(visualize.plot_latent_pair(points, p1, p2, str(tmp_path / "latent.png")))
 
 
 def test_pck_curve_and_csv(tmp_path):
@@ -124,7 +126,7 @@ def test_pck_curve_and_csv(tmp_path):
   pred = gt + rng.normal(scale=0.01, size=(5, 21, 3))
   m = evaluate.keypoint_metrics(pred, gt)
   _assert_png(visualize.plot_pck_curve(m, str(tmp_path / "pck.png")))
-  path = visualize.write_metrics_csv(m, str(tmp_path / "per_kp.csv"))
+  path = evaluate_mode.write_metrics_csv(m, str(tmp_path / "per_kp.csv"))
   with open(path) as f:
     rows = list(csv.reader(f))
   assert rows[0] == ["index", "joint", "epe_cm", "pa_epe_cm", "auc", "pa_auc"]
@@ -146,7 +148,9 @@ def test_plot_training_curves(tmp_path):
       f.write(json.dumps({"step": step, "train_loss": 5.0 / step}) + "\n")
     f.write(json.dumps({"step": 4, "eval_pa_epe_cm": 2.0}) + "\n")
   path = visualize.plot_training_curves(
-    {"a": str(workdir)}, str(tmp_path / "fig" / "c.png"), keys=("train_loss", "eval_pa_epe_cm")
+    {"a": metrics_log.read_metrics(str(workdir))},
+    str(tmp_path / "fig" / "c.png"),
+    keys=("train_loss", "eval_pa_epe_cm"),
   )
   with open(path, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
