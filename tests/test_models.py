@@ -832,7 +832,8 @@ def test_heatmap_keypoint_model_outputs_and_gradients():
   assert model.keypoint_head.stride == 4
   images = jax.random.normal(jax.random.key(0), (3, size, size, 3))
   K = jnp.broadcast_to(models.default_intrinsics(size), (3, 3, 3))
-  out = model(images, K)
+  # Jitted: op-by-op execution of the model and its gradient took ~30 s.
+  out = nnx.jit(lambda m, x, k: m(x, k))(model, images, K)
   assert out["kp2d"].shape == (3, 21, 2) and out["kp3d"].shape == (3, 21, 3)
   # Soft-argmax stays inside the outermost cell centres.
   assert float(out["kp2d"].min()) >= 1.5 and float(out["kp2d"].max()) <= 62.5
@@ -841,7 +842,7 @@ def test_heatmap_keypoint_model_outputs_and_gradients():
   np.testing.assert_allclose(
     out["kp3d"], rays * (out["zrel"] + out["zroot"][:, None])[..., None], rtol=1e-5, atol=1e-5
   )
-  grads = nnx.grad(lambda m: jnp.sum(m(images, K)["kp2d"]))(model)
+  grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(images, K)["kp2d"])))(model)
   stem = grads["backbone"]["conv1"]["kernel"].get_value()
   assert float(jnp.abs(stem).max()) > 0  # the 2D loss reaches the backbone
   with pytest.raises(ValueError, match="head"):
