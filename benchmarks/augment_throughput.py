@@ -48,7 +48,7 @@ def main():
   common.set_xla_flags(single_thread=True)
   import jax  # pylint: disable=g-import-not-at-top
 
-  from peclr_jax import augment  # pylint: disable=g-import-not-at-top
+  from peclr_jax.hands import augment  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(0)
   n = max(args.batch, args.samples)

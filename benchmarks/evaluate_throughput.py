@@ -35,7 +35,8 @@ def main():
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
-  from peclr_jax import evaluate, models, predict  # pylint: disable=g-import-not-at-top
+  from peclr_jax import models, predict  # pylint: disable=g-import-not-at-top
+  from peclr_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
 
   model = models.KeypointModel(
     args.backbone, rngs=nnx.Rngs(0), dtype=models.compute_dtype(args.dtype)

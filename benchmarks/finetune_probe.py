@@ -28,8 +28,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from peclr_jax import augment, datasets, defaults, evaluate_mode, finetune, input_pipeline, models
+from peclr_jax import defaults, models
+from peclr_jax.evaluation import evaluate_mode
+from peclr_jax.hands import augment
+from peclr_jax.inputs import datasets, input_pipeline
 from peclr_jax.models import heads
+from peclr_jax.train import finetune
 
 
 def _recipe(data_dir):

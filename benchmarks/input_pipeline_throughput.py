@@ -4,7 +4,7 @@ Reads a built dataset through `input_pipeline.make_pretrain_iterator` exactly
 as pre-training does (shuffle, repeat, mix, decode JPEG with PIL, one
 fixed-size hand-centred crop, batch) and times whole batches after a warm-up,
 for several thread / core / worker-process settings, from the JPEGs and from
-the pre-cropped store (`peclr_jax.precrop`, built here first if missing;
+the pre-cropped store (`peclr_jax.inputs.precrop`, built here first if missing;
 config.data.precropped=True). Compare with what the step consumes: `pairs`
 source images per step (each gives two views), i.e. half of the step's
 images/s from benchmarks/pretrain_step.py.
@@ -40,10 +40,7 @@ SETTINGS = [
 def measure(args, threads: int, workers: int, path: str) -> dict:
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from peclr_jax import (
-    input_pipeline,  # pylint: disable=g-import-not-at-top
-    precrop,  # pylint: disable=g-import-not-at-top
-  )
+  from peclr_jax.inputs import input_pipeline, precrop
 
   source = input_pipeline.open_source(args.name, args.split, args.data_dir)
   if path == "precropped":
@@ -106,7 +103,7 @@ def main():
     print(json.dumps(measure(args, int(threads), int(workers), path)))
     return
 
-  from peclr_jax import precrop  # pylint: disable=g-import-not-at-top
+  from peclr_jax.inputs import precrop  # pylint: disable=g-import-not-at-top
 
   store = precrop.store_dir(args.data_dir, args.name, args.split, args.source_size)
   if not os.path.exists(os.path.join(store, precrop.META_FILE)):

@@ -133,7 +133,9 @@ def make_jax_step(args, devices=None, info=None):
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
-  from peclr_jax import augment, defaults, finetune, optim, pretrain, sharding, training  # pylint: disable=g-import-not-at-top  # pylint: disable=g-import-not-at-top
+  from peclr_jax import defaults  # pylint: disable=g-import-not-at-top  # pylint: disable=g-import-not-at-top
+  from peclr_jax.hands import augment  # pylint: disable=g-import-not-at-top  # pylint: disable=g-import-not-at-top
+  from peclr_jax.train import finetune, optim, pretrain, sharding, training  # pylint: disable=g-import-not-at-top  # pylint: disable=g-import-not-at-top
 
   finetuning = args.step == "finetune"
   cfg = defaults.finetune_config() if finetuning else defaults.pretrain_config()

@@ -16,8 +16,9 @@ from typing import Any
 import jax
 import ml_collections
 
-from peclr_jax import data, defaults, losses, models
+from peclr_jax import data, defaults, models
 from peclr_jax.models import resnet
+from peclr_jax.train import losses
 
 TRAIN = ("pretrain", "finetune")
 STAGES = ("pretrain", "finetune", "evaluate")
@@ -106,7 +107,7 @@ def _invert(v, c) -> bool:
 
 def _demo_methods():
   # demo imports training, which imports this module.
-  from peclr_jax import demo  # pylint: disable=g-import-not-at-top
+  from peclr_jax.evaluation import demo  # pylint: disable=g-import-not-at-top
 
   return tuple(demo.METHODS)
 

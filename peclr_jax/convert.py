@@ -17,10 +17,10 @@ of blocks per stage). The result is ``<out>/checkpoints/0``:
   ``configs/eval_freihand.py:checkpoint=<out>,backbone=rn50``.
 
 No torch is needed; files are read with a restricted unpickler (see
-``peclr_jax/convert_torch.py``). Exit status 2 on an unreadable, unsafe or
+``peclr_jax/interop/convert_torch.py``). Exit status 2 on an unreadable, unsafe or
 mismatching file, with the reason (and the list of mismatching keys), and on
 an output directory that holds a checkpoint or is in use by a run (its lock,
-``peclr_jax.checkpoints.lock_workdir``).
+``peclr_jax.train.checkpoints.lock_workdir``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import contextlib
 import os
 import sys
 
-from peclr_jax import convert_torch
+from peclr_jax.interop import convert_torch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     help="resnet50 | resnet152 (or rn50, rn152, resnet18, ...); default: inferred from the keys",
   )
   args = parser.parse_args(argv)
-  from peclr_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from peclr_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
 
   created = not os.path.exists(args.out)
   try:

@@ -10,7 +10,7 @@ Command line::
   <name>: freihand | youtube3d_hands | synthetic_hands | hand_crops
 
 `precrop` stores the pipeline's hand crops of a built split as raw arrays
-(`peclr_jax.precrop`; used with config.data.precropped=True).
+(`peclr_jax.inputs.precrop`; used with config.data.precropped=True).
 
 It shows TFDS's per-split progress bars (tqdm, on a terminal) and prints a
 summary: examples per split, skipped examples with reasons, time. Errors are
@@ -142,7 +142,7 @@ def make_builder(
 def _prepare(builder, name: str, manual_dir: str | os.PathLike | None) -> None:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  from peclr_jax import tfds_shuffle  # pylint: disable=g-import-not-at-top
+  from peclr_jax.inputs import tfds_shuffle  # pylint: disable=g-import-not-at-top
 
   instructions = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
   if instructions:
@@ -327,7 +327,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _precrop(args) -> str:
   """Builds the pre-cropped store `args` asks for; returns a summary."""
-  from peclr_jax import precrop  # pylint: disable=g-import-not-at-top
+  from peclr_jax.inputs import precrop  # pylint: disable=g-import-not-at-top
 
   builder = make_builder(args.name, args.data_dir, args.config)
   name = source_name(builder)

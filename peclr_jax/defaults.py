@@ -12,10 +12,10 @@ import ml_collections
 # config.mode -> the function that runs it, "module:function" (main imports
 # only the one it runs, so one mode's imports never slow another's start).
 MODES = {
-  "pretrain": "peclr_jax.pretrain:train_and_evaluate",
-  "finetune": "peclr_jax.finetune:train_and_evaluate",
-  "evaluate": "peclr_jax.evaluate_mode:run",
-  "demo": "peclr_jax.demo:run",
+  "pretrain": "peclr_jax.train.pretrain:train_and_evaluate",
+  "finetune": "peclr_jax.train.finetune:train_and_evaluate",
+  "evaluate": "peclr_jax.evaluation.evaluate_mode:run",
+  "demo": "peclr_jax.evaluation.demo:run",
 }
 
 
@@ -47,7 +47,7 @@ def _data() -> ml_collections.ConfigDict:
 
 
 def _augment() -> ml_collections.ConfigDict:
-  # docs/method.md#views; names match peclr_jax.augment.AugmentConfig.
+  # docs/method.md#views; names match peclr_jax.hands.augment.AugmentConfig.
   return ml_collections.ConfigDict(
     dict(
       out_size=128,

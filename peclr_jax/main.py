@@ -40,7 +40,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from peclr_jax import checkpoints, config_checks, config_files, defaults, preemption
+from peclr_jax import config_checks, config_files, defaults
+from peclr_jax.train import checkpoints, preemption
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(

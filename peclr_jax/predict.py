@@ -12,7 +12,7 @@ Command line::
     python -m peclr_jax.predict --checkpoint <dir> --images <dir or files...> \
         --out preds.json [--viz <outdir>] [--scale 0.03] [--batch-size 16]
 
-The public FreiHAND two-pass test-time crop (:mod:`peclr_jax.evaluate`),
+The public FreiHAND two-pass test-time crop (:mod:`peclr_jax.evaluation.evaluate`),
 then FreiHAND joint order with the wrist as root. docs/predict.md gives the
 procedure, the assumed camera when ``K`` is None, the units, and why
 images of mixed sizes share zero-padded batches.
@@ -35,9 +35,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from peclr_jax import checkpoints, evaluate, models
-from peclr_jax.crops import BOX_FILL, INITIAL_BOX_FRACTION, TEST_CROP_SIZE, initial_box, map_box
+from peclr_jax import models
+from peclr_jax.evaluation import evaluate
+from peclr_jax.hands.crops import (
+  BOX_FILL,
+  INITIAL_BOX_FRACTION,
+  TEST_CROP_SIZE,
+  initial_box,
+  map_box,
+)
 from peclr_jax.models import restore
+from peclr_jax.train import checkpoints
 
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_INPUT_SIZE = TEST_CROP_SIZE
@@ -246,7 +254,7 @@ class Predictor:
         (the directory actually read) set.
 
     Raises:
-        peclr_jax.checkpoints.CheckpointError: no checkpoint, or one of
+        peclr_jax.train.checkpoints.CheckpointError: no checkpoint, or one of
             another kind (e.g. a pre-training checkpoint).
     """
     restored = restore.keypoint_model(path, dtype=dtype)
@@ -520,7 +528,7 @@ def load_image(path: str) -> np.ndarray:
 def decoded_to_original(factor: int) -> np.ndarray:
   """[3, 3] decoded pixels -> full-size pixels for a reduction by factor.
 
-  Pixel centres at integer coordinates (OpenCV, :func:`peclr_jax.augment.warp`):
+  Pixel centres at integer coordinates (OpenCV, :func:`peclr_jax.hands.augment.warp`):
   decoded pixel x averages original pixels f x .. f x + f - 1, so it sits at
   f x + (f - 1) / 2.
   """
@@ -564,7 +572,7 @@ def _write_viz(
 ) -> list[str]:
   from PIL import Image
 
-  from peclr_jax import visualize  # matplotlib only when asked for
+  from peclr_jax.evaluation import visualize  # matplotlib only when asked for
 
   f = _reduction(image.shape[1], image.shape[0], VIZ_PIXELS)
   image = np.asarray(Image.fromarray(image).reduce(f))

@@ -1,4 +1,4 @@
-"""Tests for peclr_jax.augment: geometry against independent NumPy/SciPy
+"""Tests for peclr_jax.hands.augment: geometry against independent NumPy/SciPy
 references, parameter ranges, determinism under jit, colour jitter against
 ``colorsys``, and the optional appearance augmentations."""
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from peclr_jax import augment as A
-from peclr_jax import crops
+from peclr_jax.hands import augment as A
+from peclr_jax.hands import crops
 
 S = 32  # view size used throughout (tiny on purpose)
 MEAN255 = np.round(np.array(A.IMAGENET_MEAN) * 255.0)

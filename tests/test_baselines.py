@@ -3,7 +3,8 @@
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from peclr_jax import baselines, input_pipeline
+from peclr_jax.evaluation import baselines
+from peclr_jax.inputs import input_pipeline
 
 
 def _similar_hands(shape, n, seed):
@@ -63,7 +64,9 @@ def test_oracle_2p5d_through_the_recovery_scores_zero(synthetic_data_dir):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  from peclr_jax import evaluate, finetune, geometry  # pylint: disable=g-import-not-at-top
+  from peclr_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  from peclr_jax.hands import geometry  # pylint: disable=g-import-not-at-top
+  from peclr_jax.train import finetune  # pylint: disable=g-import-not-at-top
 
   source = input_pipeline.open_source("synthetic_hands/small", "evaluation", synthetic_data_dir)
   rows = [source[i] for i in range(len(source))]

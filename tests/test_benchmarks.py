@@ -67,8 +67,10 @@ def test_step_modules_import_without_grain_or_tfds():
   code = (
     "import sys; sys.path.insert(0, 'benchmarks');"
     # The package modules make_jax_step and evaluate_throughput import.
-    "from peclr_jax import augment, defaults, evaluate, finetune, models;"
-    "from peclr_jax import optim, predict, pretrain, sharding, training;"
+    "from peclr_jax import defaults, models, predict;"
+    "from peclr_jax.evaluation import evaluate;"
+    "from peclr_jax.hands import augment;"
+    "from peclr_jax.train import finetune, optim, pretrain, sharding, training;"
     "import accelerator_step, accelerator_suite, evaluate_throughput;"
     "import pretrain_step;"
     "bad = {'grain', 'tensorflow_datasets', 'tensorflow', 'array_record',"

@@ -25,7 +25,7 @@ from test_reliability import (
   subprocess_env,
 )
 
-from peclr_jax import checkpoints, pretrain
+from peclr_jax.train import checkpoints, pretrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = {"num_train_steps": PRETRAIN_STEPS, "checkpoint_every_steps": 1, "eval_every_steps": -1}

@@ -21,7 +21,10 @@ import numpy as np
 import pytest
 from nbclient import NotebookClient
 
-from peclr_jax import augment, crops, defaults, losses, notebook_utils
+from peclr_jax import defaults
+from peclr_jax.evaluation import notebook_utils
+from peclr_jax.hands import augment, crops
+from peclr_jax.train import losses
 from tfds_builders.synthetic_hands import render
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -166,7 +169,7 @@ def test_quickstart_runs(tmp_path, kernel_env):
     "quickstart", tmp_path, SIZE="small", DATA_DIR=str(tmp_path / "tfds"), WORKDIR=str(workdir)
   )
   # Every stage ran to its last step, the fine-tuning from the pre-training.
-  from peclr_jax import metrics_log  # pylint: disable=g-import-not-at-top
+  from peclr_jax.train import metrics_log  # pylint: disable=g-import-not-at-top
 
   for stage in ("pretrain", "finetune"):
     steps = [r["step"] for r in metrics_log.read_metrics(str(workdir / stage))]
@@ -209,7 +212,7 @@ def test_equivariance_runs(tmp_path, kernel_env):
     assert (figures / png).is_file(), png
   assert images_shown(nb) == 6
   # Both encoders were pre-trained to their last step, each with its loss.
-  from peclr_jax import metrics_log  # pylint: disable=g-import-not-at-top
+  from peclr_jax.train import metrics_log  # pylint: disable=g-import-not-at-top
 
   for kind in ("simclr", "peclr"):
     rows = metrics_log.read_metrics(str(tmp_path / "pretrain" / f"pretrain_{kind}"))

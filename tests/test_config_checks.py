@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from ml_collections import config_flags
 
-from peclr_jax import config_checks, data, defaults, input_pipeline
+from peclr_jax import config_checks, data, defaults
+from peclr_jax.inputs import input_pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_ARGS = {

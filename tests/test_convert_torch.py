@@ -21,9 +21,11 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-from peclr_jax import checkpoints, models, torch_pickle
 from peclr_jax import convert as convert_cli
-from peclr_jax import convert_torch as ct
+from peclr_jax import models
+from peclr_jax.interop import convert_torch as ct
+from peclr_jax.interop import torch_pickle
+from peclr_jax.train import checkpoints
 
 torch.set_num_threads(2)
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)

@@ -1,4 +1,4 @@
-"""Crop geometry (peclr_jax/crops.py): boxes, crop matrices, the host warp.
+"""Crop geometry (peclr_jax/hands/crops.py): boxes, crop matrices, the host warp.
 
 The warp is checked against a known answer: bilinear interpolation and box
 averaging reproduce a linear intensity ramp exactly, so every crop pixel q
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from peclr_jax import augment, crops
+from peclr_jax.hands import augment, crops
 
 ROOM = 1.5 * np.sqrt(2)
 
@@ -200,5 +200,5 @@ def test_host_and_device_warps_agree(zoom, theta):
 
 
 def test_crops_imports_without_jax():
-  code = 'import sys, peclr_jax.crops; sys.exit(1 if "jax" in sys.modules else 0)'
+  code = 'import sys, peclr_jax.hands.crops; sys.exit(1 if "jax" in sys.modules else 0)'
   subprocess.run([sys.executable, "-c", code], check=True)

@@ -7,7 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from peclr_jax import defaults, demo, metrics_log
+from peclr_jax import defaults
+from peclr_jax.evaluation import demo
+from peclr_jax.train import metrics_log
 
 
 def _run(method, labels, seed, pa):

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from peclr_jax import augment, crops, equivariance, notebook_utils
+from peclr_jax.evaluation import equivariance, notebook_utils
+from peclr_jax.hands import augment, crops
 from tfds_builders.synthetic_hands import render
 
 SIZE = 64

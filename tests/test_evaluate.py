@@ -1,4 +1,4 @@
-"""Tests for peclr_jax.evaluate: FreiHAND metrics, two-pass cropping, pred.zip."""
+"""Tests for peclr_jax.evaluation.evaluate: FreiHAND metrics, two-pass cropping, pred.zip."""
 
 import json
 import zipfile
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from scipy.linalg import orthogonal_procrustes
 
-from peclr_jax import crops, evaluate
+from peclr_jax.evaluation import evaluate
+from peclr_jax.hands import crops
 
 # AIT index of each FreiHAND joint, written out from docs/datasets.md (not taken
 # from geometry) so the order checks are independent of the code under test.

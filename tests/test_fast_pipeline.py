@@ -1,4 +1,4 @@
-"""The pre-cropped fast path (peclr_jax.precrop) and the device prefetcher."""
+"""The pre-cropped fast path (peclr_jax.inputs.precrop) and the device prefetcher."""
 
 import json
 import os
@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from ml_collections import config_flags
 
-from peclr_jax import data, datasets, device_prefetch, metrics_log, precrop, pretrain
-from peclr_jax import input_pipeline as ip
+from peclr_jax import data
+from peclr_jax.inputs import datasets, device_prefetch, precrop
+from peclr_jax.inputs import input_pipeline as ip
+from peclr_jax.train import metrics_log, pretrain
 
 NAME = "synthetic_hands/small"  # 32 train images of 64 px
 SIZE = 48  # crop side: not the image side, so the crop really resamples

@@ -13,7 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from peclr_jax import joints
+from peclr_jax.hands import joints
 from tfds_builders.freihand import freihand_dataset_builder as fb
 from tfds_builders.freihand.fake_data import write_fake_freihand
 

@@ -1,4 +1,4 @@
-"""Tests for peclr_jax.geometry: round trips, known answers, scipy references."""
+"""Tests for peclr_jax.hands.geometry: round trips, known answers, scipy references."""
 
 import jax
 import jax.numpy as jnp
@@ -6,8 +6,8 @@ import numpy as np
 from scipy.linalg import orthogonal_procrustes
 from scipy.spatial.transform import Rotation
 
-from peclr_jax import geometry as g
-from peclr_jax import joints
+from peclr_jax.hands import geometry as g
+from peclr_jax.hands import joints
 
 
 def _hand(rng, batch=3):

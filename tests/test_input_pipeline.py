@@ -1,4 +1,4 @@
-"""Tests for peclr_jax.input_pipeline (tiny in-memory sources + a built TFDS set)."""
+"""Tests for peclr_jax.inputs.input_pipeline (tiny in-memory sources + a built TFDS set)."""
 
 import io
 import json
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from peclr_jax import crops
-from peclr_jax import input_pipeline as ip
+from peclr_jax.hands import crops
+from peclr_jax.inputs import input_pipeline as ip
 
 S = 32  # crop side for the tests: tiny on purpose
 REPO = pathlib.Path(__file__).resolve().parents[1]

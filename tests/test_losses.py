@@ -1,4 +1,4 @@
-"""Tests for peclr_jax.losses against NumPy / PyTorch references and exact inverses."""
+"""Tests for peclr_jax.train.losses against NumPy / PyTorch references and exact inverses."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from peclr_jax import losses as L
+from peclr_jax.train import losses as L
 
 
 def _unit(x):

@@ -17,8 +17,9 @@ import pytest
 from flax import nnx
 from jax import lax
 
-from peclr_jax import geometry, models
+from peclr_jax import models
 from peclr_jax.cpu_fusion import materialise
+from peclr_jax.hands import geometry
 from peclr_jax.models import heads as heads_lib
 from peclr_jax.models import resnet as resnet_lib
 

@@ -20,7 +20,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from peclr_jax import checkpoints, config_files, data, defaults
+from peclr_jax import config_files, data, defaults
+from peclr_jax.train import checkpoints
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Source folder -> where its files go in the wheel.

@@ -20,8 +20,10 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from peclr_jax import checkpoints, evaluate, models, predict
+from peclr_jax import models, predict
+from peclr_jax.evaluation import evaluate
 from peclr_jax.models import restore
+from peclr_jax.train import checkpoints
 
 S = 64
 BATCH = 4

@@ -32,16 +32,9 @@ import pytest
 from iterator_hooks import HookedIterator
 from ml_collections import config_flags
 
-from peclr_jax import (
-  checkpoints,
-  finetune,
-  input_pipeline,
-  metrics_log,
-  preemption,
-  pretrain,
-  sharding,
-)
 from peclr_jax import main as main_lib
+from peclr_jax.inputs import input_pipeline
+from peclr_jax.train import checkpoints, finetune, metrics_log, preemption, pretrain, sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")
@@ -892,7 +885,7 @@ def test_second_run_on_a_workdir_is_refused(synthetic_data_dir, tmp_path):
     "".join(json.dumps({"step": s, "train_loss": 1.0}) + "\n" for s in (1, 2, 3))
   )
   code = (
-    "import sys, time; from peclr_jax import checkpoints; "
+    "import sys, time; from peclr_jax.train import checkpoints; "
     "lock = checkpoints.lock_workdir(sys.argv[1]); lock.__enter__(); "
     "print('held', flush=True); time.sleep(600)"
   )

@@ -28,7 +28,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from peclr_jax import torch_pickle
+from peclr_jax.interop import torch_pickle
 
 MiB = 1 << 20
 
@@ -139,7 +139,7 @@ def _write_zip_with_deflate_bomb(path, data_pkl: bytes, key: str, size_mib: int)
 # not ru_maxrss: the latter carries the parent's peak across exec.
 _CHILD = textwrap.dedent("""
     import json, resource, sys
-    from peclr_jax import torch_pickle
+    from peclr_jax.interop import torch_pickle
     def status_kib(field):
       with open('/proc/self/status') as f:
         return next(int(l.split()[1]) for l in f if l.startswith(field))

@@ -14,19 +14,11 @@ from flax import nnx
 from iterator_hooks import HookedIterator
 from ml_collections import config_flags
 
-from peclr_jax import (
-  augment,
-  checkpoints,
-  finetune,
-  input_pipeline,
-  losses,
-  metrics_log,
-  models,
-  pretrain,
-  sharding,
-  training,
-)
 from peclr_jax import main as main_lib
+from peclr_jax import models
+from peclr_jax.hands import augment
+from peclr_jax.inputs import input_pipeline
+from peclr_jax.train import checkpoints, finetune, losses, metrics_log, pretrain, sharding, training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -363,7 +355,7 @@ def test_cpu_malloc_hint():
 
 def test_finetune_validates_on_evaluate_modes_ground_truth_crop(synthetic_data_dir, tmp_path):
   """The best checkpoint is chosen on the crop evaluate mode reports on."""
-  from peclr_jax import evaluate_mode  # pylint: disable=g-import-not-at-top
+  from peclr_jax.evaluation import evaluate_mode  # pylint: disable=g-import-not-at-top
 
   config = load_config("finetune_freihand.py", "runlocal")
   config.data.data_dir = synthetic_data_dir

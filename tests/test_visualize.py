@@ -1,4 +1,4 @@
-"""Tests for peclr_jax.visualize: every figure is a real, non-uniform PNG."""
+"""Tests for peclr_jax.evaluation.visualize: every figure is a real, non-uniform PNG."""
 
 import csv
 import json
@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from peclr_jax import equivariance, evaluate, evaluate_mode, joints, metrics_log, visualize
+from peclr_jax.evaluation import equivariance, evaluate, evaluate_mode, visualize
+from peclr_jax.hands import joints
+from peclr_jax.train import metrics_log
 
 
 def _assert_png(path):

@@ -2,7 +2,7 @@
 skipped-example log and the base of the builders that decode and crop.
 
 `youtube3d_hands` and `hand_crops` store one fixed-size square crop per hand
-instead of the full frame (`peclr_jax.crops` has the geometry): frames are
+instead of the full frame (`peclr_jax.hands.crops` has the geometry): frames are
 large, hands are small, and pre-training only ever looks at the hand. The
 crop has half-side h0 x `margin` (1.5, the largest augmentation margin) x
 sqrt(2) (room for a 45 degree rotation).
@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from peclr_jax import crops
+from peclr_jax.hands import crops
 from tfds_builders import image_files, parallel
 
 DEFAULT_CROP_SIZE = 256

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from peclr_jax import geometry
+from peclr_jax.hands import geometry
 from peclr_jax.models.heads import HeatmapHead, KeypointHead, ProjectionHead, ZRootRefiner
 from peclr_jax.models.resnet import BACKBONES, BasicBlock, Bottleneck, ResNet, get_backbone
 

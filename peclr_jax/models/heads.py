@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from peclr_jax import geometry, joints
+from peclr_jax.hands import geometry, joints
 from peclr_jax.models import resnet
 from peclr_jax.models.resnet import conv_init
 

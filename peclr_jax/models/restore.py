@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from peclr_jax import checkpoints, models
+from peclr_jax import models
+from peclr_jax.train import checkpoints
 
 KEYPOINT_KINDS = ("finetune", "keypoint")
 # Crop side of keypoint checkpoints whose meta has no 'input_size' (written
@@ -68,7 +69,7 @@ def keypoint_model(path: str, *, dtype=jnp.float32) -> RestoredKeypointModel:
       RestoredKeypointModel (model, input_size, meta, path).
 
   Raises:
-      peclr_jax.checkpoints.CheckpointError: no checkpoint, or one of
+      peclr_jax.train.checkpoints.CheckpointError: no checkpoint, or one of
           another kind (e.g. a pre-training checkpoint).
   """
   path = prefer_best(path)

@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from peclr_jax import joints
+from peclr_jax.hands import joints
 from tfds_builders import hand_builder
 from tfds_builders.freihand import json_stream
 

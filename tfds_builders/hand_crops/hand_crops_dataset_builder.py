@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from peclr_jax import crops
+from peclr_jax.hands import crops
 from tfds_builders import hand_builder, image_files, parallel
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")

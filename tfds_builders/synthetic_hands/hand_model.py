@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from peclr_jax import joints
+from peclr_jax.hands import joints
 
 # ------------------------------------------------------------------ skeleton --
 # Nominal (scale 1) geometry, metres. The middle MCP->PIP bone (AIT 3->8, the

@@ -39,7 +39,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.core.utils import py_utils
 
-from peclr_jax import joints
+from peclr_jax.hands import joints
 from tfds_builders import hand_builder
 from tfds_builders.synthetic_hands import render
 

@@ -29,7 +29,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from peclr_jax import joints
+from peclr_jax.hands import joints
 from tfds_builders import hand_builder, image_files, parallel
 
 NUM_VERTICES = 778

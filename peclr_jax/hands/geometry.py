@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from peclr_jax import joints
+from peclr_jax.hands import joints
 
 # --------------------------------------------------------------------------
 # Joint orders

@@ -24,19 +24,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from peclr_jax import (
-  augment,
-  baselines,
-  datasets,
-  equivariance,
-  evaluate,
-  evaluate_mode,
-  finetune,
-  input_pipeline,
-  metrics_log,
-  pretrain,
-  visualize,
-)
+from peclr_jax.evaluation import baselines, equivariance, evaluate, evaluate_mode, visualize
+from peclr_jax.hands import augment
+from peclr_jax.inputs import datasets, input_pipeline
+from peclr_jax.train import finetune, metrics_log, pretrain
 
 # Initialisations compared, and the pre-training loss each needs.
 METHODS = {"scratch": None, "SimCLR": "simclr", "PeCLR": "peclr"}

@@ -30,7 +30,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from peclr_jax import joints
+from peclr_jax.hands import joints
 
 # Where every crop puts its box centre (module docstring). Pre-cropped stores
 # record it, so crops made under the earlier (S - 1)/2 are refused.

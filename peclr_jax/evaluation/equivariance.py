@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from peclr_jax import augment, losses
+from peclr_jax.hands import augment
+from peclr_jax.train import losses
 
 TRANSFORMS = ("rotate", "scale", "translate")
 
@@ -117,7 +118,7 @@ def latent_points(z, params: Mapping[str, Any] | None = None, **undo_kwargs) -> 
       params: the view's parameters; None gives the L2-normalised points
           before inversion.
       **undo_kwargs: ``invert`` / ``translation_mode`` for
-          :func:`peclr_jax.losses.undo_transforms`.
+          :func:`peclr_jax.train.losses.undo_transforms`.
 
   Returns:
       [D/2, 2] float64 points.

@@ -38,7 +38,8 @@ import grain
 import numpy as np
 from tqdm import tqdm
 
-from peclr_jax import crops, input_pipeline, joints
+from peclr_jax.hands import crops, joints
+from peclr_jax.inputs import input_pipeline
 
 NJ = joints.NUM_JOINTS
 META_FILE = "meta.json"

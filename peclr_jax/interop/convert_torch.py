@@ -27,8 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from peclr_jax import joints, models
-from peclr_jax.torch_pickle import TorchFileError, load_pth
+from peclr_jax import models
+from peclr_jax.hands import joints
+from peclr_jax.interop.torch_pickle import TorchFileError, load_pth
 
 __all__ = [
   "TorchFileError",
@@ -565,7 +566,7 @@ def convert(
   """Converts a ``.pth`` into an orbax checkpoint under ``out_dir``.
 
   Writes ``<out_dir>/checkpoints/0`` with the layout of
-  ``peclr_jax.checkpoints``: ``state = {'model': pure NNX state}``, ``meta``
+  ``peclr_jax.train.checkpoints``: ``state = {'model': pure NNX state}``, ``meta``
   and ``config``. For kind 'backbone' the model state is
   ``{'backbone': ...}`` (fine-tuning's ``init=``); for 'keypoint' it is the
   whole ``KeypointModel`` (evaluation, the Predictor; its backbone can also
@@ -590,7 +591,7 @@ def convert(
   """
   import ml_collections  # pylint: disable=g-import-not-at-top
 
-  from peclr_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from peclr_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
 
   path = os.fspath(path)
   _, pure, report = _convert(state_dict_from(load_pth(path)), kind, arch)

@@ -2,7 +2,7 @@
 
 Host work is only: read, decode, one fixed-size hand-centred source crop and
 batching. All per-view randomness (rotation, scale, jitter, colour) happens on
-the accelerator in `peclr_jax.augment`, which cuts its 128 px views out of the
+the accelerator in `peclr_jax.hands.augment`, which cuts its 128 px views out of the
 `source_size` px crop made here. Every step is deterministic for a seed, and
 process p takes local batch p of every group of process_count, so the global
 batch is the same whatever the number of processes. The iterator's state
@@ -26,7 +26,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from peclr_jax import crops, joints
+from peclr_jax.hands import crops, joints
 
 # Half-side factor of the source crop over the max keypoint distance: the
 # largest margin of the view augmentation (1.5) times sqrt(2) so a view rotated
@@ -136,7 +136,7 @@ class _PaddedEvalShard:
 
 
 # ----------------------------------------------------------------------------
-# Decoding and the host crop (its geometry: peclr_jax/crops.py)
+# Decoding and the host crop (its geometry: peclr_jax/hands/crops.py)
 # ----------------------------------------------------------------------------
 def _open_image(image: Any) -> Image.Image:
   if isinstance(image, Image.Image):

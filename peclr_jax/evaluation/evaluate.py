@@ -6,7 +6,7 @@ Three independent pieces that the evaluation mode and the Predictor compose:
     numbers of the official FreiHAND evaluation script (mean keypoint error,
     AUC of the 3D PCK curve over 0..50 mm, and both again after a similarity
     (Procrustes) alignment). All arithmetic is NumPy float64 on the host; the
-    alignment is :func:`peclr_jax.geometry.procrustes_align` evaluated in
+    alignment is :func:`peclr_jax.hands.geometry.procrustes_align` evaluated in
     float64 so that it matches the official SciPy-based script to ~1e-12.
 * :func:`two_pass_predict` reproduces the public PeCLR test-time cropping
     (first crop about the image centre, second crop from the first prediction's
@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peclr_jax import augment, crops, geometry
-from peclr_jax.crops import IMAGENET_MEAN, IMAGENET_STD
+from peclr_jax.hands import augment, crops, geometry
+from peclr_jax.hands.crops import IMAGENET_MEAN, IMAGENET_STD
 
 # Official script: get_measures(0.0, 0.050, 100) on metric xyz.
 PCK_MIN_M = 0.0
@@ -298,7 +298,7 @@ def crop_and_normalise(
 ):
   """Cuts affine crops from uint8 images and applies ImageNet normalisation.
 
-  Uses the project's bilinear warp (:func:`peclr_jax.augment.warp`, OpenCV
+  Uses the project's bilinear warp (:func:`peclr_jax.hands.augment.warp`, OpenCV
   warpAffine semantics with a constant border).
 
   Border: the public code passes ``borderValue=[0.485, 0.456, 0.406]`` to

@@ -14,7 +14,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from peclr_jax import augment, checkpoints, losses, models, optim, sharding, training
+from peclr_jax import models
+from peclr_jax.hands import augment
+from peclr_jax.train import checkpoints, losses, optim, sharding, training
 
 
 class LossSettings(NamedTuple):
@@ -79,10 +81,7 @@ def _validation(config, mesh, aug_cfg, loss_cfg):
   eval mode over fixed batches of the validation split, with fixed views."""
   # The data modules (grain) only when a run reads data: the step alone
   # imports without them (benchmarks/accelerator_suite.sh).
-  from peclr_jax import (
-    datasets,  # pylint: disable=g-import-not-at-top
-    input_pipeline,  # pylint: disable=g-import-not-at-top
-  )
+  from peclr_jax.inputs import datasets, input_pipeline
 
   sources = datasets.open_sources(config.data, config.data.eval_split, missing_ok=True)
   if not sources or config.eval_every_steps <= 0:
@@ -113,10 +112,7 @@ def _validation(config, mesh, aug_cfg, loss_cfg):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """Pre-trains (or resumes) in `workdir`; returns (model, last metrics)."""
-  from peclr_jax import (
-    datasets,  # pylint: disable=g-import-not-at-top
-    input_pipeline,  # pylint: disable=g-import-not-at-top
-  )
+  from peclr_jax.inputs import datasets, input_pipeline
 
   mesh = sharding.make_mesh()
   sharding.check_batch_divisible(config.batch_size, mesh)

@@ -14,19 +14,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from peclr_jax import (
-  checkpoints,
-  crops,
-  datasets,
-  evaluate,
-  geometry,
-  input_pipeline,
-  joints,
-  models,
-  predict,
-  visualize,
-)
+from peclr_jax import models, predict
+from peclr_jax.evaluation import evaluate, visualize
+from peclr_jax.hands import crops, geometry, joints
+from peclr_jax.inputs import datasets, input_pipeline
 from peclr_jax.models import restore
+from peclr_jax.train import checkpoints
 
 
 def _ground_truth_crop(predict_fn, batch, crop_size):
@@ -127,7 +120,7 @@ def write_metrics_csv(
   when the metrics hold per-keypoint AUCs).
 
   Args:
-      metrics: a dict from :func:`peclr_jax.evaluate.keypoint_metrics`.
+      metrics: a dict from :func:`peclr_jax.evaluation.evaluate.keypoint_metrics`.
       path: output CSV.
       joint_names: names in the metrics' joint order; default FreiHAND
           order (the evaluation's order) for 21 joints, else ``joint_<i>``.

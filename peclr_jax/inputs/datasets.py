@@ -2,7 +2,8 @@
 
 import os
 
-from peclr_jax import data, input_pipeline, precrop
+from peclr_jax import data
+from peclr_jax.inputs import input_pipeline, precrop
 
 # Built from nothing but code; every other dataset needs the user's files.
 EMBEDDED = ("synthetic_hands",)
@@ -34,7 +35,7 @@ def open_sources(data_cfg, split: str, *, missing_ok: bool = False, precropped: 
     missing_ok: skip datasets without that split instead of failing (some
       datasets have no validation split).
     precropped: read each split's pre-cropped store at data_cfg.source_size
-      (`peclr_jax.precrop`, same batches, no decoding) instead of its JPEGs.
+      (`peclr_jax.inputs.precrop`, same batches, no decoding) instead of its JPEGs.
   """
   out = []
   for source in data_cfg.sources:

@@ -20,8 +20,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from peclr_jax import geometry
-from peclr_jax.crops import IMAGENET_MEAN, IMAGENET_STD
+from peclr_jax.hands import geometry
+from peclr_jax.hands.crops import IMAGENET_MEAN, IMAGENET_STD
 
 #: One colour per finger (thumb..pinky); the wrist is drawn in black.
 FINGER_COLOURS = ("#e6194b", "#f58231", "#3cb44b", "#4363d8", "#911eb4")
@@ -443,7 +443,7 @@ def plot_pck_curve(metrics: Mapping[str, Any], path: str, *, title: str | None =
   """3D PCK curves (unaligned and Procrustes-aligned) with AUC in the legend.
 
   Args:
-      metrics: a dict from :func:`peclr_jax.evaluate.keypoint_metrics` (uses
+      metrics: a dict from :func:`peclr_jax.evaluation.evaluate.keypoint_metrics` (uses
           ``pck_thresholds_mm``, ``pck``, ``pa_pck``, ``auc``, ``pa_auc`` and,
           if present, ``epe_cm`` / ``pa_epe_cm``).
       path: output PNG.

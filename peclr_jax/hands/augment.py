@@ -29,9 +29,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from peclr_jax import crops
 from peclr_jax.cpu_fusion import materialise
-from peclr_jax.crops import IMAGENET_MEAN, IMAGENET_STD
+from peclr_jax.hands import crops
+from peclr_jax.hands.crops import IMAGENET_MEAN, IMAGENET_STD
 
 Array = jax.Array
 
@@ -91,7 +91,7 @@ class AugmentConfig:
 
 # --------------------------------------------------------------------------
 # Device warp (deterministic; reused by evaluation and fine-tuning). Boxes and
-# crop matrices: peclr_jax/crops.py; its host twin: crops.warp_crop.
+# crop matrices: peclr_jax/hands/crops.py; its host twin: crops.warp_crop.
 # --------------------------------------------------------------------------
 
 

@@ -16,8 +16,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from peclr_jax import augment, checkpoints, geometry, losses, models, optim, sharding, training
-from peclr_jax import evaluate as evaluate_lib
+from peclr_jax import models
+from peclr_jax.evaluation import evaluate as evaluate_lib
+from peclr_jax.hands import augment, geometry
+from peclr_jax.train import checkpoints, losses, optim, sharding, training
 
 
 class LossWeights(NamedTuple):
@@ -83,7 +85,7 @@ def make_evaluator(config, mesh, sources, out_size: int, *, max_batches=-1):
   evaluate mode's ground-truth crop (its two-pass protocol is not run here)."""
   # The data modules (grain) only when a run reads data: the step alone
   # imports without them (benchmarks/accelerator_suite.sh).
-  from peclr_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from peclr_jax.inputs import input_pipeline  # pylint: disable=g-import-not-at-top
 
   def evaluate(model, step):
     del step
@@ -125,10 +127,7 @@ def init_backbone_from_checkpoint(model: models.KeypointModel, path: str, backbo
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """Fine-tunes (or resumes) in `workdir`; returns (model, last metrics)."""
-  from peclr_jax import (
-    datasets,  # pylint: disable=g-import-not-at-top
-    input_pipeline,  # pylint: disable=g-import-not-at-top
-  )
+  from peclr_jax.inputs import datasets, input_pipeline
 
   mesh = sharding.make_mesh()
   sharding.check_batch_divisible(config.batch_size, mesh)

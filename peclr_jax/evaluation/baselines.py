@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from peclr_jax import evaluate, geometry
+from peclr_jax.evaluation import evaluate
+from peclr_jax.hands import geometry
 
 
 def split_keypoints_3d(source) -> np.ndarray:

@@ -19,15 +19,9 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from peclr_jax import (
-  checkpoints,
-  config_checks,
-  device_prefetch,
-  metrics_log,
-  preemption,
-  resume_checks,
-  sharding,
-)
+from peclr_jax import config_checks
+from peclr_jax.inputs import device_prefetch
+from peclr_jax.train import checkpoints, metrics_log, preemption, resume_checks, sharding
 
 
 class NonFiniteLossError(FloatingPointError):

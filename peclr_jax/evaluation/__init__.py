@@ -1,0 +1,1 @@
+"""Evaluation: the FreiHAND protocol, evaluate and demo modes, baselines, equivariance, figures."""

@@ -1,0 +1,1 @@
+"""Hand geometry: joint orders, crops, projection and 2.5D, the view augmentation."""

@@ -1,0 +1,1 @@
+"""Data: datasets, the host input pipeline, pre-cropped stores, device prefetch."""

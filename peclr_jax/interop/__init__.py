@@ -1,0 +1,1 @@
+"""Interop: reading released PyTorch weights without torch."""

@@ -1,0 +1,1 @@
+"""Training: losses, sharding, optimiser, the step and loop, checkpoints, the two training modes."""
