@@ -15,7 +15,9 @@ are reused: re-running the command continues an interrupted grid.
 Arguments (comma separated): seeds=<n> (default 3), pretrain_steps,
   finetune_steps, labels=<percentages separated by '/'> (default 1/10/100),
   size=demo|full (full: ResNet-50, 224 px crops, synthetic_hands/full_upright,
-  for a GPU or TPU; pass larger pretrain_steps/finetune_steps there).
+  for a GPU or TPU; pass larger pretrain_steps/finetune_steps there),
+  probe (the backbones stay frozen and only the heads learn: what the
+  pre-trained features hold; use its own --workdir).
 Expected runtime and result: BENCHMARKS.md "Label efficiency" (2 CPU cores:
   about 2 hours with the defaults; the measured table is there).
 """
@@ -25,7 +27,13 @@ from peclr_jax import defaults
 
 def get_config(arg=None):
   args = defaults.parse_arg(
-    arg, seeds=3, pretrain_steps=1200, finetune_steps=1000, labels="1/10/100", size="demo"
+    arg,
+    seeds=3,
+    pretrain_steps=1200,
+    finetune_steps=1000,
+    labels="1/10/100",
+    size="demo",
+    probe=False,
   )
   config = defaults.demo_config(args.size, "data/tfds")
   config.label_fractions = tuple(float(p) / 100 for p in args.labels.split("/"))
@@ -33,4 +41,5 @@ def get_config(arg=None):
   config.pretrain.num_train_steps = args.pretrain_steps
   config.pretrain.checkpoint_every_steps = args.pretrain_steps
   config.finetune.num_train_steps = args.finetune_steps
+  config.finetune.freeze_backbone = args.probe
   return config

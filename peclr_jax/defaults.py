@@ -138,6 +138,9 @@ def finetune_config() -> ml_collections.ConfigDict:
   # Checkpoint directory to take the backbone from: a pre-training workdir
   # or a converted PyTorch checkpoint. Empty: train from scratch.
   config.init = ""
+  # True: the backbone keeps its initial weights and BatchNorm statistics and
+  # only the heads learn (a probe of the pre-trained features).
+  config.freeze_backbone = False
   config.augment = _augment()
   config.augment.out_size = 224
   # Appearance augmentation is kept mild for regression.

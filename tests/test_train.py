@@ -99,6 +99,18 @@ def test_finetune_starts_from_pretrained_backbone(synthetic_data_dir, tmp_path):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   assert any(not np.array_equal(b, a) for b, a in zip(before, after))
 
+  # A probe (freeze_backbone) trains the heads on the pre-trained backbone,
+  # whose parameters and BatchNorm statistics stay as they were.
+  config.freeze_backbone = True
+  config.num_train_steps = 2
+  config.eval_every_steps = -1
+  probed, _ = finetune.train_and_evaluate(config, str(tmp_path / "probe"))
+  for got, want in zip(jax.tree.leaves(nnx.state(probed.backbone)), expected, strict=True):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  heads_before = jax.tree.leaves(nnx.state(model.keypoint_head))
+  heads_after = jax.tree.leaves(nnx.state(probed.keypoint_head))
+  assert any(not np.array_equal(b, a) for b, a in zip(heads_before, heads_after, strict=True))
+
 
 def test_finetune_rejects_backbone_of_other_architecture(synthetic_data_dir, tmp_path):
   pre_dir = str(tmp_path / "pre")

@@ -6,6 +6,8 @@ scratch. Each step makes one geometric view per image on the device and
 maps the labels with the same affine: 2D keypoints and K move with the image,
 the 3D keypoints in the camera frame stay (the rays K_view^-1 [u, v, 1] still
 point at them), so the 2.5D targets are recomputed from K_view.
+With `freeze_backbone` only the heads learn (a probe of what the
+pre-trained features hold).
 """
 
 import functools
@@ -14,6 +16,7 @@ from typing import NamedTuple
 import jax
 import ml_collections
 import numpy as np
+import optax
 from flax import nnx
 
 from peclr_jax import models
@@ -125,6 +128,20 @@ def init_backbone_from_checkpoint(model: models.KeypointModel, path: str, backbo
   print(f"Initialised the backbone from {path} ({meta.get('kind')}).", flush=True)
 
 
+def freeze_backbone(
+  model: models.KeypointModel, tx: optax.GradientTransformation
+) -> optax.GradientTransformation:
+  """Probes the backbone instead of training it: its BatchNorms switch to
+  their (pre-trained) running averages and its parameters get zero updates,
+  so only the keypoint head and the z-root refiner learn."""
+  model.backbone.eval()
+
+  def in_backbone(params):
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[0].key == "backbone", params)
+
+  return optax.chain(tx, optax.masked(optax.set_to_zero(), in_backbone))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """Fine-tunes (or resumes) in `workdir`; returns (model, last metrics)."""
   from peclr_jax.inputs import datasets, input_pipeline
@@ -150,6 +167,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   model = make_model(config, nnx.Rngs(config.seed))
   if config.init:
     init_backbone_from_checkpoint(model, config.init, config.model.backbone)
+  if config.freeze_backbone:
+    tx = freeze_backbone(model, tx)
 
   aug_cfg = augment.AugmentConfig.from_config(config.augment)
   weights = LossWeights(config.loss.uv_weight, config.loss.zrel_weight, config.loss.kp3d_weight)
@@ -170,7 +189,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   print(
     f"Fine-tuning {config.model.backbone} "
     f"({'from ' + config.init if config.init else 'from scratch'}) on "
-    f"{[n for n, _ in sources]} ({num_examples} labelled images): "
+    f"{[n for n, _ in sources]} ({num_examples} labelled images"
+    f"{', backbone frozen' if config.freeze_backbone else ''}): "
     f"{steps} steps of {config.batch_size}.",
     flush=True,
   )
