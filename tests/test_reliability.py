@@ -962,6 +962,21 @@ def test_metrics_log_truncated_on_resume_and_torn_line_tolerated(tmp_path):
 # ------------------------------------------------- config change on resume --
 
 
+def test_keys_added_later_resume_old_checkpoints_at_their_old_behaviour():
+  """A run written before `freeze_backbone` existed resumes with it False
+  (what it did then) and is refused with it True."""
+  from peclr_jax import defaults  # pylint: disable=g-import-not-at-top
+  from peclr_jax.train import resume_checks  # pylint: disable=g-import-not-at-top
+
+  config = defaults.finetune_config()
+  stored = json.loads(config.to_json_best_effort())
+  del stored["freeze_backbone"]
+  assert resume_checks.check_config_change(stored, config, "old run") == []
+  config.freeze_backbone = True
+  with pytest.raises(ValueError, match=r"freeze_backbone: False -> True"):
+    resume_checks.check_config_change(stored, config, "old run")
+
+
 def test_resume_with_changed_config_is_refused_unless_safe(synthetic_data_dir, tmp_path):
   """A re-run on a workdir with a config that changes the result (seed,
   learning rate) used to resume silently and report the new values over the

@@ -26,6 +26,10 @@ RESUME_SAFE_KEYS = frozenset(
   }
 )
 ALLOW_CONFIG_CHANGE_ENV = "PECLR_ALLOW_CONFIG_CHANGE"
+# Keys added after checkpoints were first written, with the value that does
+# what runs did before the key existed: a checkpoint stored without the key
+# counts as having that value, so adding a key does not refuse old runs.
+ADDED_KEYS = {"freeze_backbone": False}
 
 
 def _flatten(tree, prefix=""):
@@ -52,6 +56,7 @@ def check_config_change(stored: dict | None, config, where: str) -> list[str]:
     return []
   new = json.loads(config.to_json_best_effort())
   old, new = _flatten(stored), _flatten(new)
+  old.update({k: v for k, v in ADDED_KEYS.items() if k in new and k not in old})
   missing = "<absent>"
   changed = sorted(k for k in set(old) | set(new) if old.get(k, missing) != new.get(k, missing))
   describe = lambda k: f"{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}"
