@@ -30,6 +30,7 @@ from flax import nnx
 from peclr_jax import models
 from peclr_jax.hands import joints
 from peclr_jax.interop.torch_pickle import TorchFileError, load_pth
+from peclr_jax.models import resnet
 
 __all__ = [
   "TorchFileError",
@@ -84,13 +85,6 @@ _ARCH_SIGNATURES = {
   (True, (3, 4, 23, 3), 64): "resnet101",
   (True, (3, 8, 36, 3), 64): "resnet152",
   (False, (1, 1, 1, 1), 8): "resnet_tiny",
-}
-_ALIASES = {
-  "rn18": "resnet18",
-  "rn34": "resnet34",
-  "rn50": "resnet50",
-  "rn101": "resnet101",
-  "rn152": "resnet152",
 }
 # The original training code's nn.Sequential encoder ("features").
 _SEQUENTIAL_NAMES = {
@@ -256,10 +250,10 @@ def infer_arch(sd: Mapping[str, np.ndarray]) -> str:
 
 
 def _canonical_arch(arch: str) -> str:
-  arch = _ALIASES.get(arch, arch)
-  if arch not in models.BACKBONES:
-    raise ValueError(f"arch={arch!r}; expected one of {models.BACKBONES} (or {sorted(_ALIASES)})")
-  return arch
+  try:
+    return resnet.canonical_name(arch)
+  except ValueError as e:
+    raise ValueError(f"arch: {e}") from None
 
 
 # ---------------------------------------------------------------------------
