@@ -523,14 +523,32 @@ class _DropOrbaxErrors(logging.Filter):
     return not (record.levelno == logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
 
 
+class _DropUnretrievedWriteErrors(logging.Filter):
+  """asyncio reports a failed array write whose task nobody awaited any more
+  (orbax stopped at the first failure of the same save) as "Task exception
+  was never retrieved", with a traceback; the failure is raised anyway."""
+
+  def filter(self, record):
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (
+      str(record.msg).startswith("Task exception was never retrieved")
+      and isinstance(exc, (OSError, ValueError))
+      and (isinstance(exc, OSError) or "os_error_code=" in str(exc))
+    )
+
+
 def _quiet_failed_saves():
-  """Installs (once per process) `_DropOrbaxErrors` and an unraisable hook
+  """Installs (once per process) `_DropOrbaxErrors`,
+  `_DropUnretrievedWriteErrors` and an unraisable hook
   that drops tensorstore's reports of writes completing after orbax closed
   the event loop that awaited them (each other array write of a failed
   save: `RuntimeError: Event loop is closed`, one traceback each)."""
   absl_logger = logging.getLogger("absl")
   if not any(isinstance(f, _DropOrbaxErrors) for f in absl_logger.filters):
     absl_logger.addFilter(_DropOrbaxErrors())
+  asyncio_logger = logging.getLogger("asyncio")
+  if not any(isinstance(f, _DropUnretrievedWriteErrors) for f in asyncio_logger.filters):
+    asyncio_logger.addFilter(_DropUnretrievedWriteErrors())
   if getattr(sys.unraisablehook, "drops_closed_loop", False):
     return
   previous = sys.unraisablehook
