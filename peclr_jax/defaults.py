@@ -34,7 +34,8 @@ def _data() -> ml_collections.ConfigDict:
       source_size=224,
       # Train on the pre-cropped stores of the training split (raw crops at
       # source_size: the same batches without decoding, ~45x the images/s per
-      # host core). Build them first: python -m peclr_jax.data precrop ...
+      # host core). Build them first (python -m peclr_jax.data precrop ...);
+      # an embedded dataset's are built on first use with build_if_missing.
       precropped=False,
       num_workers=0,
       # Batches put on the devices ahead of the step, by a background thread

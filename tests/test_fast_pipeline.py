@@ -219,23 +219,13 @@ def test_tiny_precropped_run_logs_the_input_wait(synthetic_data_dir, tmp_path):
   config.data.precropped = True
   config.num_train_steps = 2
   config.eval_every_steps = -1
-  # The runlocal crop side, a store of its own.
-  assert (
-    data.main(
-      [
-        "precrop",
-        "synthetic_hands",
-        "--config",
-        "small",
-        "--data_dir",
-        synthetic_data_dir,
-        "--source_size",
-        str(config.data.source_size),
-      ]
-    )
-    == 0
-  )
+  # The runlocal crop side has no store yet: an embedded dataset's is built
+  # on first use (build_if_missing), as the dataset is.
+  size = config.data.source_size
+  assert config.data.build_if_missing and size != SIZE
+  assert not precrop.is_built(synthetic_data_dir, NAME, "train", size)
   pretrain.train_and_evaluate(config, str(tmp_path))
+  assert precrop.is_built(synthetic_data_dir, NAME, "train", size)
   rows = [r for r in metrics_log.read_metrics(str(tmp_path)) if "train_loss" in r]
   assert [r["step"] for r in rows] == [1, 2]
   for r in rows:

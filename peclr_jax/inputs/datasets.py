@@ -26,6 +26,16 @@ def _builder(data_cfg, source: str):
   return builder
 
 
+def _open_store(data_cfg, source: str, name: str, split: str, reference):
+  """The pre-cropped store of a split; an embedded dataset's is built on
+  first use, as the dataset itself is."""
+  size = data_cfg.source_size
+  embedded = source.partition("/")[0] in EMBEDDED and data_cfg.build_if_missing
+  if embedded and not precrop.is_built(data_cfg.data_dir, name, split, size):
+    precrop.build(name, split, data_cfg.data_dir, source_size=size, progress=True)
+  return precrop.open_store(data_cfg.data_dir, name, split, size, reference=reference)
+
+
 def open_sources(data_cfg, split: str, *, missing_ok: bool = False, precropped: bool = False):
   """[(name, random-access source)] for every dataset in data_cfg.sources.
 
@@ -49,6 +59,6 @@ def open_sources(data_cfg, split: str, *, missing_ok: bool = False, precropped: 
     name = data.source_name(builder)
     src = input_pipeline.open_source(name, split, data_cfg.data_dir)
     if precropped:
-      src = precrop.open_store(data_cfg.data_dir, name, split, data_cfg.source_size, reference=src)
+      src = _open_store(data_cfg, source, name, split, src)
     out.append((name, src))
   return out

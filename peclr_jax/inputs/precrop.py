@@ -226,13 +226,19 @@ class Store:
     return {k: arr[i] for k, arr in self._open().items()}
 
 
+def is_built(data_dir: str | os.PathLike, name: str, split: str, source_size: int) -> bool:
+  """Whether the store of (name, split, source_size) was completed (an
+  interrupted build leaves only its temporary folder)."""
+  return os.path.exists(os.path.join(store_dir(data_dir, name, split, source_size), META_FILE))
+
+
 def open_store(
   data_dir: str | os.PathLike, name: str, split: str, source_size: int, reference=None
 ) -> Store:
   """The store of (name, split, source_size); a missing one is a
   FileNotFoundError that gives the command building it."""
   directory = store_dir(data_dir, name, split, source_size)
-  if not os.path.exists(os.path.join(directory, META_FILE)):
+  if not is_built(data_dir, name, split, source_size):
     raise FileNotFoundError(
       f"no pre-cropped copy of {name} ({split}, {source_size} px) in "
       f"{directory} (config.data.precropped=True); build it with: "
