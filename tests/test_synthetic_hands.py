@@ -224,6 +224,14 @@ def test_upright_configs_keep_fingers_up(label_samples):
   assert configs["demo_upright"].max_roll_deg == 60.0
   assert configs["demo"].max_roll_deg == 180.0  # older builds unchanged
   assert configs["demo_upright"].render_values[:4] == configs["demo"].render_values[:4]
+  # Seeds are per example index: the large set extends demo_upright.
+  large, upright = configs["demo_upright_large"], configs["demo_upright"]
+  assert large.render_values == upright.render_values
+  assert large.num_train == 10 * upright.num_train
+  assert (large.num_validation, large.num_evaluation) == (
+    upright.num_validation,
+    upright.num_evaluation,
+  )
 
 
 # --------------------------------------------------- image vs. the labels --

@@ -21,7 +21,9 @@ MCP-PIP bone); `valid` [21] bool (all True: every label is exact);
 `sample_id` int64 (= the example index i); `version` int32 (0).
 
 Configs: `small` (tests: 64 px, 32/8/8), `demo` (the CPU demo: 128 px,
-4000/500/500), `full` (224 px like FreiHAND, 50000/2000/4000).
+4000/500/500), `full` (224 px like FreiHAND, 50000/2000/4000); the
+`*_upright` variants keep hands within 60 degrees of upright, and
+`demo_upright_large` is demo_upright with 40000 training images.
 """
 
 from __future__ import annotations
@@ -200,6 +202,19 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       num_evaluation=500,
       max_roll_deg=60.0,
       description="As demo, hands within 60 degrees of upright.",
+    ),
+    # Ten times the unlabelled images of demo_upright for pre-training, as
+    # the paper pre-trains on far more images than it has labels for. The
+    # seeds are per index, so its first 4000 training images and its
+    # validation and evaluation splits are demo_upright's.
+    SyntheticHandsConfig(
+      name="demo_upright_large",
+      image_size=128,
+      num_train=40000,
+      num_validation=500,
+      num_evaluation=500,
+      max_roll_deg=60.0,
+      description="As demo_upright with 40000 training images (the first 4000 are demo_upright's).",
     ),
     SyntheticHandsConfig(
       name="full_upright",
