@@ -19,7 +19,10 @@ Arguments (comma separated): seeds=<n> (default 3), pretrain_steps (default
   size=demo|full (full: ResNet-50, 224 px crops, synthetic_hands/full_upright,
   for a GPU or TPU; pass larger pretrain_steps/finetune_steps there),
   probe (the backbones stay frozen and only the heads learn: what the
-  pre-trained features hold; use its own --workdir).
+  pre-trained features hold; use its own --workdir),
+  unlabelled=<synthetic_hands config> (the images pre-training reads,
+  default: the labelled pool's own training images; demo_upright_large has
+  10x as many, the first 4000 being the labelled pool).
 Expected runtime and result: BENCHMARKS.md "Label efficiency" (2 CPU cores:
   about 75 minutes with the defaults; the measured table is there).
 """
@@ -36,6 +39,7 @@ def get_config(arg=None):
     labels="1/10/100",
     size="demo",
     probe=False,
+    unlabelled="",
   )
   config = defaults.demo_config(args.size, "data/tfds")
   config.label_fractions = tuple(float(p) / 100 for p in args.labels.split("/"))
@@ -44,4 +48,6 @@ def get_config(arg=None):
   config.pretrain.checkpoint_every_steps = args.pretrain_steps
   config.finetune.num_train_steps = args.finetune_steps
   config.finetune.freeze_backbone = args.probe
+  if args.unlabelled:
+    defaults.use_synthetic(config.pretrain, args.unlabelled)
   return config

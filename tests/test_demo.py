@@ -103,3 +103,6 @@ def test_demo_and_label_efficiency_configs():
       a.pop(key, None), b.pop(key, None)
     assert a == b, stage
   assert _load("label_efficiency.py", "size=full").finetune.model.backbone == ("resnet50")
+  more = _load("label_efficiency.py", "unlabelled=demo_upright_large")
+  assert more.pretrain.data.sources == ("synthetic_hands/demo_upright_large",)
+  assert more.finetune.data.sources == grid.finetune.data.sources
