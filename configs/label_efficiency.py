@@ -24,7 +24,8 @@ Arguments (comma separated): seeds=<n> (default 3), pretrain_steps (default
   default: the labelled pool's own training images; demo_upright_large has
   10x as many, the first 4000 being the labelled pool).
 Expected runtime and result: BENCHMARKS.md "Label efficiency" (2 CPU cores:
-  about 75 minutes with the defaults; the measured table is there).
+  about 60 minutes with the defaults, 71 when it decoded JPEGs; the
+  measured table is there).
 """
 
 from peclr_jax import defaults
