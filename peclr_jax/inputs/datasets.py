@@ -9,11 +9,16 @@ from peclr_jax.inputs import input_pipeline, precrop
 EMBEDDED = ("synthetic_hands",)
 
 
+def _builds_on_first_use(data_cfg, source: str) -> bool:
+  """Whether `source` is embedded and the config lets it be built here."""
+  return source.partition("/")[0] in EMBEDDED and data_cfg.build_if_missing
+
+
 def _builder(data_cfg, source: str):
   """The builder of `source`: a dataset name, optionally '/<builder config>'."""
   name, _, builder_config = source.partition("/")
   builder_config = builder_config or None
-  if name in EMBEDDED and data_cfg.build_if_missing:
+  if _builds_on_first_use(data_cfg, source):
     return data.build_dataset(name, data_cfg.data_dir, config=builder_config)
   builder = data.make_builder(name, data_cfg.data_dir, builder_config)
   if not data.is_prepared(builder):
@@ -30,8 +35,9 @@ def _open_store(data_cfg, source: str, name: str, split: str, reference):
   """The pre-cropped store of a split; an embedded dataset's is built on
   first use, as the dataset itself is."""
   size = data_cfg.source_size
-  embedded = source.partition("/")[0] in EMBEDDED and data_cfg.build_if_missing
-  if embedded and not precrop.is_built(data_cfg.data_dir, name, split, size):
+  if _builds_on_first_use(data_cfg, source) and not precrop.is_built(
+    data_cfg.data_dir, name, split, size
+  ):
     precrop.build(name, split, data_cfg.data_dir, source_size=size, progress=True)
   return precrop.open_store(data_cfg.data_dir, name, split, size, reference=reference)
 

@@ -161,71 +161,63 @@ def generate(
         pending.append(submit(start))
 
 
+_SMALL = SyntheticHandsConfig(
+  name="small",
+  image_size=64,
+  num_train=32,
+  num_validation=8,
+  num_evaluation=8,
+  description="Tiny, for tests: 64 px, 32/8/8.",
+)
+_DEMO = SyntheticHandsConfig(
+  name="demo",
+  image_size=128,
+  num_train=4000,
+  num_validation=500,
+  num_evaluation=500,
+  description="CPU demo: 128 px, 4000/500/500.",
+)
+_FULL = SyntheticHandsConfig(
+  name="full",
+  image_size=224,
+  num_train=50000,
+  num_validation=2000,
+  num_evaluation=4000,
+  description="FreiHAND-sized images: 224 px, 50000/2000/4000.",
+)
+# Hands within 60 degrees of upright, as in real hand datasets. With any
+# roll (and palm/back flips) the mean pose is a point, and a small model
+# trained on few images learns little more than that mean.
+_DEMO_UPRIGHT = dataclasses.replace(
+  _DEMO,
+  name="demo_upright",
+  max_roll_deg=60.0,
+  description="As demo, hands within 60 degrees of upright.",
+)
+_FULL_UPRIGHT = dataclasses.replace(
+  _FULL,
+  name="full_upright",
+  max_roll_deg=60.0,
+  description="As full, hands within 60 degrees of upright.",
+)
+# Ten times the unlabelled images of demo_upright for pre-training, as the
+# paper pre-trains on far more images than it has labels for. The seeds are
+# per index, so its first 4000 training images and its validation and
+# evaluation splits are demo_upright's.
+_DEMO_UPRIGHT_LARGE = dataclasses.replace(
+  _DEMO_UPRIGHT,
+  name="demo_upright_large",
+  num_train=40000,
+  description="As demo_upright with 40000 training images (the first 4000 are demo_upright's).",
+)
+
+
 class Builder(tfds.core.GeneratorBasedBuilder):
   """Procedural synthetic hands (no download)."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
-  BUILDER_CONFIGS = [
-    SyntheticHandsConfig(
-      name="small",
-      image_size=64,
-      num_train=32,
-      num_validation=8,
-      num_evaluation=8,
-      description="Tiny, for tests: 64 px, 32/8/8.",
-    ),
-    SyntheticHandsConfig(
-      name="demo",
-      image_size=128,
-      num_train=4000,
-      num_validation=500,
-      num_evaluation=500,
-      description="CPU demo: 128 px, 4000/500/500.",
-    ),
-    SyntheticHandsConfig(
-      name="full",
-      image_size=224,
-      num_train=50000,
-      num_validation=2000,
-      num_evaluation=4000,
-      description="FreiHAND-sized images: 224 px, 50000/2000/4000.",
-    ),
-    # Hands within 60 degrees of upright, as in real hand datasets. With any
-    # roll (and palm/back flips) the mean pose is a point, and a small
-    # model trained on few images learns little more than that mean.
-    SyntheticHandsConfig(
-      name="demo_upright",
-      image_size=128,
-      num_train=4000,
-      num_validation=500,
-      num_evaluation=500,
-      max_roll_deg=60.0,
-      description="As demo, hands within 60 degrees of upright.",
-    ),
-    # Ten times the unlabelled images of demo_upright for pre-training, as
-    # the paper pre-trains on far more images than it has labels for. The
-    # seeds are per index, so its first 4000 training images and its
-    # validation and evaluation splits are demo_upright's.
-    SyntheticHandsConfig(
-      name="demo_upright_large",
-      image_size=128,
-      num_train=40000,
-      num_validation=500,
-      num_evaluation=500,
-      max_roll_deg=60.0,
-      description="As demo_upright with 40000 training images (the first 4000 are demo_upright's).",
-    ),
-    SyntheticHandsConfig(
-      name="full_upright",
-      image_size=224,
-      num_train=50000,
-      num_validation=2000,
-      num_evaluation=4000,
-      max_roll_deg=60.0,
-      description="As full, hands within 60 degrees of upright.",
-    ),
-  ]
+  BUILDER_CONFIGS = [_SMALL, _DEMO, _FULL, _DEMO_UPRIGHT, _DEMO_UPRIGHT_LARGE, _FULL_UPRIGHT]
   DEFAULT_CONFIG_NAME = "demo"
 
   def __init__(self, *, file_format: str | None = None, **kwargs):
