@@ -530,11 +530,11 @@ class _DropUnretrievedWriteErrors(logging.Filter):
 
   def filter(self, record):
     exc = record.exc_info[1] if record.exc_info else None
-    return not (
-      str(record.msg).startswith("Task exception was never retrieved")
-      and isinstance(exc, (OSError, ValueError))
-      and (isinstance(exc, OSError) or "os_error_code=" in str(exc))
+    # tensorstore raises a failed write as ValueError naming the OS error.
+    write_error = isinstance(exc, OSError) or (
+      isinstance(exc, ValueError) and "os_error_code=" in str(exc)
     )
+    return not (str(record.msg).startswith("Task exception was never retrieved") and write_error)
 
 
 def _quiet_failed_saves():
