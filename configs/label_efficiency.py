@@ -22,7 +22,11 @@ Arguments (comma separated): seeds=<n> (default 3), pretrain_steps (default
   pre-trained features hold; use its own --workdir),
   unlabelled=<synthetic_hands config> (the images pre-training reads,
   default: the labelled pool's own training images; demo_upright_large has
-  10x as many, the first 4000 being the labelled pool).
+  10x as many, the first 4000 being the labelled pool),
+  backbone_lr=<scale> (default 1: a pre-trained backbone fine-tunes at this
+  fraction of the heads' learning rate; scratch always at the full rate),
+  backbone=<name> (default: the size's, resnet_tiny for demo; resnet_small
+  is twice as wide).
 Expected runtime and result: BENCHMARKS.md "Label efficiency" (2 CPU cores:
   about 60 minutes with the defaults, 71 when it decoded JPEGs; the
   measured table is there).
@@ -41,6 +45,8 @@ def get_config(arg=None):
     size="demo",
     probe=False,
     unlabelled="",
+    backbone_lr=1.0,
+    backbone="",
   )
   config = defaults.demo_config(args.size, "data/tfds")
   config.label_fractions = tuple(float(p) / 100 for p in args.labels.split("/"))
@@ -49,6 +55,10 @@ def get_config(arg=None):
   config.pretrain.checkpoint_every_steps = args.pretrain_steps
   config.finetune.num_train_steps = args.finetune_steps
   config.finetune.freeze_backbone = args.probe
+  config.finetune.pretrained_backbone_lr_scale = args.backbone_lr
+  if args.backbone:
+    for stage in (config.pretrain, config.finetune, config.evaluate):
+      stage.model.backbone = defaults.backbone_name(args.backbone)
   if args.unlabelled:
     defaults.use_synthetic(config.pretrain, args.unlabelled)
   return config

@@ -142,6 +142,10 @@ def finetune_config() -> ml_collections.ConfigDict:
   # True: the backbone keeps its initial weights and BatchNorm statistics and
   # only the heads learn (a probe of the pre-trained features).
   config.freeze_backbone = False
+  # A backbone taken from `init` learns at this fraction of the heads'
+  # learning rate (1: the same rate). A backbone trained from scratch always
+  # learns at the full rate: its random weights hold nothing to keep.
+  config.pretrained_backbone_lr_scale = 1.0
   config.augment = _augment()
   config.augment.out_size = 224
   # Appearance augmentation is kept mild for regression.

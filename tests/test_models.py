@@ -120,11 +120,14 @@ def test_output_shapes_abstract(name):
   assert out.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("name,size", [("resnet_tiny", 32), ("resnet18", 32)])
-def test_forward_shapes(name, size):
+@pytest.mark.parametrize(
+  "name,size,features", [("resnet_tiny", 32, 64), ("resnet_small", 32, 128), ("resnet18", 32, 512)]
+)
+def test_forward_shapes(name, size, features):
   model = models.get_backbone(name, rngs=nnx.Rngs(0))
   out = model(jnp.ones((2, size, size, 3)))
-  assert out.shape == (2, model.num_features)
+  assert model.num_features == features
+  assert out.shape == (2, features)
   assert bool(jnp.all(jnp.isfinite(out)))
 
 

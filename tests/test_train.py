@@ -111,6 +111,29 @@ def test_finetune_starts_from_pretrained_backbone(synthetic_data_dir, tmp_path):
   heads_after = jax.tree.leaves(nnx.state(probed.keypoint_head))
   assert any(not np.array_equal(b, a) for b, a in zip(heads_before, heads_after, strict=True))
 
+  # At a learning-rate scale of 0 the pre-trained backbone's weights stay
+  # too, but unlike the probe it trains: its BatchNorm statistics move.
+  config.freeze_backbone = False
+  config.pretrained_backbone_lr_scale = 0.0
+  config.num_train_steps = 1
+  slowed, _ = finetune.train_and_evaluate(config, str(tmp_path / "slowed"))
+  weights = lambda m: jax.tree.leaves(nnx.state(m.backbone, nnx.Param))
+  for got, want in zip(weights(slowed), weights(pre_model), strict=True):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  stats = lambda m: jax.tree.leaves(nnx.state(m.backbone, nnx.BatchStat))
+  assert any(not np.array_equal(a, b) for a, b in zip(stats(slowed), stats(pre_model), strict=True))
+
+
+def test_backbone_updates_scaled_heads_not():
+  params = {"backbone": {"w": jnp.ones((3, 2))}, "keypoint_head": {"w": jnp.ones((2, 4))}}
+  grads = jax.tree.map(lambda p: jnp.arange(p.size, dtype=jnp.float32).reshape(p.shape), params)
+  tx = optax.adam(1e-2)
+  want, _ = tx.update(grads, tx.init(params), params)
+  scaled = finetune.scale_backbone_updates(tx, 0.25)
+  got, _ = scaled.update(grads, scaled.init(params), params)
+  np.testing.assert_array_equal(got["backbone"]["w"], 0.25 * want["backbone"]["w"])
+  np.testing.assert_array_equal(got["keypoint_head"]["w"], want["keypoint_head"]["w"])
+
 
 def test_finetune_rejects_backbone_of_other_architecture(synthetic_data_dir, tmp_path):
   pre_dir = str(tmp_path / "pre")

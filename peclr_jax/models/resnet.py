@@ -409,8 +409,12 @@ _SPECS: dict[str, tuple[type, tuple[int, ...], int]] = {
   "resnet50": (Bottleneck, (3, 4, 6, 3), 64),
   "resnet101": (Bottleneck, (3, 4, 23, 3), 64),
   "resnet152": (Bottleneck, (3, 8, 36, 3), 64),
-  # For tests: one BasicBlock per stage, width 8 (num_features 64).
+  # For tests and the CPU demo: one BasicBlock per stage, width 8
+  # (num_features 64).
   "resnet_tiny": (BasicBlock, (1, 1, 1, 1), 8),
+  # resnet_tiny twice as wide (num_features 128): the next size a CPU
+  # benchmark can pre-train.
+  "resnet_small": (BasicBlock, (1, 1, 1, 1), 16),
 }
 
 BACKBONES: tuple[str, ...] = tuple(_SPECS)

@@ -7,7 +7,8 @@ maps the labels with the same affine: 2D keypoints and K move with the image,
 the 3D keypoints in the camera frame stay (the rays K_view^-1 [u, v, 1] still
 point at them), so the 2.5D targets are recomputed from K_view.
 With `freeze_backbone` only the heads learn (a probe of what the
-pre-trained features hold).
+pre-trained features hold); `pretrained_backbone_lr_scale` < 1 lets a
+pre-trained backbone move more slowly than the freshly initialised heads.
 """
 
 import functools
@@ -128,6 +129,10 @@ def init_backbone_from_checkpoint(model: models.KeypointModel, path: str, backbo
   print(f"Initialised the backbone from {path} ({meta.get('kind')}).", flush=True)
 
 
+def _in_backbone(params):
+  return jax.tree_util.tree_map_with_path(lambda path, _: path[0].key == "backbone", params)
+
+
 def freeze_backbone(
   model: models.KeypointModel, tx: optax.GradientTransformation
 ) -> optax.GradientTransformation:
@@ -135,11 +140,15 @@ def freeze_backbone(
   their (pre-trained) running averages and its parameters get zero updates,
   so only the keypoint head and the z-root refiner learn."""
   model.backbone.eval()
+  return optax.chain(tx, optax.masked(optax.set_to_zero(), _in_backbone))
 
-  def in_backbone(params):
-    return jax.tree_util.tree_map_with_path(lambda path, _: path[0].key == "backbone", params)
 
-  return optax.chain(tx, optax.masked(optax.set_to_zero(), in_backbone))
+def scale_backbone_updates(
+  tx: optax.GradientTransformation, scale: float
+) -> optax.GradientTransformation:
+  """The backbone's updates times `scale`: with Adam, its learning rate
+  times `scale` at every step of the schedule, the heads' unchanged."""
+  return optax.chain(tx, optax.masked(optax.scale(scale), _in_backbone))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
@@ -169,6 +178,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     init_backbone_from_checkpoint(model, config.init, config.model.backbone)
   if config.freeze_backbone:
     tx = freeze_backbone(model, tx)
+  elif config.init and config.pretrained_backbone_lr_scale != 1:
+    tx = scale_backbone_updates(tx, config.pretrained_backbone_lr_scale)
 
   aug_cfg = augment.AugmentConfig.from_config(config.augment)
   weights = LossWeights(config.loss.uv_weight, config.loss.zrel_weight, config.loss.kp3d_weight)
@@ -179,6 +190,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     evaluator = make_evaluator(
       config, mesh, eval_sources, aug_cfg.out_size, max_batches=config.eval_batches
     )
+  backbone_rate = ""
+  if config.init and not config.freeze_backbone and config.pretrained_backbone_lr_scale != 1:
+    backbone_rate = f", backbone at {config.pretrained_backbone_lr_scale:g}x the learning rate"
   meta = {
     "kind": "finetune",
     "backbone": config.model.backbone,
@@ -190,7 +204,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     f"Fine-tuning {config.model.backbone} "
     f"({'from ' + config.init if config.init else 'from scratch'}) on "
     f"{[n for n, _ in sources]} ({num_examples} labelled images"
-    f"{', backbone frozen' if config.freeze_backbone else ''}): "
+    f"{', backbone frozen' if config.freeze_backbone else ''}"
+    f"{backbone_rate}): "
     f"{steps} steps of {config.batch_size}.",
     flush=True,
   )
