@@ -101,6 +101,11 @@ def _margin_range(v, c) -> bool:
   return _sequence(v) and len(v) == 2 and all(_is_number(m) for m in v) and 0 < v[0] <= v[1]
 
 
+def _jitter_min(v, c) -> bool:
+  high = c.config.augment.jitter_max
+  return _is_number(v) and _is_number(high) and v <= high
+
+
 def _invert(v, c) -> bool:
   return isinstance(v, (tuple, list)) and all(i in losses.INVERSIONS for i in v)
 
@@ -200,6 +205,7 @@ RULES = (
   Rule("augment.rotation_range", TRAIN, _number_at_least(0), "a number of degrees >= 0"),
   Rule("augment.margin_range", TRAIN, _margin_range, "(low, high) with 0 < low <= high"),
   Rule("augment.jitter_max", TRAIN, _number_at_least(0), "a number of pixels >= 0"),
+  Rule("augment.jitter_min", TRAIN, _jitter_min, "a number of pixels <= augment.jitter_max"),
   Rule("loss.kind", ("pretrain",), _one_of(("peclr", "simclr")), _choices(("peclr", "simclr"))),
   Rule("loss.temperature", ("pretrain",), _number_above(0), "a number > 0"),
   Rule("loss.invert", ("pretrain",), _invert, f"a tuple of {', '.join(losses.INVERSIONS)}"),

@@ -55,6 +55,7 @@ def _augment() -> ml_collections.ConfigDict:
       rotation_range=45.0,
       margin_range=(0.9, 1.5),
       jitter_max=15.0,
+      jitter_min=0.0,
       rotate=True,
       crop=True,
       color_jitter=True,

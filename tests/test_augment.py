@@ -210,6 +210,21 @@ def test_params_within_ranges():
   assert np.mean(-trans > 0.5 * bound) > 0.3  # spread over the range
 
 
+def test_negative_jitter_min_shifts_the_hand_both_ways():
+  rng = np.random.default_rng(1)
+  batch = 256
+  kp = _ring_keypoints(rng, batch, rng.uniform(12, 20, (batch, 1, 2)), 10.0)
+  img = np.zeros((batch, 32, 32, 3), np.uint8)
+  _, params, _ = _view(jax.random.key(7), img, kp, cfg=_cfg(jitter_min=-15.0))
+  scale = np.asarray(params["scale"])
+  trans = np.asarray(params["translation"])
+  _, h0 = _np_box(kp)
+  bound = (15.0 * scale / (2 * h0))[:, None]  # z j / S at |j| = 15
+  assert np.all(np.abs(trans) <= bound * (1 + K_GEOM * EPS))
+  for side in (trans > 0.5 * bound, trans < -0.5 * bound):
+    assert side.mean() > 0.15  # both directions, spread over each half
+
+
 def test_matrix_equals_documented_formula():
   rng = np.random.default_rng(2)
   batch = 16

@@ -71,6 +71,7 @@ BAD = [
   ("pretrain", "augment.out_size", 0, "an integer >= 1"),
   ("pretrain", "augment.margin_range", (1.5, 0.9), "0 < low <= high"),
   ("pretrain", "augment.rotation_range", -1.0, "degrees >= 0"),
+  ("finetune", "augment.jitter_min", 20.0, "pixels <= augment.jitter_max"),
   ("pretrain", "loss.kind", "simclrr", "one of 'peclr', 'simclr'"),
   ("pretrain", "loss.temperature", 0.0, "a number > 0"),
   ("pretrain", "loss.invert", ("rotat",), "a tuple of translate, rotate"),

@@ -22,7 +22,7 @@ from peclr_jax.models import restore
 from peclr_jax.train import checkpoints
 
 
-def _ground_truth_crop(predict_fn, batch, crop_size):
+def ground_truth_crop(predict_fn, batch, crop_size):
   """One pass from the labelled hand's box (an upper bound for the protocol)."""
   matrix = evaluate.ground_truth_matrix(batch["keypoints_2d"], crop_size)
   out = predict_fn(
@@ -69,7 +69,7 @@ def run(config, workdir: str) -> dict:
           box_fraction=config.first_box_fraction,
         )
       elif config.crop == "ground_truth":
-        out = _ground_truth_crop(predict_fn, batch, crop_size)
+        out = ground_truth_crop(predict_fn, batch, crop_size)
       else:
         raise ValueError(f"config.crop={config.crop!r}; expected 'two_pass' or 'ground_truth'")
       keep = batch["mask"]

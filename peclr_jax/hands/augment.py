@@ -50,6 +50,9 @@ class AugmentConfig:
   rotation_range: float = 45.0  # theta: whole degrees in [-r, r]
   margin_range: tuple[float, float] = (0.9, 1.5)  # crop margin m (scale)
   jitter_max: float = 15.0  # crop-origin jitter, source px (translation)
+  # The public code only shifts the crop origin forwards, i.e. the hand up
+  # and left in the view; a negative jitter_min shifts it both ways.
+  jitter_min: float = 0.0
   fixed_margin: float = 1.25  # margin when crop=False (public default)
   rotate: bool = True
   crop: bool = True  # random margin + jitter; off -> fixed_margin, no jitter
@@ -308,7 +311,7 @@ def sample_geometry(
     theta = jnp.zeros((bsz,), jnp.float32)
   if cfg.crop:
     margin = _uniform(k_margin, (bsz,), cfg.margin_range)
-    jitter = _uniform(k_jit, (bsz, 2), (0.0, cfg.jitter_max))
+    jitter = _uniform(k_jit, (bsz, 2), (cfg.jitter_min, cfg.jitter_max))
   else:
     margin = jnp.full((bsz,), cfg.fixed_margin, jnp.float32)
     jitter = jnp.zeros((bsz, 2), jnp.float32)

@@ -29,7 +29,11 @@ ALLOW_CONFIG_CHANGE_ENV = "PECLR_ALLOW_CONFIG_CHANGE"
 # Keys added after checkpoints were first written, with the value that does
 # what runs did before the key existed: a checkpoint stored without the key
 # counts as having that value, so adding a key does not refuse old runs.
-ADDED_KEYS = {"freeze_backbone": False, "pretrained_backbone_lr_scale": 1.0}
+ADDED_KEYS = {
+  "freeze_backbone": False,
+  "pretrained_backbone_lr_scale": 1.0,
+  "augment.jitter_min": 0.0,
+}
 
 
 def _flatten(tree, prefix=""):

@@ -1,0 +1,100 @@
+"""What the two-pass test-time crop costs each model, and why.
+
+  python benchmarks/two_pass_boxes.py --checkpoint <fine-tuning workdir> [...]
+
+For each fine-tuned model, on the synthetic evaluation split: PA-EPE under
+the two-pass protocol (evaluate mode's 'two_pass') and from the labelled
+hand's box ('ground_truth'), and how far the second-pass box, made from the
+first pass's 2D prediction on the whole image, is from the labelled hand's
+box: the ratio of their sides (the crop's zoom) and the distance between
+their centres in units of the true box's side; and both PA-EPEs over the
+hands whose second box has a side within 20% of the true one and a centre
+within 0.2 of its side ("good box"), and over the rest. Prints one JSON row per checkpoint.
+"""
+
+import argparse
+import json
+
+import common  # pylint: disable=g-import-not-at-top
+import numpy as np
+
+from peclr_jax import defaults, predict
+from peclr_jax.evaluation import evaluate, evaluate_mode
+from peclr_jax.hands import crops
+from peclr_jax.inputs import datasets, input_pipeline
+from peclr_jax.models import restore
+
+
+def _side_and_centre(box):
+  side = np.maximum(box[..., 2] - box[..., 0], box[..., 3] - box[..., 1])
+  centre = 0.5 * np.stack([box[..., 0] + box[..., 2], box[..., 1] + box[..., 3]], -1)
+  return side, centre
+
+
+def measure(checkpoint: str, ev) -> dict:
+  model, crop_size, _, path = restore.keypoint_model(checkpoint)
+  predict_fn = predict.Predictor(model, crop_size, batch_size=64).predict_crops
+  ((_, source),) = datasets.open_sources(ev.data, ev.data.eval_split)
+  it = input_pipeline.make_eval_iterator(
+    source,
+    global_batch=64,
+    source_size=ev.data.source_size,
+    crop="none",
+    process_index=0,
+    process_count=1,
+  )
+  errors = {"two_pass": [], "ground_truth": []}
+  zoom, offset = [], []
+  for batch in it:
+    keep = batch["mask"] & batch["valid"].all(-1)
+    outs = {
+      "two_pass": evaluate.two_pass_predict(
+        predict_fn,
+        batch["image"],
+        batch["K"],
+        batch["scale"],
+        crop_size,
+        box_fraction=ev.first_box_fraction,
+      ),
+      "ground_truth": evaluate_mode.ground_truth_crop(predict_fn, batch, crop_size),
+    }
+    for crop, out in outs.items():
+      _, pa_err = evaluate.keypoint_errors(
+        out["kp3d_ait_metres"][keep], batch["keypoints_3d"][keep]
+      )
+      errors[crop].append(100 * pa_err.mean(-1))
+    pred_side, pred_centre = _side_and_centre(outs["two_pass"]["box"])
+    true_side, true_centre = _side_and_centre(crops.keypoint_box(batch["keypoints_2d"]))
+    zoom.append((pred_side / true_side)[keep])
+    offset.append((np.linalg.norm(pred_centre - true_centre, axis=-1) / true_side)[keep])
+  errors = {crop: np.concatenate(e) for crop, e in errors.items()}
+  zoom, offset = np.concatenate(zoom), np.concatenate(offset)
+  good = (np.abs(np.log(zoom)) <= np.log(1.2)) & (offset <= 0.2)
+  row = {"checkpoint": path, "samples": len(zoom)}
+  for crop, err in errors.items():
+    row[f"{crop}_pa_epe_cm"] = float(err.mean())
+    row[f"{crop}_pa_epe_cm_good_box"] = float(err[good].mean())
+    row[f"{crop}_pa_epe_cm_bad_box"] = float(err[~good].mean())
+  return {
+    **row,
+    "box_side_ratio_median": float(np.median(zoom)),
+    "box_side_off_by_20pct": float(np.mean(np.abs(np.log(zoom)) > np.log(1.2))),
+    "good_boxes": float(good.mean()),
+    "box_centre_offset_median": float(np.median(offset)),
+  }
+
+
+def main():
+  common.ensure_glibc_tunables()
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--checkpoint", required=True, nargs="+", help="fine-tuning workdirs")
+  parser.add_argument("--data_dir", default="data/tfds")
+  parser.add_argument("--size", default="demo", help="defaults.demo_config size (the dataset)")
+  args = parser.parse_args()
+  ev = defaults.demo_config(args.size, args.data_dir).evaluate
+  for checkpoint in args.checkpoint:
+    print(json.dumps({"machine": common.machine(), **measure(checkpoint, ev)}), flush=True)
+
+
+if __name__ == "__main__":
+  main()
