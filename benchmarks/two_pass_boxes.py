@@ -9,7 +9,8 @@ first pass's 2D prediction on the whole image, is from the labelled hand's
 box: the ratio of their sides (the crop's zoom) and the distance between
 their centres in units of the true box's side; and both PA-EPEs over the
 hands whose second box has a side within 20% of the true one and a centre
-within 0.2 of its side ("good box"), and over the rest. Prints one JSON row per checkpoint.
+within 0.2 of its side ("good box"), and over the rest. Prints one JSON
+row per checkpoint.
 """
 
 import argparse

@@ -14,7 +14,8 @@ and label_efficiency.png (PA-EPE against the label fraction). Finished runs
 are reused: re-running the command continues an interrupted grid.
 Arguments (comma separated): seeds=<n> (default 3), pretrain_steps (default
   6000: 96 epochs of the 4,000 images, as the paper's 100; 1200 gave PeCLR
-  less of a lead), finetune_steps, labels=<percentages separated by '/'>
+  less of a lead), finetune_steps (default 1000; with 3000, scratch makes up
+  most of the pre-trained starts' lead), labels=<percentages separated by '/'>
   (default 1/10/100),
   size=demo|full (full: ResNet-50, 224 px crops, synthetic_hands/full_upright,
   for a GPU or TPU; pass larger pretrain_steps/finetune_steps there),

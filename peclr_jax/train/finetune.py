@@ -176,10 +176,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   model = make_model(config, nnx.Rngs(config.seed))
   if config.init:
     init_backbone_from_checkpoint(model, config.init, config.model.backbone)
+  backbone_note = ""
   if config.freeze_backbone:
     tx = freeze_backbone(model, tx)
+    backbone_note = ", backbone frozen"
   elif config.init and config.pretrained_backbone_lr_scale != 1:
     tx = scale_backbone_updates(tx, config.pretrained_backbone_lr_scale)
+    backbone_note = f", backbone at {config.pretrained_backbone_lr_scale:g}x the learning rate"
 
   aug_cfg = augment.AugmentConfig.from_config(config.augment)
   weights = LossWeights(config.loss.uv_weight, config.loss.zrel_weight, config.loss.kp3d_weight)
@@ -190,9 +193,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     evaluator = make_evaluator(
       config, mesh, eval_sources, aug_cfg.out_size, max_batches=config.eval_batches
     )
-  backbone_rate = ""
-  if config.init and not config.freeze_backbone and config.pretrained_backbone_lr_scale != 1:
-    backbone_rate = f", backbone at {config.pretrained_backbone_lr_scale:g}x the learning rate"
   meta = {
     "kind": "finetune",
     "backbone": config.model.backbone,
@@ -203,9 +203,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   print(
     f"Fine-tuning {config.model.backbone} "
     f"({'from ' + config.init if config.init else 'from scratch'}) on "
-    f"{[n for n, _ in sources]} ({num_examples} labelled images"
-    f"{', backbone frozen' if config.freeze_backbone else ''}"
-    f"{backbone_rate}): "
+    f"{[n for n, _ in sources]} ({num_examples} labelled images{backbone_note}): "
     f"{steps} steps of {config.batch_size}.",
     flush=True,
   )
