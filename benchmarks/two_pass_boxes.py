@@ -9,8 +9,10 @@ first pass's 2D prediction on the whole image, is from the labelled hand's
 box: the ratio of their sides (the crop's zoom) and the distance between
 their centres in units of the true box's side; and both PA-EPEs over the
 hands whose second box has a side within 20% of the true one and a centre
-within 0.2 of its side ("good box"), and over the rest. Prints one JSON
-row per checkpoint.
+within 0.2 of its side ("good box"), and over the rest. Last, how much
+each model depends on the framing: PA-EPE from the labelled hand's box
+moved by 0.1-0.4 of its side (each hand in its own random direction, the
+same for every model). Prints one JSON row per checkpoint.
 """
 
 import argparse
@@ -32,6 +34,10 @@ def _side_and_centre(box):
   return side, centre
 
 
+# Shifts of the labelled hand's box, in box sides.
+SHIFTS = (0.1, 0.2, 0.3, 0.4)
+
+
 def measure(checkpoint: str, ev) -> dict:
   model, crop_size, _, path = restore.keypoint_model(checkpoint)
   predict_fn = predict.Predictor(model, crop_size, batch_size=64).predict_crops
@@ -44,10 +50,15 @@ def measure(checkpoint: str, ev) -> dict:
     process_index=0,
     process_count=1,
   )
-  errors = {"two_pass": [], "ground_truth": []}
+  errors = {"two_pass": [], "ground_truth": [], **{f"shifted_{f:g}": [] for f in SHIFTS}}
   zoom, offset = [], []
+  directions = np.random.default_rng(0)
   for batch in it:
     keep = batch["mask"] & batch["valid"].all(-1)
+    true_box = crops.keypoint_box(batch["keypoints_2d"])
+    true_side, true_centre = _side_and_centre(true_box)
+    angle = directions.uniform(0, 2 * np.pi, len(true_box))
+    unit = np.stack([np.cos(angle), np.sin(angle)], -1) * true_side[:, None]
     outs = {
       "two_pass": evaluate.two_pass_predict(
         predict_fn,
@@ -59,13 +70,16 @@ def measure(checkpoint: str, ev) -> dict:
       ),
       "ground_truth": evaluate_mode.ground_truth_crop(predict_fn, batch, crop_size),
     }
+    for f in SHIFTS:
+      box = true_box + np.tile(f * unit, 2)
+      matrix = crops.box_affine(box, crop_size)
+      outs[f"shifted_{f:g}"] = evaluate_mode.predict_in_crop(predict_fn, batch, matrix, crop_size)
     for crop, out in outs.items():
       _, pa_err = evaluate.keypoint_errors(
         out["kp3d_ait_metres"][keep], batch["keypoints_3d"][keep]
       )
       errors[crop].append(100 * pa_err.mean(-1))
     pred_side, pred_centre = _side_and_centre(outs["two_pass"]["box"])
-    true_side, true_centre = _side_and_centre(crops.keypoint_box(batch["keypoints_2d"]))
     zoom.append((pred_side / true_side)[keep])
     offset.append((np.linalg.norm(pred_centre - true_centre, axis=-1) / true_side)[keep])
   errors = {crop: np.concatenate(e) for crop, e in errors.items()}
@@ -74,8 +88,9 @@ def measure(checkpoint: str, ev) -> dict:
   row = {"checkpoint": path, "samples": len(zoom)}
   for crop, err in errors.items():
     row[f"{crop}_pa_epe_cm"] = float(err.mean())
-    row[f"{crop}_pa_epe_cm_good_box"] = float(err[good].mean())
-    row[f"{crop}_pa_epe_cm_bad_box"] = float(err[~good].mean())
+  for crop in ("two_pass", "ground_truth"):
+    row[f"{crop}_pa_epe_cm_good_box"] = float(errors[crop][good].mean())
+    row[f"{crop}_pa_epe_cm_bad_box"] = float(errors[crop][~good].mean())
   return {
     **row,
     "box_side_ratio_median": float(np.median(zoom)),

@@ -25,6 +25,11 @@ from peclr_jax.train import checkpoints
 def ground_truth_crop(predict_fn, batch, crop_size):
   """One pass from the labelled hand's box (an upper bound for the protocol)."""
   matrix = evaluate.ground_truth_matrix(batch["keypoints_2d"], crop_size)
+  return predict_in_crop(predict_fn, batch, matrix, crop_size)
+
+
+def predict_in_crop(predict_fn, batch, matrix, crop_size):
+  """One pass on the crops `matrix` [N, 3, 3] (image -> crop) makes."""
   out = predict_fn(
     evaluate.crop_and_normalise(batch["image"], matrix, crop_size), matrix @ batch["K"]
   )
