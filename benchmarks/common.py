@@ -146,3 +146,26 @@ if __name__ == "__main__":
   print(
     json.dumps({"benchmark": "machine", **machine(), "recommended_GLIBC_TUNABLES": GLIBC_TUNABLES})
   )
+
+
+def keypoint_model_on_eval_split(checkpoint: str, ev, batch_size: int = 64):
+  """(predict_fn on ready crops, crop size, checkpoint path, iterator over
+  the evaluation split's whole images) for scripts that evaluate a fine-tuned
+  model their own way. Imports grain/TFDS here, not at the module's top:
+  the accelerator scripts import this module on an image without them."""
+  from peclr_jax import predict  # pylint: disable=g-import-not-at-top
+  from peclr_jax.inputs import datasets, input_pipeline  # pylint: disable=g-import-not-at-top
+  from peclr_jax.models import restore  # pylint: disable=g-import-not-at-top
+
+  model, crop_size, _, path = restore.keypoint_model(checkpoint)
+  predict_fn = predict.Predictor(model, crop_size, batch_size=batch_size).predict_crops
+  ((_, source),) = datasets.open_sources(ev.data, ev.data.eval_split)
+  it = input_pipeline.make_eval_iterator(
+    source,
+    global_batch=batch_size,
+    source_size=ev.data.source_size,
+    crop="none",
+    process_index=0,
+    process_count=1,
+  )
+  return predict_fn, crop_size, path, it

@@ -21,11 +21,9 @@ import json
 import common  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from peclr_jax import defaults, predict
+from peclr_jax import defaults
 from peclr_jax.evaluation import evaluate
 from peclr_jax.hands import geometry
-from peclr_jax.inputs import datasets, input_pipeline
-from peclr_jax.models import restore
 
 
 def _rebuild(uv, zrel, zroot, K, scale):
@@ -43,17 +41,7 @@ def main():
   args = parser.parse_args()
 
   ev = defaults.demo_config(args.size, args.data_dir).evaluate
-  model, crop_size, _, path = restore.keypoint_model(args.checkpoint)
-  predict_fn = predict.Predictor(model, crop_size, batch_size=64).predict_crops
-  ((_, source),) = datasets.open_sources(ev.data, ev.data.eval_split)
-  it = input_pipeline.make_eval_iterator(
-    source,
-    global_batch=64,
-    source_size=ev.data.source_size,
-    crop="none",
-    process_index=0,
-    process_count=1,
-  )
+  predict_fn, crop_size, path, it = common.keypoint_model_on_eval_split(args.checkpoint, ev)
   variants = ("model", "true 2D", "true depth", "both true")
   accs = {name: evaluate.KeypointMetricsAccumulator() for name in variants}
   uv_err, zrel_err = [], []

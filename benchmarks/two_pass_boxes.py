@@ -21,11 +21,9 @@ import json
 import common  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from peclr_jax import defaults, predict
+from peclr_jax import defaults
 from peclr_jax.evaluation import evaluate, evaluate_mode
 from peclr_jax.hands import crops
-from peclr_jax.inputs import datasets, input_pipeline
-from peclr_jax.models import restore
 
 
 def _side_and_centre(box):
@@ -39,17 +37,7 @@ SHIFTS = (0.1, 0.2, 0.3, 0.4)
 
 
 def measure(checkpoint: str, ev) -> dict:
-  model, crop_size, _, path = restore.keypoint_model(checkpoint)
-  predict_fn = predict.Predictor(model, crop_size, batch_size=64).predict_crops
-  ((_, source),) = datasets.open_sources(ev.data, ev.data.eval_split)
-  it = input_pipeline.make_eval_iterator(
-    source,
-    global_batch=64,
-    source_size=ev.data.source_size,
-    crop="none",
-    process_index=0,
-    process_count=1,
-  )
+  predict_fn, crop_size, path, it = common.keypoint_model_on_eval_split(checkpoint, ev)
   errors = {"two_pass": [], "ground_truth": [], **{f"shifted_{f:g}": [] for f in SHIFTS}}
   zoom, offset = [], []
   directions = np.random.default_rng(0)
