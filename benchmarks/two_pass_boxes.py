@@ -13,8 +13,12 @@ within 0.2 of its side ("good box"), and over the rest. Last, how much
 each model depends on the framing: PA-EPE from the labelled hand's box
 moved by 0.1-0.4 of its side (each hand in its own random direction, the
 same for every model), and from it scaled about its centre by 0.8 and 1.25
-(the second box's side is off by more than 20% for over half the hands).
-Prints one JSON row per checkpoint.
+(the second box's side is off by more than 20% for over half the hands),
+and from the second box turned to a random direction: the labelled hand's
+box scaled and moved as the second box is, by the same distance, in a
+random direction ('turned_second_box'), which tells how much of the
+two-pass cost is how far the second box is off and how much where it is
+off to. Prints one JSON row per checkpoint.
 """
 
 import argparse
@@ -45,6 +49,7 @@ def measure(checkpoint: str, ev) -> dict:
   errors = {"two_pass": [], "ground_truth": []}
   errors.update({f"shifted_{f:g}": [] for f in SHIFTS})
   errors.update({f"scaled_{z:g}": [] for z in ZOOMS})
+  errors["turned_second_box"] = []
   zoom, offset = [], []
   directions = np.random.default_rng(0)
   for batch in it:
@@ -72,14 +77,19 @@ def measure(checkpoint: str, ev) -> dict:
     for z in ZOOMS:
       matrix = crops.box_affine(centre + z * (true_box - centre), crop_size)
       outs[f"scaled_{z:g}"] = evaluate_mode.predict_in_crop(predict_fn, batch, matrix, crop_size)
+    pred_side, pred_centre = _side_and_centre(outs["two_pass"]["box"])
+    distance = np.linalg.norm(pred_centre - true_centre, axis=-1) / true_side
+    turned = centre + (pred_side / true_side)[:, None] * (true_box - centre)
+    turned += np.tile(distance[:, None] * unit, 2)
+    matrix = crops.box_affine(turned, crop_size)
+    outs["turned_second_box"] = evaluate_mode.predict_in_crop(predict_fn, batch, matrix, crop_size)
     for crop, out in outs.items():
       _, pa_err = evaluate.keypoint_errors(
         out["kp3d_ait_metres"][keep], batch["keypoints_3d"][keep]
       )
       errors[crop].append(100 * pa_err.mean(-1))
-    pred_side, pred_centre = _side_and_centre(outs["two_pass"]["box"])
     zoom.append((pred_side / true_side)[keep])
-    offset.append((np.linalg.norm(pred_centre - true_centre, axis=-1) / true_side)[keep])
+    offset.append(distance[keep])
   errors = {crop: np.concatenate(e) for crop, e in errors.items()}
   zoom, offset = np.concatenate(zoom), np.concatenate(offset)
   good = (np.abs(np.log(zoom)) <= np.log(1.2)) & (offset <= 0.2)
