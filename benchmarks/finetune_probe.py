@@ -112,7 +112,7 @@ def uv_probe(args):
       views, _, matrix = augment.augment_view(key, batch["image"], batch["keypoints_2d"], aug)
       target = finetune.keypoint_targets(batch["keypoints_3d"], matrix @ batch["K"])["kp2d"]
       head = model.keypoint_head
-      logits, depth = head.maps(model.backbone.feature_map(views))
+      logits, depth = head.maps(model.backbone.feature_maps(views))
       stride = head.stride
       uv = heads.integral_2p5d(logits, depth, stride)[..., :2]
       err = jnp.mean(jnp.abs(uv - target)) / args.size

@@ -132,8 +132,9 @@ def finetune_config() -> ml_collections.ConfigDict:
       backbone="resnet50",
       dtype="float32",
       uv_units="normalized",
-      # 'linear' (the paper: pooled features -> Linear) or 'heatmap'
-      # (integral regression over 2.5D heatmaps; models.KEYPOINT_HEADS).
+      # 'linear' (the paper: pooled features -> Linear), 'heatmap'
+      # (integral regression over 2.5D heatmaps) or 'heatmap_skip' (the
+      # same with skip connections from earlier stages; models.KEYPOINT_HEADS).
       head="linear",
     )
   )

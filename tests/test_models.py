@@ -829,6 +829,36 @@ def test_integral_2p5d_known_answers():
   np.testing.assert_allclose(flat[..., 2], depth.mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
 
 
+def test_heatmap_skip_head_is_the_plain_head_plus_its_skips():
+  # The skips are added 1x1 projections of earlier stages: with their
+  # kernels zero the head is the plain head with the same weights.
+  backbone = resnet_lib.get_backbone("resnet_tiny", rngs=nnx.Rngs(0))
+  feature_maps = nnx.jit(lambda b, x: b.feature_maps(x))
+  stages = feature_maps(backbone, jax.random.normal(jax.random.key(0), (2, 64, 64, 3)))
+  assert [int(s.shape[-1]) for s in stages] == list(backbone.stage_features)
+  skip = heads_lib.HeatmapHead(
+    backbone.num_features, skip_features=backbone.stage_features, rngs=nnx.Rngs(1)
+  )
+  plain = heads_lib.HeatmapHead(backbone.num_features, rngs=nnx.Rngs(2))
+  for part in ("up_convs", "up_bns", "out"):
+    nnx.update(getattr(plain, part), nnx.state(getattr(skip, part)))
+  with_skips = skip(stages)
+  assert with_skips.shape == (2, 21, 3)
+  assert float(jnp.abs(with_skips - plain(stages)).max()) > 1e-3
+  lateral_kernels = [lateral.kernel.get_value() for lateral in skip.laterals]
+  for lateral in skip.laterals:
+    lateral.kernel.set_value(jnp.zeros_like(lateral.kernel.get_value()))
+  np.testing.assert_allclose(skip(stages), plain(stages), rtol=1e-6, atol=1e-5)
+  # 100 px is no multiple of 32: stages of 25, 13, 7 and 4 cells, so each x2
+  # map (8, 14, 26) is cropped to the stage it meets, and the stride-4 grid
+  # covers the 100 px exactly.
+  for lateral, kernel in zip(skip.laterals, lateral_kernels):
+    lateral.kernel.set_value(kernel)
+  stages = feature_maps(backbone, jax.random.normal(jax.random.key(1), (2, 100, 100, 3)))
+  assert [int(s.shape[1]) for s in stages] == [25, 13, 7, 4]
+  assert skip.maps(stages)[0].shape == (2, 25, 25, 21)
+
+
 def test_heatmap_keypoint_model_outputs_and_gradients():
   size = 64
   model = models.KeypointModel("resnet_tiny", rngs=nnx.Rngs(0), head="heatmap")

@@ -108,8 +108,10 @@ class PeCLRModel(nnx.Module):
 
 
 #: 'linear': the paper's Linear on pooled features; 'heatmap': integral
-#: regression over 2.5D heatmaps (``HeatmapHead``).
-KEYPOINT_HEADS = ("linear", "heatmap")
+#: regression over 2.5D heatmaps upsampled from the last feature map
+#: (``HeatmapHead``); 'heatmap_skip': the same with skip connections from the
+#: earlier stages.
+KEYPOINT_HEADS = ("linear", "heatmap", "heatmap_skip")
 
 
 class KeypointModel(nnx.Module):
@@ -137,19 +139,20 @@ class KeypointModel(nnx.Module):
       uv_units: 'normalized': raw head outputs r map to pixels as
         (r + 1) * S / 2 (targets O(1) when training from scratch);
         'pixels': raw outputs are pixels (the released PyTorch weights).
-        The heatmap head always gives pixels.
+        The heatmap heads always give pixels.
       head: one of ``KEYPOINT_HEADS``.
     """
     if uv_units not in ("normalized", "pixels"):
       raise ValueError(f"uv_units={uv_units!r}")
     if head not in KEYPOINT_HEADS:
       raise ValueError(f"head={head!r}; expected one of {KEYPOINT_HEADS}")
-    self.uv_units = "pixels" if head == "heatmap" else uv_units
+    self.uv_units = "pixels" if head.startswith("heatmap") else uv_units
     self.head = head
     self.backbone = get_backbone(backbone_name, rngs=rngs, dtype=jnp.dtype(dtype))
-    if head == "heatmap":
+    if head.startswith("heatmap"):
+      skips = self.backbone.stage_features if head == "heatmap_skip" else ()
       self.keypoint_head = HeatmapHead(
-        self.backbone.num_features, rngs=rngs, dtype=jnp.dtype(dtype)
+        self.backbone.num_features, skip_features=skips, rngs=rngs, dtype=jnp.dtype(dtype)
       )
     else:
       self.keypoint_head = KeypointHead(self.backbone.num_features, rngs=rngs)
@@ -174,8 +177,8 @@ class KeypointModel(nnx.Module):
     if K is None:
       K = jnp.broadcast_to(default_intrinsics(h, w), (n, 3, 3))
     K = jnp.asarray(K, jnp.float32)
-    if self.head == "heatmap":
-      raw = self.keypoint_head(self.backbone.feature_map(images))
+    if self.head.startswith("heatmap"):
+      raw = self.keypoint_head(self.backbone.feature_maps(images))
     else:
       raw = self.keypoint_head(self.backbone(images))  # [N, 21, 3]
     uv = raw[..., :2]

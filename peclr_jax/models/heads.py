@@ -120,6 +120,12 @@ class HeatmapHead(nnx.Module):
   (Iqbal et al. 2018's 2.5D heatmaps, Sun et al. 2018's integral
   regression). Unlike the pooled linear head it keeps where things are in
   the image, so a small network learns positions from few examples.
+
+  With ``skip_features``, each upsampled map also gets a 1x1 projection of
+  the backbone stage of the same stride (16, 8, 4) added before its
+  BatchNorm, as FPN's lateral connections or a U-Net's skips: at 64 px the
+  stride-32 map is 2x2, too coarse to place joints to a pixel, while the
+  earlier stages still hold where edges are.
   """
 
   def __init__(
@@ -128,6 +134,7 @@ class HeatmapHead(nnx.Module):
     *,
     width: int = 64,
     num_upsample: int = 3,
+    skip_features: tuple[int, ...] = (),
     rngs: nnx.Rngs,
     dtype=jnp.float32,
   ):
@@ -137,19 +144,32 @@ class HeatmapHead(nnx.Module):
       in_features: channels of the backbone's last feature map.
       width: channels of the upsampling convolutions.
       num_upsample: x2 upsamplings of the stride-32 map (3: stride 4).
+      skip_features: () for no skips, or the channels of the backbone's
+        stages in stride order (``ResNet.stage_features``, last = stride
+        32); the ``num_upsample`` stages before the last feed the skips.
       rngs: parameter RNGs.
       dtype: compute dtype of the convolutions; the soft-argmax is float32.
     """
+    if skip_features and len(skip_features) <= num_upsample:
+      raise ValueError(
+        f"skip_features={skip_features}: need more than num_upsample={num_upsample} stages"
+      )
     self.stride = 32 // 2**num_upsample
-    convs, bns = [], []
+    convs, bns, laterals = [], [], []
     for i in range(num_upsample):
       # The backbone's conv (its CPU-friendly hook) and BatchNorm.
       convs.append(
         resnet.conv_layer(in_features if i == 0 else width, width, 3, 1, 1, rngs=rngs, dtype=dtype)
       )
       bns.append(resnet.batch_norm(width, rngs=rngs, dtype=dtype))
+      if skip_features:
+        # Stage of stride 32 / 2**(i + 1): counted back from the last.
+        laterals.append(
+          resnet.conv_layer(skip_features[-2 - i], width, 1, 1, 0, rngs=rngs, dtype=dtype)
+        )
     self.up_convs = nnx.List(convs)
     self.up_bns = nnx.List(bns)
+    self.laterals = nnx.List(laterals)
     self.out = nnx.Conv(
       width if num_upsample else in_features,
       2 * joints.NUM_JOINTS,
@@ -160,19 +180,27 @@ class HeatmapHead(nnx.Module):
       rngs=rngs,
     )
 
-  def maps(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """[N, h, w, C] -> (heatmap logits, depth maps), each [N, H, W, 21]
+  def maps(self, stages: tuple[jax.Array, ...]) -> tuple[jax.Array, jax.Array]:
+    """Backbone stage outputs (``ResNet.feature_maps``; the last, [N, h, w,
+    C], is upsampled) -> (heatmap logits, depth maps), each [N, H, W, 21]
     float32 at `self.stride` input pixels per cell."""
-    for conv, bn in zip(self.up_convs, self.up_bns):
-      x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-      x = jax.nn.relu(bn(conv(x)))
+    x = stages[-1]
+    for i, (conv, bn) in enumerate(zip(self.up_convs, self.up_bns)):
+      x = conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+      if self.laterals:
+        skip = stages[-2 - i]
+        # Stage sizes halve rounding up, so the x2 map can be a cell larger
+        # than the stage (100 px: 4x4 -> 8x8 against 7x7): crop it.
+        x = x[:, : skip.shape[1], : skip.shape[2]] + self.laterals[i](skip)
+      x = jax.nn.relu(bn(x))
     y = self.out(x.astype(jnp.float32))  # [N, H, W, 42]
     return y[..., : joints.NUM_JOINTS], y[..., joints.NUM_JOINTS :]
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """[N, h, w, C] -> [N, 21, 3] float32, last axis (u, v, z_rel), (u, v)
-    in pixels of the network's input (pixel centres at integers)."""
-    return integral_2p5d(*self.maps(x), self.stride)
+  def __call__(self, stages: tuple[jax.Array, ...]) -> jax.Array:
+    """Backbone stage outputs -> [N, 21, 3] float32, last axis (u, v,
+    z_rel), (u, v) in pixels of the network's input (pixel centres at
+    integers)."""
+    return integral_2p5d(*self.maps(stages), self.stride)
 
 
 def integral_2p5d(logits: jax.Array, depth: jax.Array, stride: int) -> jax.Array:

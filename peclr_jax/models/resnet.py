@@ -349,6 +349,7 @@ class ResNet(nnx.Module):
 
   Attributes:
     num_features: channels of the pooled output (``fc.in_features``).
+    stage_features: channels of each stage's output (``feature_maps``).
   """
 
   def __init__(
@@ -374,6 +375,7 @@ class ResNet(nnx.Module):
     self.conv1 = conv_layer(3, width, 7, 2, 3, rngs=rngs, dtype=dtype)
     self.bn1 = batch_norm(width, rngs=rngs, dtype=dtype)
     in_ch = width
+    stage_features = []
     for stage, n_blocks in enumerate(layers):
       stage_width = width * 2**stage
       stride = 1 if stage == 0 else 2
@@ -382,19 +384,29 @@ class ResNet(nnx.Module):
         blocks.append(block(in_ch, stage_width, stride if i == 0 else 1, rngs=rngs, dtype=dtype))
         in_ch = stage_width * block.expansion
       setattr(self, f"layer{stage + 1}", nnx.List(blocks))
+      stage_features.append(in_ch)
+    self.stage_features = tuple(stage_features)
     self.num_features = in_ch
 
-  def feature_map(self, x: jax.Array) -> jax.Array:
-    """Images ``[N, H, W, 3]`` (normalised) -> last stage's features
-    ``[N, H/32, W/32, num_features]`` in the compute dtype."""
+  def feature_maps(self, x: jax.Array) -> tuple[jax.Array, ...]:
+    """Images ``[N, H, W, 3]`` (normalised) -> the four stages' outputs, at
+    strides 4, 8, 16 and 32, with ``stage_features`` channels, in the
+    compute dtype."""
     x = jnp.asarray(x, self.dtype)
     x = jax.nn.relu(self.bn1(self.conv1(x)))
     # MaxPool2d(3, 2, padding=1) with -inf padding, as torch's.
     x = max_pool_3x3_s2(x)
+    stages = []
     for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
       for blk in layer:
         x = blk(x)
-    return x
+      stages.append(x)
+    return tuple(stages)
+
+  def feature_map(self, x: jax.Array) -> jax.Array:
+    """Images ``[N, H, W, 3]`` (normalised) -> last stage's features
+    ``[N, H/32, W/32, num_features]`` in the compute dtype."""
+    return self.feature_maps(x)[-1]
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """Images ``[N, H, W, 3]`` -> average-pooled features
