@@ -14,14 +14,13 @@ each model depends on the framing: PA-EPE from the labelled hand's box
 moved by 0.1-0.4 of its side (each hand in its own random direction, the
 same for every model), and from it scaled about its centre by 0.8 and 1.25
 (the second box's side is off by more than 20% for over half the hands),
-and from the second box turned to a random direction: the labelled hand's
-box scaled and moved as the second box is, by the same distance, in a
-random direction ('turned_second_box'), which tells how much of the
-two-pass cost is how far the second box is off and how much where it is
-off to. Prints one JSON row per checkpoint.
+and from it scaled and moved as far as the second box is but in a random
+direction ('turned_second_box': how much of the two-pass cost is how far
+the second box is off, not where to). Prints one JSON row per checkpoint.
 """
 
 import argparse
+import collections
 import json
 
 import common  # pylint: disable=g-import-not-at-top
@@ -46,10 +45,7 @@ ZOOMS = (0.8, 1.25)
 
 def measure(checkpoint: str, ev) -> dict:
   predict_fn, crop_size, path, it = common.keypoint_model_on_eval_split(checkpoint, ev)
-  errors = {"two_pass": [], "ground_truth": []}
-  errors.update({f"shifted_{f:g}": [] for f in SHIFTS})
-  errors.update({f"scaled_{z:g}": [] for z in ZOOMS})
-  errors["turned_second_box"] = []
+  errors = collections.defaultdict(list)
   zoom, offset = [], []
   directions = np.random.default_rng(0)
   for batch in it:
@@ -69,20 +65,16 @@ def measure(checkpoint: str, ev) -> dict:
       ),
       "ground_truth": evaluate_mode.ground_truth_crop(predict_fn, batch, crop_size),
     }
-    for f in SHIFTS:
-      box = true_box + np.tile(f * unit, 2)
-      matrix = crops.box_affine(box, crop_size)
-      outs[f"shifted_{f:g}"] = evaluate_mode.predict_in_crop(predict_fn, batch, matrix, crop_size)
-    centre = np.tile(true_centre, 2)
-    for z in ZOOMS:
-      matrix = crops.box_affine(centre + z * (true_box - centre), crop_size)
-      outs[f"scaled_{z:g}"] = evaluate_mode.predict_in_crop(predict_fn, batch, matrix, crop_size)
     pred_side, pred_centre = _side_and_centre(outs["two_pass"]["box"])
     distance = np.linalg.norm(pred_centre - true_centre, axis=-1) / true_side
+    centre = np.tile(true_centre, 2)
+    boxes = {f"shifted_{f:g}": true_box + np.tile(f * unit, 2) for f in SHIFTS}
+    boxes.update({f"scaled_{z:g}": centre + z * (true_box - centre) for z in ZOOMS})
     turned = centre + (pred_side / true_side)[:, None] * (true_box - centre)
-    turned += np.tile(distance[:, None] * unit, 2)
-    matrix = crops.box_affine(turned, crop_size)
-    outs["turned_second_box"] = evaluate_mode.predict_in_crop(predict_fn, batch, matrix, crop_size)
+    boxes["turned_second_box"] = turned + np.tile(distance[:, None] * unit, 2)
+    for name, box in boxes.items():
+      matrix = crops.box_affine(box, crop_size)
+      outs[name] = evaluate_mode.predict_in_crop(predict_fn, batch, matrix, crop_size)
     for crop, out in outs.items():
       _, pa_err = evaluate.keypoint_errors(
         out["kp3d_ait_metres"][keep], batch["keypoints_3d"][keep]
