@@ -16,7 +16,8 @@ same for every model), and from it scaled about its centre by 0.8 and 1.25
 (the second box's side is off by more than 20% for over half the hands),
 and from it scaled and moved as far as the second box is but in a random
 direction ('turned_second_box': how much of the two-pass cost is how far
-the second box is off, not where to). Prints one JSON row per checkpoint.
+the second box is off, not where to), and from a third crop about the
+second pass's prediction ('third_pass'). Prints one JSON row per checkpoint.
 """
 
 import argparse
@@ -65,6 +66,16 @@ def measure(checkpoint: str, ev) -> dict:
       ),
       "ground_truth": evaluate_mode.ground_truth_crop(predict_fn, batch, crop_size),
     }
+    # One more pass: the protocol again from the second box instead of the
+    # whole image, i.e. a third crop about the second pass's prediction.
+    outs["third_pass"] = evaluate.two_pass_predict(
+      predict_fn,
+      batch["image"],
+      batch["K"],
+      batch["scale"],
+      crop_size,
+      first_box=outs["two_pass"]["box"],
+    )
     pred_side, pred_centre = _side_and_centre(outs["two_pass"]["box"])
     distance = np.linalg.norm(pred_centre - true_centre, axis=-1) / true_side
     centre = np.tile(true_centre, 2)
