@@ -17,7 +17,10 @@ same for every model), and from it scaled about its centre by 0.8 and 1.25
 and from it scaled and moved as far as the second box is but in a random
 direction ('turned_second_box': how much of the two-pass cost is how far
 the second box is off, not where to), and from a third crop about the
-second pass's prediction ('third_pass'). Prints one JSON row per checkpoint.
+second pass's prediction ('third_pass'), and from the box of the true
+keypoints with the palm in place of the wrist ('true_palm_box': the second
+box of a perfect first pass, since the protocol boxes the model's
+palm-rooted output). Prints one JSON row per checkpoint.
 """
 
 import argparse
@@ -29,7 +32,7 @@ import numpy as np
 
 from peclr_jax import defaults
 from peclr_jax.evaluation import evaluate, evaluate_mode
-from peclr_jax.hands import crops
+from peclr_jax.hands import crops, geometry
 
 
 def _side_and_centre(box):
@@ -47,7 +50,7 @@ ZOOMS = (0.8, 1.25)
 def measure(checkpoint: str, ev) -> dict:
   predict_fn, crop_size, path, it = common.keypoint_model_on_eval_split(checkpoint, ev)
   errors = collections.defaultdict(list)
-  zoom, offset = [], []
+  zoom, offset, palm_zoom, palm_offset = [], [], [], []
   directions = np.random.default_rng(0)
   for batch in it:
     keep = batch["mask"] & batch["valid"].all(-1)
@@ -83,6 +86,12 @@ def measure(checkpoint: str, ev) -> dict:
     boxes.update({f"scaled_{z:g}": centre + z * (true_box - centre) for z in ZOOMS})
     turned = centre + (pred_side / true_side)[:, None] * (true_box - centre)
     boxes["turned_second_box"] = turned + np.tile(distance[:, None] * unit, 2)
+    # The box a perfect first pass would give: the protocol boxes the model's
+    # raw output, whose joint 0 is the palm, not the wrist.
+    boxes["true_palm_box"] = crops.keypoint_box(geometry.wrist_to_palm(batch["keypoints_2d"]))
+    palm_side, palm_centre = _side_and_centre(boxes["true_palm_box"])
+    palm_zoom.append((palm_side / true_side)[keep])
+    palm_offset.append((np.linalg.norm(palm_centre - true_centre, axis=-1) / true_side)[keep])
     for name, box in boxes.items():
       matrix = crops.box_affine(box, crop_size)
       outs[name] = evaluate_mode.predict_in_crop(predict_fn, batch, matrix, crop_size)
@@ -108,6 +117,8 @@ def measure(checkpoint: str, ev) -> dict:
     "box_side_off_by_20pct": float(np.mean(np.abs(np.log(zoom)) > np.log(1.2))),
     "good_boxes": float(good.mean()),
     "box_centre_offset_median": float(np.median(offset)),
+    "true_palm_box_side_ratio_median": float(np.median(np.concatenate(palm_zoom))),
+    "true_palm_box_centre_offset_median": float(np.median(np.concatenate(palm_offset))),
   }
 
 
