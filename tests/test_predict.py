@@ -58,21 +58,20 @@ def _random_pure(template, seed):
   return jax.tree_util.tree_map_with_path(draw, template)
 
 
-def _make_model(seed=0):
-  model = nnx.eval_shape(lambda: models.KeypointModel("resnet_tiny", rngs=nnx.Rngs(0)))
+def _make_model(seed=0, head="linear"):
+  model = nnx.eval_shape(lambda: models.KeypointModel("resnet_tiny", rngs=nnx.Rngs(0), head=head))
   state = nnx.state(model)
   nnx.replace_by_pure_dict(state, _random_pure(nnx.to_pure_dict(state), seed))
   nnx.update(model, state)
   return model
 
 
-def _save(workdir, pure, kind="finetune"):
+def _save(workdir, pure, kind="finetune", head=None):
+  meta = {"kind": kind, "backbone": "resnet_tiny", "uv_units": "normalized", "input_size": S}
+  if head is not None:  # fine-tuning writes it; older checkpoints lack it (linear)
+    meta["head"] = head
   mgr = checkpoints.CheckpointManager(str(workdir))
-  mgr.save(
-    0,
-    {"model": pure},
-    meta={"kind": kind, "backbone": "resnet_tiny", "uv_units": "normalized", "input_size": S},
-  )
+  mgr.save(0, {"model": pure}, meta=meta)
   mgr.close()
 
 
@@ -207,6 +206,24 @@ def test_from_checkpoint_prefers_best_and_checks_kind(model, tmp_path):
   _save(tmp_path / "pre", {"x": np.zeros(2, np.float32)}, kind="pretrain")
   with pytest.raises(checkpoints.CheckpointError, match="pretrain"):
     predict.Predictor.from_checkpoint(str(tmp_path / "pre"))
+
+
+@pytest.mark.parametrize("head", ["heatmap", "heatmap_skip"])
+def test_from_checkpoint_rebuilds_the_saved_head(head, tmp_path):
+  # The head named in the meta is rebuilt: the restored model gives the
+  # saved model's outputs (a linear head could not even hold the weights).
+  saved = _make_model(2, head=head)
+  _save(tmp_path / "run", nnx.to_pure_dict(nnx.state(saved)), head=head)
+  restored = restore.keypoint_model(str(tmp_path / "run"))
+  assert restored.meta["head"] == head
+  saved.eval()
+  x = np.random.default_rng(3).normal(size=(2, S, S, 3)).astype(np.float32)
+  K = np.broadcast_to(
+    np.diag([80.0, 80.0, 1.0]) + np.array([[0, 0, 32], [0, 0, 32], [0, 0, 0]]), (2, 3, 3)
+  )
+  want, have = saved(x, K), restored.model(x, K)
+  np.testing.assert_array_equal(np.asarray(have["kp2d"]), np.asarray(want["kp2d"]))
+  np.testing.assert_array_equal(np.asarray(have["kp3d"]), np.asarray(want["kp3d"]))
 
 
 def test_in_memory_model(model, predictor):
