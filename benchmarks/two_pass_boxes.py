@@ -16,8 +16,8 @@ same for every model), and from it scaled about its centre by 0.8 and 1.25
 (the second box's side is off by more than 20% for over half the hands),
 and from it scaled and moved as far as the second box is but in a random
 direction ('turned_second_box': how much of the two-pass cost is how far
-the second box is off, not where to), and from a third crop about the
-second pass's prediction ('third_pass'), and from the box of the true
+the second box is off, not where to); also from a third crop about the
+second pass's prediction ('third_pass') and from the box of the true
 keypoints with the palm in place of the wrist ('true_palm_box': the second
 box of a perfect first pass, since the protocol boxes the model's
 palm-rooted output). Prints one JSON row per checkpoint.
