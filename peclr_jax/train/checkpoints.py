@@ -524,9 +524,12 @@ class _DropOrbaxErrors(logging.Filter):
 
 
 class _DropUnretrievedWriteErrors(logging.Filter):
-  """asyncio reports a failed array write whose task nobody awaited any more
-  (orbax stopped at the first failure of the same save) as "Task exception
-  was never retrieved", with a traceback; the failure is raised anyway."""
+  """asyncio reports a failed array write whose task or future nobody
+  awaited any more (orbax stopped at the first failure of the same save) as
+  "Task (or Future) exception was never retrieved", with a traceback, when
+  the object is collected; the failure is raised anyway."""
+
+  UNRETRIEVED = ("Task exception was never retrieved", "Future exception was never retrieved")
 
   def filter(self, record):
     exc = record.exc_info[1] if record.exc_info else None
@@ -534,7 +537,7 @@ class _DropUnretrievedWriteErrors(logging.Filter):
     write_error = isinstance(exc, OSError) or (
       isinstance(exc, ValueError) and "os_error_code=" in str(exc)
     )
-    return not (str(record.msg).startswith("Task exception was never retrieved") and write_error)
+    return not (str(record.msg).startswith(self.UNRETRIEVED) and write_error)
 
 
 def _quiet_failed_saves():
