@@ -41,6 +41,13 @@ def _side_and_centre(box):
   return side, centre
 
 
+def _against(box, true_side, true_centre):
+  """Boxes against the labelled hands' ones: (side ratio, centre distance in
+  labelled box sides)."""
+  side, centre = _side_and_centre(box)
+  return side / true_side, np.linalg.norm(centre - true_centre, axis=-1) / true_side
+
+
 # Shifts of the labelled hand's box, in box sides.
 SHIFTS = (0.1, 0.2, 0.3, 0.4)
 # Scalings of the labelled hand's box about its centre.
@@ -79,19 +86,18 @@ def measure(checkpoint: str, ev) -> dict:
       crop_size,
       first_box=outs["two_pass"]["box"],
     )
-    pred_side, pred_centre = _side_and_centre(outs["two_pass"]["box"])
-    distance = np.linalg.norm(pred_centre - true_centre, axis=-1) / true_side
+    second_zoom, distance = _against(outs["two_pass"]["box"], true_side, true_centre)
     centre = np.tile(true_centre, 2)
     boxes = {f"shifted_{f:g}": true_box + np.tile(f * unit, 2) for f in SHIFTS}
     boxes.update({f"scaled_{z:g}": centre + z * (true_box - centre) for z in ZOOMS})
-    turned = centre + (pred_side / true_side)[:, None] * (true_box - centre)
+    turned = centre + second_zoom[:, None] * (true_box - centre)
     boxes["turned_second_box"] = turned + np.tile(distance[:, None] * unit, 2)
     # The box a perfect first pass would give: the protocol boxes the model's
     # raw output, whose joint 0 is the palm, not the wrist.
     boxes["true_palm_box"] = crops.keypoint_box(geometry.wrist_to_palm(batch["keypoints_2d"]))
-    palm_side, palm_centre = _side_and_centre(boxes["true_palm_box"])
-    palm_zoom.append((palm_side / true_side)[keep])
-    palm_offset.append((np.linalg.norm(palm_centre - true_centre, axis=-1) / true_side)[keep])
+    palm_zoom_batch, palm_distance = _against(boxes["true_palm_box"], true_side, true_centre)
+    palm_zoom.append(palm_zoom_batch[keep])
+    palm_offset.append(palm_distance[keep])
     for name, box in boxes.items():
       matrix = crops.box_affine(box, crop_size)
       outs[name] = evaluate_mode.predict_in_crop(predict_fn, batch, matrix, crop_size)
@@ -100,7 +106,7 @@ def measure(checkpoint: str, ev) -> dict:
         out["kp3d_ait_metres"][keep], batch["keypoints_3d"][keep]
       )
       errors[crop].append(100 * pa_err.mean(-1))
-    zoom.append((pred_side / true_side)[keep])
+    zoom.append(second_zoom[keep])
     offset.append(distance[keep])
   errors = {crop: np.concatenate(e) for crop, e in errors.items()}
   zoom, offset = np.concatenate(zoom), np.concatenate(offset)
