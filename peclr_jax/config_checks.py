@@ -204,6 +204,13 @@ RULES = (
   Rule("augment.out_size", TRAIN, _int_at_least(1), COUNT + " (pixels of the views)"),
   Rule("augment.rotation_range", TRAIN, _number_at_least(0), "a number of degrees >= 0"),
   Rule("augment.margin_range", TRAIN, _margin_range, "(low, high) with 0 < low <= high"),
+  Rule(
+    "augment.wide_fraction",
+    TRAIN,
+    lambda v, c: _is_number(v) and 0 <= v <= 1,
+    "a number in [0, 1] (share of views from augment.wide_margin_range)",
+  ),
+  Rule("augment.wide_margin_range", TRAIN, _margin_range, "(low, high) with 0 < low <= high"),
   Rule("augment.jitter_max", TRAIN, _number_at_least(0), "a number of pixels >= 0"),
   Rule("augment.jitter_min", TRAIN, _jitter_min, "a number of pixels <= augment.jitter_max"),
   Rule("loss.kind", ("pretrain",), _one_of(("peclr", "simclr")), _choices(("peclr", "simclr"))),

@@ -54,6 +54,8 @@ def _augment() -> ml_collections.ConfigDict:
       out_size=128,
       rotation_range=45.0,
       margin_range=(0.9, 1.5),
+      wide_fraction=0.0,
+      wide_margin_range=(1.5, 3.0),
       jitter_max=15.0,
       jitter_min=0.0,
       rotate=True,

@@ -210,6 +210,28 @@ def test_params_within_ranges():
   assert np.mean(-trans > 0.5 * bound) > 0.3  # spread over the range
 
 
+def test_wide_fraction_frames_that_share_of_views_wider_and_keeps_the_rest():
+  rng = np.random.default_rng(1)
+  batch = 512
+  kp = _ring_keypoints(rng, batch, rng.uniform(12, 20, (batch, 1, 2)), 10.0)
+  img = np.zeros((batch, 32, 32, 3), np.uint8)
+  key = jax.random.key(7)
+  _, plain, _ = _view(key, img, kp, cfg=_cfg())
+  fraction, wide_range = 0.3, (2.0, 3.0)  # disjoint from margin_range (0.9, 1.5)
+  cfg = _cfg(wide_fraction=fraction, wide_margin_range=wide_range)
+  _, mixed, _ = _view(key, img, kp, cfg=cfg)
+  margin, plain_margin = 1 / np.asarray(mixed["scale"]), 1 / np.asarray(plain["scale"])
+  wide = margin > 1.75
+  # Binomial share within 4 standard deviations.
+  assert abs(wide.mean() - fraction) < 4 * np.sqrt(fraction * (1 - fraction) / batch)
+  rel = 1e-5  # 1 / (1 / m) in float32: a few roundings of m
+  assert np.all(margin[wide] >= wide_range[0] * (1 - rel))
+  assert np.all(margin[wide] <= wide_range[1] * (1 + rel))
+  assert margin[wide].max() - margin[wide].min() > 0.5
+  # The other views are drawn exactly as without wide views.
+  np.testing.assert_array_equal(margin[~wide], plain_margin[~wide])
+
+
 def test_negative_jitter_min_shifts_the_hand_both_ways():
   rng = np.random.default_rng(1)
   batch = 256

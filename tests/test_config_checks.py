@@ -71,6 +71,8 @@ BAD = [
   ("pretrain", "augment.out_size", 0, "an integer >= 1"),
   ("pretrain", "augment.margin_range", (1.5, 0.9), "0 < low <= high"),
   ("pretrain", "augment.rotation_range", -1.0, "degrees >= 0"),
+  ("finetune", "augment.wide_fraction", 1.5, "a number in [0, 1]"),
+  ("finetune", "augment.wide_margin_range", (0.0, 2.0), "0 < low <= high"),
   ("finetune", "augment.jitter_min", 20.0, "pixels <= augment.jitter_max"),
   ("pretrain", "loss.kind", "simclrr", "one of 'peclr', 'simclr'"),
   ("pretrain", "loss.temperature", 0.0, "a number > 0"),

@@ -963,14 +963,19 @@ def test_metrics_log_truncated_on_resume_and_torn_line_tolerated(tmp_path):
 
 
 def test_keys_added_later_resume_old_checkpoints_at_their_old_behaviour():
-  """A run written before `freeze_backbone` existed resumes with it False
-  (what it did then) and is refused with it True."""
+  """A run written before `freeze_backbone` (or any key added later) existed
+  resumes with it False (what it did then) and is refused with it True."""
   from peclr_jax import defaults  # pylint: disable=g-import-not-at-top
   from peclr_jax.train import resume_checks  # pylint: disable=g-import-not-at-top
 
   config = defaults.finetune_config()
   stored = json.loads(config.to_json_best_effort())
-  del stored["freeze_backbone"]
+  for key in resume_checks.ADDED_KEYS:
+    *parents, last = key.split(".")
+    node = stored
+    for part in parents:
+      node = node[part]
+    del node[last]
   assert resume_checks.check_config_change(stored, config, "old run") == []
   config.freeze_backbone = True
   with pytest.raises(ValueError, match=r"freeze_backbone: False -> True"):

@@ -54,6 +54,11 @@ class AugmentConfig:
   # and left in the view; a negative jitter_min shifts it both ways.
   jitter_min: float = 0.0
   fixed_margin: float = 1.25  # margin when crop=False (public default)
+  # A fraction of views framed wider, margin from wide_margin_range instead:
+  # the two-pass evaluation's first crop (the whole image) frames a hand
+  # wider than margin_range does (docs/finetuning.md).
+  wide_fraction: float = 0.0
+  wide_margin_range: tuple[float, float] = (1.5, 3.0)
   rotate: bool = True
   crop: bool = True  # random margin + jitter; off -> fixed_margin, no jitter
   # HSV colour jitter.
@@ -311,6 +316,11 @@ def sample_geometry(
     theta = jnp.zeros((bsz,), jnp.float32)
   if cfg.crop:
     margin = _uniform(k_margin, (bsz,), cfg.margin_range)
+    if cfg.wide_fraction > 0:
+      # Keys folded from k_margin: without wide views the draws are unchanged.
+      k_coin, k_wide = jax.random.split(jax.random.fold_in(k_margin, 1))
+      wide = jax.random.bernoulli(k_coin, cfg.wide_fraction, (bsz,))
+      margin = jnp.where(wide, _uniform(k_wide, (bsz,), cfg.wide_margin_range), margin)
     jitter = _uniform(k_jit, (bsz, 2), (cfg.jitter_min, cfg.jitter_max))
   else:
     margin = jnp.full((bsz,), cfg.fixed_margin, jnp.float32)

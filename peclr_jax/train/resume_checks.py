@@ -33,6 +33,8 @@ ADDED_KEYS = {
   "freeze_backbone": False,
   "pretrained_backbone_lr_scale": 1.0,
   "augment.jitter_min": 0.0,
+  "augment.wide_fraction": 0.0,
+  "augment.wide_margin_range": [1.5, 3.0],  # JSON: lists, as the stored config
 }
 
 
