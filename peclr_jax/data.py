@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import importlib
 import inspect
 import io
@@ -38,6 +39,8 @@ from typing import Any
 
 DATASET_NAMES = ("freihand", "youtube3d_hands", "synthetic_hands", "hand_crops")
 REGRESSOR_KWARG = "regressor_path"
+# Held while building into a data_dir (`build_lock`).
+BUILD_LOCK = ".build.lock"
 
 
 class DatasetBuildError(Exception):
@@ -112,10 +115,47 @@ def build_dataset(
       missing. Errors from the builder itself (broken input files) propagate
       unchanged; TFDS leaves no prepared-looking dataset behind on failure.
   """
+  return _prepare_once(name, data_dir, config, manual_dir, builder_kwargs)[0]
+
+
+def _prepare_once(name, data_dir, config, manual_dir, builder_kwargs):
+  """(builder, whether this call built it): prepared, under `build_lock`, so
+  that two processes starting on one data_dir (two runs, a demo and a grid)
+  build once; the second waits, then finds the dataset prepared."""
   builder = make_builder(name, data_dir, config, **builder_kwargs)
-  if not is_prepared(builder):
+  if is_prepared(builder):
+    return builder, False
+  with build_lock(data_dir):
+    # A fresh builder: the one above read the folder before the wait.
+    builder = make_builder(name, data_dir, config, **builder_kwargs)
+    if is_prepared(builder):
+      return builder, False
     _prepare(builder, name, manual_dir)
-  return builder
+  return builder, True
+
+
+@contextlib.contextmanager
+def build_lock(data_dir: str | os.PathLike):
+  """Holds `<data_dir>/.build.lock` while inside: one process at a time
+  builds a dataset or a pre-cropped store into data_dir. While another
+  process holds it this waits, saying so. `flock`, so a killed builder
+  leaves no stale lock; where the file system has no locks, warns and goes
+  on unlocked. Not re-entrant: do not nest it in one process."""
+  os.makedirs(data_dir, exist_ok=True)
+  path = os.path.join(os.fspath(data_dir), BUILD_LOCK)
+  with open(path, "a") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      print(f"Waiting for another process building into {os.fspath(data_dir)} ...", flush=True)
+      fcntl.flock(f, fcntl.LOCK_EX)
+    except OSError as e:
+      print(
+        f"warning: cannot lock {path} ({e.strerror}); two builds into this "
+        "data_dir at once would collide",
+        file=sys.stderr,
+      )
+    yield  # closing the file drops the lock
 
 
 def is_prepared(builder) -> bool:
@@ -344,14 +384,15 @@ def _precrop(args) -> str:
   if args.source_size < 1:
     raise DatasetBuildError(f"--source_size must be >= 1, got {args.source_size}")
   start = time.perf_counter()
-  out = precrop.build(
-    name,
-    args.split,
-    args.data_dir,
-    source_size=args.source_size,
-    num_threads=max(1, args.num_threads),
-    progress=True,
-  )
+  with build_lock(args.data_dir):
+    out = precrop.build(
+      name,
+      args.split,
+      args.data_dir,
+      source_size=args.source_size,
+      num_threads=max(1, args.num_threads),
+      progress=True,
+    )
   n = builder.info.splits[args.split].num_examples
   return (
     f"{name} ({args.split}): {n:,} crops of {args.source_size} px -> "
@@ -368,11 +409,8 @@ def _build(args) -> str:
     kwargs[REGRESSOR_KWARG] = args.regressor
   start = time.perf_counter()
   tfds.display_progress_bar(True)
-  builder = make_builder(args.name, args.data_dir, args.config, **kwargs)
-  prepared_before = is_prepared(builder)
-  if not prepared_before:
-    _prepare(builder, args.name, args.manual_dir)
-  seconds = None if prepared_before else time.perf_counter() - start
+  builder, built = _prepare_once(args.name, args.data_dir, args.config, args.manual_dir, kwargs)
+  seconds = time.perf_counter() - start if built else None
   return summary(builder, seconds)
 
 

@@ -62,6 +62,40 @@ def test_cli_builds_then_reuses(tmp_path, fake):
   assert "already prepared" in again.stdout and "time:" not in again.stdout
 
 
+def test_a_build_waits_for_another_process_building_and_reuses_its_dataset(tmp_path, fake):
+  """Two runs starting on one empty data_dir used to build the same dataset
+  at once and collide (TFDS renames its finished folder into place). Now a
+  build waits for the data_dir's build lock and then finds the dataset
+  prepared: here the test holds the lock and builds while the CLI waits."""
+  data_dir = tmp_path / "data"
+  env = dict(os.environ, PYTHONPATH=REPO)
+  args = ["build", "freihand", "--manual_dir", fake["manual_dir"], "--data_dir", str(data_dir)]
+  with data.build_lock(data_dir):
+    proc = subprocess.Popen(
+      [sys.executable, "-m", "peclr_jax.data", *args],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      cwd=REPO,
+      env=env,
+    )
+    # Until it waits or (without the lock) builds; either prints a line.
+    seen = []
+    while not seen or not seen[-1].startswith(("Waiting for", "Building dataset")):
+      line = proc.stdout.readline()
+      assert line, "".join(seen)  # exited before either
+      seen.append(line)
+    assert seen[-1].startswith("Waiting for another process building into"), "".join(seen)
+    builder = data.make_builder("freihand", data_dir)
+    data._prepare(builder, "freihand", fake["manual_dir"])  # pylint: disable=protected-access
+    info = os.path.join(builder.data_dir, "dataset_info.json")
+    written = os.stat(info).st_mtime_ns
+  rest, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, rest
+  assert "already prepared" in rest and "Building dataset" not in rest, rest
+  assert os.stat(info).st_mtime_ns == written
+
+
 def test_cli_config(tmp_path, fake):
   result = _cli(
     "build",
@@ -192,8 +226,9 @@ def test_cli_passes_regressor_and_prints_skipped(tmp_path, monkeypatch, capsys):
     ]
   )
   assert code == 0
-  (builder,) = _StubBuilder.made
-  assert builder.regressor_path == "R.npy"
+  # The last one built (a build makes a fresh builder once it holds the lock).
+  builder = _StubBuilder.made[-1]
+  assert all(b.regressor_path == "R.npy" for b in _StubBuilder.made)
   assert builder.manual_dir == str(tmp_path)
   out = capsys.readouterr().out
   assert "train         7 examples" in out

@@ -34,11 +34,11 @@ def _builder(data_cfg, source: str):
 def _open_store(data_cfg, source: str, name: str, split: str, reference):
   """The pre-cropped store of a split; an embedded dataset's is built on
   first use, as the dataset itself is."""
-  size = data_cfg.source_size
-  if _builds_on_first_use(data_cfg, source) and not precrop.is_built(
-    data_cfg.data_dir, name, split, size
-  ):
-    precrop.build(name, split, data_cfg.data_dir, source_size=size, progress=True)
+  size, data_dir = data_cfg.source_size, data_cfg.data_dir
+  if _builds_on_first_use(data_cfg, source) and not precrop.is_built(data_dir, name, split, size):
+    with data.build_lock(data_dir):  # another run may be building it: wait, look again
+      if not precrop.is_built(data_dir, name, split, size):
+        precrop.build(name, split, data_dir, source_size=size, progress=True)
   return precrop.open_store(data_cfg.data_dir, name, split, size, reference=reference)
 
 
