@@ -231,3 +231,31 @@ def test_tiny_precropped_run_logs_the_input_wait(synthetic_data_dir, tmp_path):
   for r in rows:
     assert r["input_wait_ms"] >= 0
     assert 0 <= r["input_wait_fraction"] <= 1
+
+
+def test_an_embedded_datasets_stale_store_is_built_again(synthetic_data_dir, capsys):
+  """A store made from an older build of the synthetic dataset used to stop
+  every run (`stale pre-cropped store ...; build it again`), though the
+  store is derived from the dataset alone. With build_if_missing it is now
+  rebuilt, saying why; without, it is still refused."""
+  size = 36  # no other test's store
+  cfg = _data_cfg(synthetic_data_dir, size)
+  cfg.build_if_missing = True
+  [(_, store)] = datasets.open_sources(cfg, "train", precropped=True)
+  meta_path = os.path.join(precrop.store_dir(synthetic_data_dir, NAME, "train", size), "meta.json")
+  meta = json.loads(open(meta_path).read())
+  assert len(store) == meta["num_examples"] == 32
+  stale = dict(meta, num_examples=31)
+  with open(meta_path, "w") as f:
+    json.dump(stale, f)
+  cfg.build_if_missing = False
+  with pytest.raises(ValueError, match=f"{meta_path}: stale"):
+    datasets.open_sources(cfg, "train", precropped=True)
+  cfg.build_if_missing = True
+  capsys.readouterr()
+  [(_, store)] = datasets.open_sources(cfg, "train", precropped=True)
+  assert f"Rebuilding the pre-cropped store: {meta_path}: stale" in capsys.readouterr().out
+  assert json.loads(open(meta_path).read()) == meta and len(store) == 32
+  jpeg = ip.open_source(NAME, "train", synthetic_data_dir)
+  decode = ip.DecodeAndCrop(size, "hand", ip.DEFAULT_CROP_MARGIN, 0)
+  np.testing.assert_array_equal(store[5]["image"], decode(jpeg[5])["image"])

@@ -32,14 +32,21 @@ def _builder(data_cfg, source: str):
 
 
 def _open_store(data_cfg, source: str, name: str, split: str, reference):
-  """The pre-cropped store of a split; an embedded dataset's is built on
-  first use, as the dataset itself is."""
+  """The pre-cropped store of a split. An embedded dataset's is built on
+  first use, as the dataset itself is, and built again when stale or
+  damaged: it is derived from the dataset alone."""
   size, data_dir = data_cfg.source_size, data_cfg.data_dir
-  if _builds_on_first_use(data_cfg, source) and not precrop.is_built(data_dir, name, split, size):
-    with data.build_lock(data_dir):  # another run may be building it: wait, look again
-      if not precrop.is_built(data_dir, name, split, size):
-        precrop.build(name, split, data_dir, source_size=size, progress=True)
-  return precrop.open_store(data_cfg.data_dir, name, split, size, reference=reference)
+  if not _builds_on_first_use(data_cfg, source):
+    return precrop.open_store(data_dir, name, split, size, reference=reference)
+  with data.build_lock(data_dir):  # another run may be building it: wait, then look
+    try:
+      return precrop.open_store(data_dir, name, split, size, reference=reference)
+    except FileNotFoundError:
+      pass
+    except ValueError as e:
+      print(f"Rebuilding the pre-cropped store: {e}", flush=True)
+    precrop.build(name, split, data_dir, source_size=size, progress=True)
+  return precrop.open_store(data_dir, name, split, size, reference=reference)
 
 
 def open_sources(data_cfg, split: str, *, missing_ok: bool = False, precropped: bool = False):
