@@ -20,7 +20,11 @@ the second box is off, not where to); also from a third crop about the
 second pass's prediction ('third_pass') and from the box of the true
 keypoints with the palm in place of the wrist ('true_palm_box': the second
 box of a perfect first pass, since the protocol boxes the model's
-palm-rooted output). Prints one JSON row per checkpoint.
+palm-rooted output). The framings of the labelled and the second boxes are
+given in the unit of the augmentation's crop margin (the crop's half-side
+over the keypoints' spread), as 10th, 50th and 90th percentiles, to set
+against fine-tuning's `augment.margin_range`. Prints one JSON row per
+checkpoint.
 """
 
 import argparse
@@ -41,6 +45,13 @@ def _side_and_centre(box):
   return side, centre
 
 
+def _framing(box, keypoints_2d):
+  """A box's test-time crop as a crop margin: its half-side over the spread."""
+  side, _ = _side_and_centre(box)
+  _, spread = crops.hand_box(keypoints_2d)
+  return side / (2 * crops.BOX_FILL) / spread
+
+
 def _against(box, true_side, true_centre):
   """Boxes against the labelled hands' ones: (side ratio, centre distance in
   labelled box sides)."""
@@ -58,6 +69,7 @@ def measure(checkpoint: str, ev) -> dict:
   predict_fn, crop_size, path, it = common.keypoint_model_on_eval_split(checkpoint, ev)
   errors = collections.defaultdict(list)
   zoom, offset, palm_zoom, palm_offset = [], [], [], []
+  framings = collections.defaultdict(list)
   directions = np.random.default_rng(0)
   for batch in it:
     keep = batch["mask"] & batch["valid"].all(-1)
@@ -106,6 +118,8 @@ def measure(checkpoint: str, ev) -> dict:
         out["kp3d_ait_metres"][keep], batch["keypoints_3d"][keep]
       )
       errors[crop].append(100 * pa_err.mean(-1))
+    for name, box in (("labelled_box", true_box), ("second_box", outs["two_pass"]["box"])):
+      framings[name].append(_framing(box, batch["keypoints_2d"])[keep])
     zoom.append(second_zoom[keep])
     offset.append(distance[keep])
   errors = {crop: np.concatenate(e) for crop, e in errors.items()}
@@ -125,6 +139,10 @@ def measure(checkpoint: str, ev) -> dict:
     "box_centre_offset_median": float(np.median(offset)),
     "true_palm_box_side_ratio_median": float(np.median(np.concatenate(palm_zoom))),
     "true_palm_box_centre_offset_median": float(np.median(np.concatenate(palm_offset))),
+    **{
+      f"{name}_framing_p10_p50_p90": np.percentile(np.concatenate(f), (10, 50, 90)).tolist()
+      for name, f in framings.items()
+    },
   }
 
 
