@@ -140,10 +140,16 @@ def build_lock(data_dir: str | os.PathLike):
   builds a dataset or a pre-cropped store into data_dir. While another
   process holds it this waits, saying so. `flock`, so a killed builder
   leaves no stale lock; where the file system has no locks, warns and goes
-  on unlocked. Not re-entrant: do not nest it in one process."""
-  os.makedirs(data_dir, exist_ok=True)
+  on unlocked, and where data_dir is read-only goes on (nothing can be
+  built there to collide). Not re-entrant: do not nest it in one process."""
   path = os.path.join(os.fspath(data_dir), BUILD_LOCK)
-  with open(path, "a") as f:
+  try:
+    os.makedirs(data_dir, exist_ok=True)
+    lock_file = open(path, "a")  # pylint: disable=consider-using-with
+  except OSError:
+    yield  # a build would fail on its own first write, naming the file
+    return
+  with lock_file as f:
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

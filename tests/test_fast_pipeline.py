@@ -259,3 +259,17 @@ def test_an_embedded_datasets_stale_store_is_built_again(synthetic_data_dir, cap
   jpeg = ip.open_source(NAME, "train", synthetic_data_dir)
   decode = ip.DecodeAndCrop(size, "hand", ip.DEFAULT_CROP_MARGIN, 0)
   np.testing.assert_array_equal(store[5]["image"], decode(jpeg[5])["image"])
+
+
+def test_a_data_dir_where_the_build_lock_cannot_be_made_still_opens(tmp_path):
+  """Opening an embedded dataset's store takes the data_dir's build lock; a
+  data_dir where the lock file cannot be made (read-only, or as here a
+  folder in its place, which fails for root too) must still open."""
+  data_dir = str(tmp_path / "tfds")
+  data.build_dataset("synthetic_hands", data_dir, config="small")
+  os.remove(os.path.join(data_dir, data.BUILD_LOCK))
+  os.makedirs(os.path.join(data_dir, data.BUILD_LOCK))
+  cfg = _data_cfg(data_dir, SIZE)
+  cfg.build_if_missing = True
+  [(_, store)] = datasets.open_sources(cfg, "train", precropped=True)
+  assert isinstance(store, precrop.Store) and len(store) == 32
