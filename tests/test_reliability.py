@@ -982,6 +982,29 @@ def test_keys_added_later_resume_old_checkpoints_at_their_old_behaviour():
     resume_checks.check_config_change(stored, config, "old run")
 
 
+def test_inversion_settings_are_inert_for_simclr_only():
+  """SimCLR never reads the latent inversion's keys, so changing them resumes
+  a SimCLR run (a sweep over PeCLR's inversions reuses its SimCLR
+  pre-training) and still refuses a PeCLR one, or a switch between the two."""
+  from peclr_jax import defaults  # pylint: disable=g-import-not-at-top
+  from peclr_jax.train import resume_checks  # pylint: disable=g-import-not-at-top
+
+  for kind in ("simclr", "peclr"):
+    config = defaults.pretrain_config()
+    config.loss.kind = kind
+    stored = json.loads(config.to_json_best_effort())
+    config.loss.invert = ("translate", "rotate")
+    config.loss.translation_mode = "exact"
+    if kind == "simclr":
+      assert resume_checks.check_config_change(stored, config, "old run") == []
+    else:
+      with pytest.raises(ValueError, match=r"loss.invert: .*loss.translation_mode: "):
+        resume_checks.check_config_change(stored, config, "old run")
+  config.loss.kind = "simclr"  # stored: peclr
+  with pytest.raises(ValueError, match=r"loss.invert: .*loss.kind: 'peclr' -> 'simclr'"):
+    resume_checks.check_config_change(stored, config, "old run")
+
+
 def test_resume_with_changed_config_is_refused_unless_safe(synthetic_data_dir, tmp_path):
   """A re-run on a workdir with a config that changes the result (seed,
   learning rate) used to resume silently and report the new values over the

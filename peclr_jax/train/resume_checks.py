@@ -36,6 +36,12 @@ ADDED_KEYS = {
   "augment.wide_fraction": 0.0,
   "augment.wide_margin_range": [1.5, 3.0],  # JSON: lists, as the stored config
 }
+# Keys a config does not read when another key has a given value, as
+# {(key, value): keys}: SimCLR skips the latent inversion, so a sweep over
+# PeCLR's inversion settings reuses its SimCLR pre-training.
+INERT_KEYS = {
+  ("loss.kind", "simclr"): frozenset({"loss.invert", "loss.translation_mode"}),
+}
 
 
 def _flatten(tree, prefix=""):
@@ -50,7 +56,8 @@ def _flatten(tree, prefix=""):
 def check_config_change(stored: dict | None, config, where: str) -> list[str]:
   """Compares the config stored in a checkpoint with this run's.
 
-  Both are compared as JSON (tuples and lists are equal) with dotted keys.
+  Both are compared as JSON (tuples and lists are equal) with dotted keys;
+  keys that neither config reads (`INERT_KEYS`) are left out.
   Returns the changed keys that are safe on resume (`RESUME_SAFE_KEYS`) as
   "key: old -> new" strings, and prints them in one line. Raises ValueError
   listing every other changed key with its old and new value, unless the
@@ -64,7 +71,13 @@ def check_config_change(stored: dict | None, config, where: str) -> list[str]:
   old, new = _flatten(stored), _flatten(new)
   old.update({k: v for k, v in ADDED_KEYS.items() if k in new and k not in old})
   missing = "<absent>"
-  changed = sorted(k for k in set(old) | set(new) if old.get(k, missing) != new.get(k, missing))
+  inert = set()
+  for (key, value), keys in INERT_KEYS.items():
+    if old.get(key) == value and new.get(key) == value:
+      inert |= keys
+  changed = sorted(
+    k for k in (set(old) | set(new)) - inert if old.get(k, missing) != new.get(k, missing)
+  )
   describe = lambda k: f"{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}"
   safe = [describe(k) for k in changed if k in RESUME_SAFE_KEYS]
   unsafe = [describe(k) for k in changed if k not in RESUME_SAFE_KEYS]
