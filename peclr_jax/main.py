@@ -20,8 +20,10 @@ anything in the workdir is written. Changing only log_every_steps,
 checkpoint_every_steps, keep_checkpoints, eval_every_steps, eval_batches,
 data.num_workers, data.precropped, data.device_prefetch or the run's length (num_train_steps, num_epochs: the
 learning-rate schedule is then recomputed for the new length) is allowed and
-the changed keys are printed in one line. Set PECLR_ALLOW_CONFIG_CHANGE=1 to
-continue with any other change anyway (`resume_checks.check_config_change`).
+the changed keys are printed in one line; keys the run does not read (a
+SimCLR run's loss.invert and loss.translation_mode) are not compared. Set
+PECLR_ALLOW_CONFIG_CHANGE=1 to continue with any other change anyway
+(`resume_checks.check_config_change`).
 
 Several processes (one per host, or several on one machine): run the same
 command in each with JAX_COORDINATOR_ADDRESS=<host of process 0>:<port>,
